@@ -195,7 +195,7 @@ class _PyAVClip:
 
 
 class _TorchcodecClip:
-    """torchcodec's exact-seek VideoDecoder (optional; CPU builds need system FFmpeg 4-7)."""
+    """torchcodec's exact-seek VideoDecoder (optional; its CPU builds load the system FFmpeg)."""
 
     first_idx = 0
 
@@ -204,7 +204,7 @@ class _TorchcodecClip:
             from torchcodec.decoders import VideoDecoder
         except (ImportError, OSError, RuntimeError) as e:
             raise ImportError(
-                "the torchcodec backend needs torchcodec and the system FFmpeg shared libraries: "
+                "the torchcodec backend needs torchcodec and FFmpeg 4-8 shared libraries: "
                 "pip install 'torchcodec>=0.12,<0.14' (CPU builds) and e.g. apt-get install ffmpeg; "
                 f"import failed with: {_first_line(e)}"
             ) from e
