@@ -14,6 +14,8 @@ import socket
 import threading
 import time
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from tc_llava.eval.judge import (
     LocalJudge,
     OpenAIJudge,
     PromptTemplate,
+    _retry_after_seconds,
     load_prompts,
     parse_judge_reply,
     read_cache,
@@ -63,10 +66,15 @@ PARSE_CASES = [
     ("{'pred': 'Yes', 'score': 5}", QA_SCHEMA, {"pred": "yes", "score": 5}),
     ("{'score': 4.0}", VCG_SCHEMA, {"score": 4}),
     ("{'score': '4'}", VCG_SCHEMA, {"score": 4}),
-    ('{"pred": "yes", "score": 4, "reason": "it\'s a paraphrase {sort of}"}', QA_SCHEMA, {"pred": "yes", "score": 4}),
+    (
+        '{"pred": "yes", "score": 4, "reason": "it\'s a paraphrase {sort of}"}',
+        QA_SCHEMA,
+        {"pred": "yes", "score": 4},
+    ),
     ("{'score': 3} ... to repeat: {'score': 3}", VCG_SCHEMA, {"score": 3}),
     ('{"score": 4, "confident": true}', VCG_SCHEMA, {"score": 4}),
     ("{'pred': 'yes', 'score': 4}", VCG_SCHEMA, {"score": 4}),
+    ("[{'score': 4}]", VCG_SCHEMA, {"score": 4}),
     # rejected
     ("4", VCG_SCHEMA, None),
     ("Score: 4/5", VCG_SCHEMA, None),
@@ -87,7 +95,6 @@ PARSE_CASES = [
     ("{'pred': True, 'score': 3}", QA_SCHEMA, None),
     ("{'pred': 'yes', 'score': 4.5}", QA_SCHEMA, None),
     ("{'score': __import__('os').getcwd()}", VCG_SCHEMA, None),
-    ("[{'score': 4}]", VCG_SCHEMA, {"score": 4}),
 ]
 
 
@@ -107,19 +114,35 @@ def test_prompt_files_are_pinned_and_render_verbatim():
     vcg = load_prompts(PROMPTS / "videochatgpt.yaml")
     qa = load_prompts(PROMPTS / "zeroshot_qa.yaml")
     assert list(vcg) == ["CI", "DO", "CU", "TU", "CO"] and list(qa) == ["qa"]
-    assert all(p.schema == ("score",) for p in vcg.values()) and qa["qa"].schema == ("pred", "score")
+    assert all(p.schema == ("score",) for p in vcg.values()) and qa["qa"].schema == (
+        "pred",
+        "score",
+    )
     assert vcg["CO"].fields == ("Q1", "Q2", "A", "pred1", "pred2")
     # Upstream's exact bytes: changing them changes scores, hashes and cache files.
     assert {k: p.sha for k, p in {**vcg, **qa}.items()} == {
-        "CI": "cb9b2008ce", "DO": "491906eb6f", "CU": "5e55db364e",
-        "TU": "98b374b28e", "CO": "ed8fcd23d6", "qa": "94066a7c94",
+        "CI": "cb9b2008ce",
+        "DO": "491906eb6f",
+        "CU": "5e55db364e",
+        "TU": "98b374b28e",
+        "CO": "ed8fcd23d6",
+        "qa": "94066a7c94",
     }
     msgs = vcg["CI"].render({"Q": "What {A} happens?", "A": "A dog runs.", "pred": "{Q}"})
-    assert msgs[0]["role"] == "system" and "Here's how you can accomplish the task:------##INSTRUCTIONS: - Focus" in msgs[0]["content"]
-    assert "Question: What {A} happens?\nCorrect Answer: A dog runs.\nPredicted Answer: {Q}\n\n" in msgs[1]["content"]
-    assert msgs[1]["content"].endswith("INTEGER, not STRING.DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. "
-                                       "Only provide the Python dictionary string. For example, your response "
-                                       "should look like this: {''score': 4.8}.")
+    assert (
+        msgs[0]["role"] == "system"
+        and "Here's how you can accomplish the task:------##INSTRUCTIONS: - Focus"
+        in msgs[0]["content"]
+    )
+    assert (
+        "Question: What {A} happens?\nCorrect Answer: A dog runs.\nPredicted Answer: {Q}\n\n"
+        in msgs[1]["content"]
+    )
+    assert msgs[1]["content"].endswith(
+        "INTEGER, not STRING.DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. "
+        "Only provide the Python dictionary string. For example, your response "
+        "should look like this: {''score': 4.8}."
+    )
     with pytest.raises(KeyError, match=r"item 'v_0' lacks field\(s\) \['pred'\]"):
         vcg["TU"].render({"Q": "q", "A": "a"}, "v_0")
 
@@ -186,7 +209,9 @@ class ChatServer:
                 if kind == "slow":
                     time.sleep(action[1])
                 text = action[-1]
-                completion = {"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]}
+                completion = {
+                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]
+                }
                 self._send(200, json.dumps(completion).encode())
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -229,8 +254,15 @@ def _judge(base_url, **overrides) -> OpenAIJudge:
     cfg = OmegaConf.load(REPO / "configs" / "judge" / "openai.yaml")
     cfg.merge_with(
         dict(
-            base_url=base_url, api_key_env=KEY_ENV, model="judge-test", concurrency=4,
-            timeout_s=0.4, max_retries=3, backoff_base_s=0.01, backoff_max_s=2.0, backoff_jitter=0.1,
+            base_url=base_url,
+            api_key_env=KEY_ENV,
+            model="judge-test",
+            concurrency=4,
+            timeout_s=0.4,
+            max_retries=3,
+            backoff_base_s=0.01,
+            backoff_max_s=2.0,
+            backoff_jitter=0.1,
         ),
         overrides,
     )
@@ -240,14 +272,20 @@ def _judge(base_url, **overrides) -> OpenAIJudge:
 
 
 def _items(keys):
-    return {f"v{i}_0": {"video_name": f"v{i}", "Q": k, "A": "a dog runs", "pred": "a dog"} for i, k in enumerate(keys)}
+    return {
+        f"v{i}_0": {"video_name": f"v{i}", "Q": k, "A": "a dog runs", "pred": "a dog"}
+        for i, k in enumerate(keys)
+    }
 
 
 def test_http_judge_retries_failures_and_resume(chat_server, tmp_path):
     script = {
         "good": [("reply", "{'score': 4}")],
         "fenced": [("reply", '```json\n{"score": 3}\n```')],
-        "malformed_then_good": [("reply", "I would rate it 2 out of 5."), ("reply", "{'score': 2}")],
+        "malformed_then_good": [
+            ("reply", "I would rate it 2 out of 5."),
+            ("reply", "{'score': 2}"),
+        ],
         "never_parses": [("reply", "Score: four")],
         "rate_limited": [("status", 429, {"Retry-After": "1"}), ("reply", "{'score': 5}")],
         "error_then_good": [("status", 500, {}), ("status", 503, {}), ("reply", "{'score': 1}")],
@@ -269,8 +307,15 @@ def test_http_judge_retries_failures_and_resume(chat_server, tmp_path):
     by_key = {items[i]["Q"]: r for i, r in results.items()}
     assert list(results) == list(items)
 
-    expected_ok = {"good": (4, 1), "fenced": (3, 1), "malformed_then_good": (2, 2), "rate_limited": (5, 2),
-                   "error_then_good": (1, 3), "slow_then_good": (3, 2), "bad_body": (5, 2)}
+    expected_ok = {
+        "good": (4, 1),
+        "fenced": (3, 1),
+        "malformed_then_good": (2, 2),
+        "rate_limited": (5, 2),
+        "error_then_good": (1, 3),
+        "slow_then_good": (3, 2),
+        "bad_body": (5, 2),
+    }
     for key, (score, attempts) in expected_ok.items():
         r = by_key[key]
         assert (r.status, r.parsed, r.attempts) == ("ok", {"score": score}, attempts), key
@@ -288,12 +333,17 @@ def test_http_judge_retries_failures_and_resume(chat_server, tmp_path):
     assert waited >= 0.95, "Retry-After: 1 must be honoured"
     assert server.max_in_flight > 1, "requests should run concurrently"
     assert set(server.auth) == {"Bearer test-key"}
-    assert all(b["model"] == "judge-test" and b["temperature"] == 0 and b["max_tokens"] == 64 for b in server.bodies)
+    assert all(
+        b["model"] == "judge-test" and b["temperature"] == 0 and b["max_tokens"] == 64
+        for b in server.bodies
+    )
 
     rows = [json.loads(line) for line in cache.read_text().splitlines()]
     assert len(rows) == len(items)
     assert {r["status"] for r in rows} == {"ok", "failed"}
-    assert all(set(r) == {"id", "status", "parsed", "raw", "error", "attempts", "input_sha"} for r in rows)
+    assert all(
+        set(r) == {"id", "status", "parsed", "raw", "error", "attempts", "input_sha"} for r in rows
+    )
 
     # Resume: finished items are not asked again; failed ones are retried.
     server.reset_counts()
@@ -324,8 +374,11 @@ def test_http_judge_other_model_or_prompt_uses_other_cache(chat_server, tmp_path
     prompts = load_prompts(PROMPTS / "videochatgpt.yaml")
     items = _items(["q"])
     a, b = _judge(server.base_url), _judge(server.base_url, model="judge-other")
-    paths = {a.cache_path(tmp_path, "t", prompts["CI"]), a.cache_path(tmp_path, "t", prompts["DO"]),
-             b.cache_path(tmp_path, "t", prompts["CI"])}
+    paths = {
+        a.cache_path(tmp_path, "t", prompts["CI"]),
+        a.cache_path(tmp_path, "t", prompts["DO"]),
+        b.cache_path(tmp_path, "t", prompts["CI"]),
+    }
     assert len(paths) == 3
     for judge, dim in ((a, "CI"), (a, "DO"), (b, "CI"), (a, "CI")):
         judge.score_items(items, prompts[dim], judge.cache_path(tmp_path, "t", prompts[dim]))
@@ -353,25 +406,52 @@ def test_http_judge_auth_errors_abort(chat_server, tmp_path):
     assert server.count() == 1
 
 
-def test_http_judge_missing_key_names_the_variable(monkeypatch):
-    monkeypatch.delenv("TC_LLAVA_UNSET_KEY", raising=False)
-    with pytest.raises(JudgeError, match="TC_LLAVA_UNSET_KEY"):
-        OpenAIJudge(api_key_env="TC_LLAVA_UNSET_KEY")
+def test_http_judge_missing_key_names_the_variable_and_cache_needs_none(
+    chat_server, tmp_path, monkeypatch
+):
+    server = chat_server({"q": [("reply", "{'score': 4}")]})
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    judge = _judge(server.base_url)
+    judge.score_items(_items(["q"]), prompt, tmp_path / "c.jsonl")
+    monkeypatch.delenv(KEY_ENV)
+    (cached,) = judge.score_items(_items(["q"]), prompt, tmp_path / "c.jsonl")
+    assert cached.cached and cached.parsed == {"score": 4}
+    with pytest.raises(JudgeError, match=KEY_ENV):
+        judge.score_items(_items(["q", "new"]), prompt, tmp_path / "c.jsonl")
+    assert server.count() == 1
 
 
 def test_retry_delay_backoff_and_retry_after_cap(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "k")
-    judge = OpenAIJudge(api_key_env=KEY_ENV, backoff_base_s=0.5, backoff_max_s=3.0, backoff_jitter=0.0)
+    judge = OpenAIJudge(
+        api_key_env=KEY_ENV, backoff_base_s=0.5, backoff_max_s=3.0, backoff_jitter=0.0
+    )
     assert [judge.retry_delay(k, None) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 3.0]
     assert judge.retry_delay(1, 2.5) == 2.5
     assert judge.retry_delay(1, 3600) == 3.0
 
 
+def test_retry_after_header_forms():
+    assert _retry_after_seconds({"retry-after": "2"}) == 2.0
+    assert _retry_after_seconds({"retry-after-ms": "250", "retry-after": "9"}) == 0.25
+    soon = format_datetime(datetime.now(timezone.utc) + timedelta(seconds=30), usegmt=True)
+    assert 25 < _retry_after_seconds({"retry-after": soon}) <= 30
+    assert (
+        _retry_after_seconds({"retry-after": "soon"}) is None and _retry_after_seconds(None) is None
+    )
+
+
 def test_run_scoring_records_judge_and_prompts(chat_server, tmp_path):
     def key_of(body):
         system = body["messages"][0]["content"]
-        for dim, marker in (("CI", "factual accuracy"), ("DO", "detail orientation"), ("CU", "contextual"),
-                            ("TU", "temporal understanding"), ("CO", "consistency of"), ("qa", "meaningfully")):
+        for dim, marker in (
+            ("CI", "factual accuracy"),
+            ("DO", "detail orientation"),
+            ("CU", "contextual"),
+            ("TU", "temporal understanding"),
+            ("CO", "consistency of"),
+            ("qa", "meaningfully"),
+        ):
             if marker in system:
                 return dim
         return "?"
@@ -381,16 +461,30 @@ def test_run_scoring_records_judge_and_prompts(chat_server, tmp_path):
     script["qa"] = [("reply", "{'pred': 'yes', 'score': 4}")]
     server = chat_server(script, key_of)
     judge = _judge(server.base_url)
-    generic = [{"video_name": "v1", "Q": "q", "A": "a", "pred": "p"}, {"video_name": "v1", "Q": "q2", "A": "a", "pred": "p"}]
-    consistency = [{"video_name": "v2", "Q1": "q", "Q2": "q'", "A": "a", "pred1": "p", "pred2": "p'"}]
+    generic = [
+        {"video_name": "v1", "Q": "q", "A": "a", "pred": "p"},
+        {"video_name": "v1", "Q": "q2", "A": "a", "pred": "p"},
+    ]
+    consistency = [
+        {"video_name": "v2", "Q1": "q", "Q2": "q'", "A": "a", "pred1": "p", "pred2": "p'"}
+    ]
     paths = {}
-    for name, records in (("generic", generic), ("temporal", generic[:1]), ("consistency", consistency)):
+    for name, records in (
+        ("generic", generic),
+        ("temporal", generic[:1]),
+        ("consistency", consistency),
+    ):
         paths[name] = tmp_path / f"{name}.json"
         paths[name].write_text(json.dumps(records))
     out = run_videochatgpt(judge, paths, tmp_path / "cache", tmp_path / "vcg.json")
     assert json.loads((tmp_path / "vcg.json").read_text()) == json.loads(json.dumps(out))
-    assert out["judge"] == {"type": "openai", "model": "judge-test", "base_url": server.base_url,
-                            "temperature": 0.0, "max_tokens": 64}
+    assert out["judge"] == {
+        "type": "openai",
+        "model": "judge-test",
+        "base_url": server.base_url,
+        "temperature": 0.0,
+        "max_tokens": 64,
+    }
     assert out["prompts"]["sha"]["CI"] == "cb9b2008ce"
     assert {d: v["mean_score"] for d, v in out["dimensions"].items()} == score
     assert out["mean_of_dimensions"] == pytest.approx(3.0)
@@ -417,9 +511,16 @@ def tiny_judge_path(tmp_path_factory) -> Path:
     tok = build_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=8192,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
     )
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
@@ -434,17 +535,33 @@ def test_local_judge_garbage_is_failed_not_hung(tiny_judge_path, tmp_path):
     judge = instantiate(cfg)
     assert isinstance(judge, LocalJudge) and judge.describe()["model"] == tiny_judge_path.name
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CO"]
-    items = {f"v{i}_0": {"video_name": f"v{i}", "Q1": "q", "Q2": "q", "A": "a", "pred1": "p", "pred2": str(i)}
-             for i in range(3)}
+    items = {
+        f"v{i}_0": {
+            "video_name": f"v{i}",
+            "Q1": "q",
+            "Q2": "q",
+            "A": "a",
+            "pred1": "p",
+            "pred2": str(i),
+        }
+        for i in range(3)
+    }
     cache = judge.cache_path(tmp_path, "videochatgpt_CO", prompt)
     results = judge.score_items(items, prompt, cache)
     assert [r.status for r in results] == ["failed"] * 3
-    assert all(isinstance(r.raw, str) and r.attempts == 1 and "unparseable" in r.error for r in results)
+    assert all(
+        isinstance(r.raw, str) and r.attempts == 1 and "unparseable" in r.error for r in results
+    )
     assert summarize_videochatgpt({"CO": results})["dimensions"]["CO"] == {
-        "mean_score": None, "judged": 0, "failed": 3, "failed_ids": list(items)}
+        "mean_score": None,
+        "judged": 0,
+        "failed": 3,
+        "failed_ids": list(items),
+    }
     assert len(read_cache(cache)) == 3
-    assert judge.prompt_text([{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]) == (
-        "system: S\nuser: U\nassistant:")
+    assert judge.prompt_text(
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    ) == ("system: S\nuser: U\nassistant:")
 
 
 def test_local_judge_scripted_generation_is_parsed(tiny_judge_path, tmp_path, monkeypatch):
@@ -459,7 +576,9 @@ def test_local_judge_scripted_generation_is_parsed(tiny_judge_path, tmp_path, mo
 
     def scripted_generate(input_ids, **kwargs):
         seen.append(judge.tokenizer.decode(input_ids[0]))
-        reply = judge.tokenizer("{'pred': 'yes', 'score': 4}", add_special_tokens=False, return_tensors="pt")
+        reply = judge.tokenizer(
+            "{'pred': 'yes', 'score': 4}", add_special_tokens=False, return_tensors="pt"
+        )
         return torch.cat([input_ids, reply["input_ids"]], dim=1)
 
     monkeypatch.setattr(judge.lm, "generate", scripted_generate)
@@ -477,9 +596,22 @@ def test_local_judge_scripted_generation_is_parsed(tiny_judge_path, tmp_path, mo
 
 
 def _results(dim, scores, failed=0, preds=None):
-    out = [JudgeResult(f"{dim}{i}", "ok", {"score": s, **({"pred": preds[i]} if preds else {})}, "", None, 1, "")
-           for i, s in enumerate(scores)]
-    return out + [JudgeResult(f"{dim}x{i}", "failed", None, "junk", "unparseable", 3, "") for i in range(failed)]
+    out = [
+        JudgeResult(
+            f"{dim}{i}",
+            "ok",
+            {"score": s, **({"pred": preds[i]} if preds else {})},
+            "",
+            None,
+            1,
+            "",
+        )
+        for i, s in enumerate(scores)
+    ]
+    return out + [
+        JudgeResult(f"{dim}x{i}", "failed", None, "junk", "unparseable", 3, "")
+        for i in range(failed)
+    ]
 
 
 def test_summarize_videochatgpt_hand_computed():
@@ -492,13 +624,25 @@ def test_summarize_videochatgpt_hand_computed():
     }
     out = summarize_videochatgpt(results)
     assert {d: v["mean_score"] for d, v in out["dimensions"].items()} == {
-        "CI": 4.0, "DO": 2.5, "CU": 4.0, "TU": 2.0, "CO": 3.0}
-    assert out["dimensions"]["CI"] == {"mean_score": 4.0, "judged": 3, "failed": 1, "failed_ids": ["CIx0"]}
+        "CI": 4.0,
+        "DO": 2.5,
+        "CU": 4.0,
+        "TU": 2.0,
+        "CO": 3.0,
+    }
+    assert out["dimensions"]["CI"] == {
+        "mean_score": 4.0,
+        "judged": 3,
+        "failed": 1,
+        "failed_ids": ["CIx0"],
+    }
     assert out["mean_of_dimensions"] == pytest.approx(15.5 / 5)
     assert out["item_weighted_mean"] == pytest.approx(35 / 12)
     assert (out["judged"], out["failed"]) == (12, 2)
     partial = summarize_videochatgpt({k: v for k, v in results.items() if k != "CO"})
-    assert partial["mean_of_dimensions"] is None and partial["item_weighted_mean"] == pytest.approx(29 / 10)
+    assert partial["mean_of_dimensions"] is None and partial["item_weighted_mean"] == pytest.approx(
+        29 / 10
+    )
 
 
 def test_summarize_zeroshot_qa_hand_computed():
@@ -510,7 +654,11 @@ def test_summarize_zeroshot_qa_hand_computed():
 
 
 def test_predictions_loading_and_ids(tmp_path):
-    records = [{"video_name": "v1", "Q": "a"}, {"video_name": "v2", "Q": "b"}, {"video_name": "v1", "Q": "c"}]
+    records = [
+        {"video_name": "v1", "Q": "a"},
+        {"video_name": "v2", "Q": "b"},
+        {"video_name": "v1", "Q": "c"},
+    ]
     (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     loaded = load_predictions(tmp_path / "p.jsonl", ["video_name", "Q"])
     assert list(index_items(loaded)) == ["v1_0", "v2_0", "v1_1"]

@@ -206,7 +206,9 @@ def load_prompts(path: str | os.PathLike) -> dict[str, PromptTemplate]:
         raise ValueError(f"{path}: expected top-level 'schema' (list) and 'prompts' (mapping)")
     out = {}
     for name, spec in prompts.items():
-        if not isinstance(spec, dict) or not all(isinstance(spec.get(k), str) for k in ("system", "user")):
+        if not isinstance(spec, dict) or not all(
+            isinstance(spec.get(k), str) for k in ("system", "user")
+        ):
             raise ValueError(f"{path}: prompts.{name} needs string fields 'system' and 'user'")
         out[name] = PromptTemplate(name, spec["system"], spec["user"], tuple(schema))
     return out
@@ -347,15 +349,24 @@ class Judge:
         done = {
             item_id: cache[item_id]
             for item_id, msgs in messages.items()
-            if item_id in cache and cache[item_id].ok and cache[item_id].input_sha == _messages_sha(msgs)
+            if item_id in cache
+            and cache[item_id].ok
+            and cache[item_id].input_sha == _messages_sha(msgs)
         }
         todo = [item_id for item_id in messages if item_id not in done]
-        log.info("%s: %d cached, %d to judge with %s", Path(cache_path).name, len(done), len(todo), self.model)
+        log.info(
+            "%s: %d cached, %d to judge with %s",
+            Path(cache_path).name,
+            len(done),
+            len(todo),
+            self.model,
+        )
         if todo:
             Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-            with Path(cache_path).open("a", encoding="utf-8") as out, ThreadPoolExecutor(
-                max_workers=max(1, self.concurrency)
-            ) as pool:
+            with (
+                Path(cache_path).open("a", encoding="utf-8") as out,
+                ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool,
+            ):
                 futures = [pool.submit(self.judge_one, i, messages[i], prompt.schema) for i in todo]
                 try:
                     for future in as_completed(futures):
@@ -366,7 +377,10 @@ class Judge:
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
-        return [done[item_id] for item_id in items]
+        results = [done[item_id] for item_id in items]
+        failed = sum(not r.ok for r in results)
+        log.info("%s: %d judged, %d failed", Path(cache_path).name, len(results) - failed, failed)
+        return results
 
 
 def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -389,14 +403,18 @@ def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
     return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
 
 
 class OpenAIJudge(Judge):
     """Judge over an OpenAI-compatible ``POST {base_url}/chat/completions`` endpoint.
 
-    The API key is read from the environment variable ``api_key_env`` (None: send no
-    ``Authorization`` header, for local servers). Delays: ``backoff_base_s * 2**(k-1)``
+    The API key is read from the environment variable ``api_key_env`` when a request is
+    made, so re-scoring from a complete cache needs no key (None: send no
+    ``Authorization`` header, for local servers). ``timeout_s`` bounds the connection
+    and each socket read. Delays: ``backoff_base_s * 2**(k-1)``
     capped at ``backoff_max_s``, times ``1 + backoff_jitter * U(0,1)``, and at least the
     server's ``Retry-After`` (itself capped at ``backoff_max_s`` so that no header can
     stall a run).
@@ -427,14 +445,6 @@ class OpenAIJudge(Judge):
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
         self.backoff_jitter = float(backoff_jitter)
-        self._api_key = None
-        if api_key_env:
-            self._api_key = os.environ.get(api_key_env)
-            if not self._api_key:
-                raise JudgeError(
-                    f"judge.api_key_env: environment variable {api_key_env} is not set "
-                    f"(set it, or api_key_env=null for a server without authentication)"
-                )
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -461,8 +471,14 @@ class OpenAIJudge(Judge):
             "max_tokens": self.max_tokens,
         }
         headers = {"Content-Type": "application/json"}
-        if self._api_key:
-            headers["Authorization"] = f"Bearer {self._api_key}"
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise JudgeError(
+                    f"judge.api_key_env: environment variable {self.api_key_env} is not set "
+                    f"(set it, or api_key_env=null for a server without authentication)"
+                )
+            headers["Authorization"] = f"Bearer {key}"
         request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
@@ -473,7 +489,9 @@ class OpenAIJudge(Judge):
             if exc.code in (408, 409, 429) or exc.code >= 500:
                 raise TransientJudgeError(message, _retry_after_seconds(exc.headers)) from exc
             if exc.code in (401, 403, 404):
-                raise JudgeError(f"{message} (check {self.api_key_env}, model and base_url)") from exc
+                raise JudgeError(
+                    f"{message} (check {self.api_key_env}, model and base_url)"
+                ) from exc
             raise ItemJudgeError(message) from exc
         except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
             raise TransientJudgeError(f"{type(exc).__name__} from {url}: {exc}") from exc
@@ -517,7 +535,6 @@ class LocalJudge(Judge):
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
         self.lm.to(device).eval()
-        self._torch = torch
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -531,17 +548,21 @@ class LocalJudge(Judge):
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True
+            )
         return "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
 
     def complete(self, messages: list[dict[str, str]]) -> str:
+        import torch
+
         has_template = bool(getattr(self.tokenizer, "chat_template", None))
         enc = self.tokenizer(
             self.prompt_text(messages), return_tensors="pt", add_special_tokens=not has_template
         )
         enc = {k: enc[k].to(self.device) for k in ("input_ids", "attention_mask")}
         pad_id = self.tokenizer.pad_token_id
-        with self._torch.inference_mode():
+        with torch.inference_mode():
             out = self.lm.generate(
                 **enc,
                 do_sample=False,
@@ -549,4 +570,3 @@ class LocalJudge(Judge):
                 pad_token_id=pad_id if pad_id is not None else self.tokenizer.eos_token_id,
             )
         return self.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-

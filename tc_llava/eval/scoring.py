@@ -93,7 +93,9 @@ def summarize_videochatgpt(results_by_dim: Mapping[str, Sequence[JudgeResult]]) 
     complete = all(dim in dims and dims[dim]["judged"] for dim in VCG_SPLITS)
     return {
         "dimensions": dims,
-        "mean_of_dimensions": _mean([dims[d]["mean_score"] for d in VCG_SPLITS]) if complete else None,
+        "mean_of_dimensions": _mean([dims[d]["mean_score"] for d in VCG_SPLITS])
+        if complete
+        else None,
         "item_weighted_mean": _mean(pooled),
         "judged": sum(d["judged"] for d in dims.values()),
         "failed": sum(d["failed"] for d in dims.values()),
@@ -120,7 +122,11 @@ def _write(output_path: str | os.PathLike | None, result: dict[str, Any]) -> Non
 
 
 def _judge_split(
-    judge: Judge, prompt: PromptTemplate, path: str | os.PathLike, cache_dir: str | os.PathLike, task: str
+    judge: Judge,
+    prompt: PromptTemplate,
+    path: str | os.PathLike,
+    cache_dir: str | os.PathLike,
+    task: str,
 ) -> tuple[list[JudgeResult], Path]:
     items = index_items(load_predictions(path, ["video_name", *prompt.fields]))
     cache_path = judge.cache_path(cache_dir, task, prompt)
@@ -142,7 +148,9 @@ def run_videochatgpt(
         raise ValueError(f"{prompts_path}: no VideoChatGPT prompt for dimension(s) {unknown}")
     missing = sorted({VCG_SPLITS[d] for d in dimensions} - set(predictions))
     if missing:
-        raise ValueError(f"predictions: missing split(s) {missing} (keys generic, temporal, consistency)")
+        raise ValueError(
+            f"predictions: missing split(s) {missing} (keys generic, temporal, consistency)"
+        )
     results, caches = {}, {}
     for dim in dimensions:
         split = VCG_SPLITS[dim]
