@@ -1,0 +1,52 @@
+"""Build a TC-LLaVA model from Hydra config nodes: a checkpoint path, or the tiny default."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
+from tc_llava.model.pooling import VideoPooling
+from tc_llava.model.rope import TADRoPE, VanillaRoPE
+from tc_llava.model.tc_llava import TCLlava
+from tc_llava.model.tiny import tiny_checkpoint
+
+PROJECTORS = ("mlp", "pllava_pool")
+
+
+def build_pooling(name: str, pooling_shape: list[int] | None, model_pooling_shape: list[int] | None) -> VideoPooling:
+    """``mlp``: the checkpoint's projector as is; ``pllava_pool``: MLP then adaptive 3D pooling.
+
+    ``pllava_pool`` without an explicit shape takes the model's own PLLaVA shape
+    (16x12x12 for CLIP ViT-L/336 towers), so every model/projector pair composes.
+    """
+    if name not in PROJECTORS:
+        raise ValueError(f"projector.name must be one of {PROJECTORS}, got {name!r}")
+    if name == "mlp":
+        return VideoPooling(None)
+    shape = pooling_shape or model_pooling_shape
+    if shape is None:
+        raise ValueError("projector=pllava_pool needs projector.pooling_shape (T, H, W): this model has no default")
+    return VideoPooling(list(shape))
+
+
+def build_model(
+    checkpoint: str | None = None,
+    tiny: dict[str, Any] | None = None,
+    rope: VanillaRoPE | TADRoPE | None = None,
+    mask: CausalMask | FrameBlockCausalMask | None = None,
+    projector: dict[str, Any] | None = None,
+    pllava_pooling_shape: list[int] | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: str = "float32",
+    cache_dir: str | None = None,
+) -> TCLlava:
+    """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``."""
+    path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
+    projector = dict(projector or {"name": "mlp"})
+    pooling = build_pooling(projector.get("name", "mlp"), projector.get("pooling_shape"), pllava_pooling_shape)
+    return TCLlava.from_pretrained(
+        path, rope=rope, mask=mask, pooling=pooling,
+        attn_implementation=attn_implementation, dtype=getattr(torch, dtype),
+    )
