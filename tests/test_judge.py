@@ -362,11 +362,17 @@ def test_http_judge_retries_failures_and_resume(chat_server, tmp_path):
     final = judge.score_items(items, prompt, cache)
     assert server.count() == 0 and all(r.ok and r.cached for r in final)
 
-    # A changed prediction is a different judge input: it is judged again.
+    # A crash mid-write leaves a torn last line: skipped, and the next record starts a
+    # new line. A changed prediction is a different judge input: it is judged again.
+    with cache.open("a") as f:
+        f.write('{"id": "v0_0", "status": "o')
     changed = dict(items)
     changed["v0_0"] = {**items["v0_0"], "pred": "a cat"}
     judge.score_items(changed, prompt, cache)
     assert server.count() == 1 and server.count("good") == 1
+    server.reset_counts()
+    assert all(r.cached for r in judge.score_items(changed, prompt, cache))
+    assert server.count() == 0
 
 
 def test_http_judge_other_model_or_prompt_uses_other_cache(chat_server, tmp_path):

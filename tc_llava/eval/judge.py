@@ -264,6 +264,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "judge"
 
 
+def _ends_without_newline(path: Path) -> bool:
+    """True for a cache whose last write was cut off: appending must start a new line."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
 def read_cache(cache_path: str | os.PathLike) -> dict[str, JudgeResult]:
     """Last record per item id; a torn last line (crash mid-write) is skipped."""
     path = Path(cache_path)
@@ -363,10 +372,13 @@ class Judge:
         )
         if todo:
             Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
+            torn = _ends_without_newline(Path(cache_path))
             with (
                 Path(cache_path).open("a", encoding="utf-8") as out,
                 ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool,
             ):
+                if torn:
+                    out.write("\n")
                 futures = [pool.submit(self.judge_one, i, messages[i], prompt.schema) for i in todo]
                 try:
                     for future in as_completed(futures):
