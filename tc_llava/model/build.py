@@ -42,10 +42,16 @@ def build_model(
     dtype: str = "float32",
     cache_dir: str | None = None,
 ) -> TCLlava:
-    """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``."""
+    """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``.
+
+    ``rope``, ``mask`` or ``projector`` left as None come from the checkpoint's saved
+    TC-LLaVA settings (vanilla / causal / mlp for a plain llava-hf checkpoint).
+    """
     path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
-    projector = dict(projector or {"name": "mlp"})
-    pooling = build_pooling(projector.get("name", "mlp"), projector.get("pooling_shape"), pllava_pooling_shape)
+    pooling = None
+    if projector is not None:
+        projector = dict(projector)
+        pooling = build_pooling(projector.get("name", "mlp"), projector.get("pooling_shape"), pllava_pooling_shape)
     return TCLlava.from_pretrained(
         path, rope=rope, mask=mask, pooling=pooling,
         attn_implementation=attn_implementation, dtype=getattr(torch, dtype),
