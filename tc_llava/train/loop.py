@@ -1,0 +1,187 @@
+"""The SFT loop: one screen of Accelerate code that runs on CPU, DDP and DeepSpeed ZeRO.
+
+Gradient accumulation is exact: a window of ``k`` micro-batches is normalised by the label
+tokens of the whole window on every rank (``num_items_in_batch``), so its update equals
+the update of one batch ``k`` times larger (PLLaVA's loop zeroes gradients inside the
+window; this one does not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from tc_llava.data.collate import MODEL_KEYS, DataReport
+from tc_llava.model.tc_llava import TCLlava
+from tc_llava.train.checkpoint import TrainState, export_model, load_checkpoint, resolve_resume, save_checkpoint
+from tc_llava.train.optim import cosine_with_warmup, param_groups
+from tc_llava.train.tuning import apply_tuning, trainable_summary
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def build_model(cfg: DictConfig) -> TCLlava:
+    """The model of ``cfg.model`` with the ``rope``/``mask``/``projector`` groups (None: from the checkpoint)."""
+    return instantiate(cfg.model, rope=cfg.get("rope"), mask=cfg.get("mask"), projector=cfg.get("projector"))
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """Accelerator for ``cfg.trainer``; the DeepSpeed JSON comes from the trainer config."""
+    t = cfg.trainer
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    launcher_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    if launcher_ds and not t.deepspeed:
+        raise ValueError(f"launched with a DeepSpeed accelerate config but trainer={t.name} has no deepspeed JSON; "
+                         "use trainer=zero2|zero3|zero3_offload")
+    plugin = None
+    if t.deepspeed:
+        plugin = DeepSpeedPlugin(hf_ds_config=str(t.deepspeed), gradient_clipping=t.max_grad_norm,
+                                 gradient_accumulation_steps=t.grad_accum)
+    return Accelerator(
+        mixed_precision=t.mixed_precision,
+        deepspeed_plugin=plugin,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
+        log_with="wandb" if cfg.logging.wandb.mode != "disabled" else None,
+        kwargs_handlers=[InitProcessGroupKwargs(backend=t.backend)] if t.backend and distributed else [],
+    )
+
+
+def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState) -> Iterator[dict[str, Any]]:
+    """Endless stream of micro-batches across epochs, starting at the saved data position."""
+    while True:
+        dataset.set_epoch(state.epoch)
+        start = state.batch_in_epoch
+        batches = accelerator.skip_first_batches(loader, start) if start else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            yield batch
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def run_meta(cfg: DictConfig) -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"git_commit": commit, "torch": torch.__version__, "argv": sys.argv}
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train per ``cfg``; returns the final state (losses, data counts) and export path."""
+    t = cfg.trainer
+    accelerator = make_accelerator(cfg)
+    set_seed(cfg.seed, device_specific=False)
+    run_dir = Path(cfg.run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "meta.json").write_text(json.dumps(run_meta(cfg), indent=1))
+
+    model = build_model(cfg)
+    lora = apply_tuning(model, **cfg.tuning)
+    if t.gradient_checkpointing:
+        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    log.info("parameters: %s", trainable_summary(model))
+    dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.image_processor,
+                          num_visual_tokens=model.tokens_per_video(cfg.data.num_frames))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
+        collate_fn=instantiate(cfg.data.collator, pad_token_id=model.tokenizer.pad_token_id),
+    )
+    steps_per_epoch = len(loader) // (t.grad_accum * accelerator.num_processes)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.projector_lr, t.weight_decay), lr=t.lr,
+                                  betas=tuple(t.betas))
+    scheduler = cosine_with_warmup(optimizer, total_steps, math.ceil(t.warmup_ratio * total_steps), t.min_lr_ratio)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    accelerator.init_trackers(cfg.logging.project, config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
+
+    state = TrainState()
+    resume_from = resolve_resume(run_dir, cfg.resume)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    report = DataReport(dataset.load_skips)
+    stream = micro_batches(loader, dataset, accelerator, state)
+    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
+    metrics_file = run_dir / "metrics.jsonl"
+    while state.step < total_steps:
+        tic = time.perf_counter()
+        window = [next(stream) for _ in range(t.grad_accum)]
+        for batch in window:
+            report.update(batch)
+        n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
+        loss_sum = torch.zeros((), device=accelerator.device)
+        for batch in window:
+            with accelerator.accumulate(model):
+                loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
+                if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {state.step + 1} (sources {batch['sources']}); stopping. "
+                        f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
+                    )
+                loss_sum += loss.detach()
+                accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+        state.step += 1
+        step_loss = accelerator.reduce(loss_sum, "sum").item()
+        state.losses.append(step_loss)
+        elapsed = time.perf_counter() - tic
+        tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(accelerator.device)).item()
+        samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
+        row = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
+               "grad_norm": float(grad_norm) if grad_norm is not None else None,
+               "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "peak_mem_gb": peak_memory_gb()}
+        accelerator.log(row, step=state.step)
+        if accelerator.is_main_process:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if state.step % t.save_every == 0 or state.step == total_steps:
+            state.data = report.totals()
+            save_checkpoint(accelerator, run_dir, state, t.keep_last)
+    bar.close()
+    state.data = report.totals()
+    log.info("data: %s", state.data)
+    exported = None
+    if cfg.export.enabled:
+        def build_fresh():
+            fresh = build_model(cfg)
+            return fresh, apply_tuning(fresh, **cfg.tuning)
+
+        exported = export_model(accelerator, model, build_fresh, run_dir / "export",
+                                lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
+    accelerator.end_training()
+    return {**asdict(state), "export": str(exported) if exported else None, "run_dir": str(run_dir)}
