@@ -1,0 +1,65 @@
+"""``python -m tc_llava.eval`` / ``tc-llava-eval``: build a model from Hydra config and run a benchmark.
+
+Works as one process or under ``accelerate launch`` / ``torchrun`` (each rank runs this;
+the benchmark shards its items). On a machine without CUDA the ranks talk over gloo.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from accelerate import PartialState
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tc_llava.eval.mvbench import run_mvbench
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
+
+# benchmark.protocol -> fn(model, benchmark config, run_dir, state) -> results on the main process
+BENCHMARKS: dict[str, Callable[..., Any]] = {
+    "mvbench": run_mvbench,
+}
+
+
+def build(cfg: DictConfig) -> Any:
+    """The model of ``cfg.model``; rope/mask/projector left null come from the checkpoint."""
+    rope = instantiate(cfg.rope) if cfg.get("rope") else None
+    mask = instantiate(cfg.mask) if cfg.get("mask") else None
+    return instantiate(cfg.model, rope=rope, mask=mask, projector=cfg.get("projector"))
+
+
+def run(cfg: DictConfig) -> Any:
+    """Evaluate ``cfg.model`` on ``cfg.benchmark``, writing into ``cfg.run_dir``."""
+    protocol = cfg.benchmark.protocol
+    if protocol not in BENCHMARKS:
+        raise ValueError(f"benchmark.protocol {protocol!r} is not one of {sorted(BENCHMARKS)}")
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
+    state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
+    torch.manual_seed(cfg.seed)
+    model = build(cfg).to(state.device).eval()
+    log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
+    return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=None)
+def _app(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point (``tc-llava-eval``)."""
+    _app()
+
+
+if __name__ == "__main__":
+    main()
