@@ -64,8 +64,10 @@ class _DecordClip:
     first_idx = 0
 
     def __init__(self, path: Path, num_threads: int):
-        import decord
-
+        try:
+            import decord
+        except ImportError as e:
+            raise ImportError("decord is not installed (its wheels are x86_64 only); use backend='pyav'") from e
         self._path = path
         self._errors = (RuntimeError, decord.DECORDError)
         try:
