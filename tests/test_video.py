@@ -189,11 +189,16 @@ def test_errors_name_the_path(tmp_path, backend):
     corrupt.write_bytes(np.random.default_rng(0).bytes(4096))
     empty = tmp_path / "empty_frames"
     empty.mkdir()
-    cases = [tmp_path / "missing.mp4", corrupt, _zero_frame_avi(tmp_path / "zero.avi"), empty]
-    for path in cases:
+    cases = {
+        tmp_path / "missing.mp4": "no such file",
+        corrupt: "could not",
+        _zero_frame_avi(tmp_path / "zero.avi"): "no frames",
+        empty: "no frames",
+    }
+    for path, reason in cases.items():
         with pytest.raises(VideoReadError, match=str(path)) as info:
             sample_frames(path, 4, backend=backend)
-        assert info.value.path == str(path)
+        assert info.value.path == str(path) and reason in info.value.reason
 
 
 def test_bad_arguments_and_bounds(media):

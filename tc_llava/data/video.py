@@ -73,7 +73,7 @@ class _DecordClip:
         try:
             self._reader = decord.VideoReader(str(path), ctx=decord.cpu(0), num_threads=num_threads)
         except self._errors as e:
-            raise VideoReadError(path, f"decord could not open it as a video ({_first_line(e)})") from e
+            raise _diagnose(path, f"decord could not open it as a video ({_first_line(e)})") from e
         if len(self._reader) == 0:
             raise VideoReadError(path, "the video has no frames")
         self.max_frame = len(self._reader) - 1
@@ -242,7 +242,7 @@ class _FrameFolderClip:
         self._path = path
         self.max_frame = sum(1 for _ in path.glob("*.jpg"))
         if self.max_frame == 0:
-            raise VideoReadError(path, "frame folder holds no .jpg frames (expected 00001.jpg, 00002.jpg, ...)")
+            raise VideoReadError(path, "the frame folder has no frames (expected 00001.jpg, 00002.jpg, ...)")
         self.fps = fps
 
     def read(self, indices: list[int]) -> np.ndarray:
@@ -281,6 +281,15 @@ class _ImageClip:
 
     def close(self) -> None:
         pass
+
+
+def _diagnose(path: Path, decord_reason: str) -> VideoReadError:
+    """decord's open errors are opaque; PyAV names the actual fault (no stream, no frames)."""
+    try:
+        _PyAVClip(path, 1).close()
+    except VideoReadError as e:
+        return VideoReadError(path, f"{e.reason}; {decord_reason}")
+    return VideoReadError(path, f"{decord_reason}; PyAV opens it, so backend='pyav' may work")
 
 
 def _first_line(error: BaseException) -> str:
