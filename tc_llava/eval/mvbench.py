@@ -28,7 +28,10 @@ from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.data.video import frame_indices
 from tc_llava.eval.runner import DATA_TYPES, GenerationSettings, Item, generate_predictions, git_commit, model_settings
 
-__all__ = ["Task", "Question", "frame_indices", "check_answer", "load_task_table", "load_questions", "run_mvbench"]
+__all__ = [
+    "Task", "Question", "frame_indices", "check_answer", "prediction", "question_block",
+    "load_task_table", "load_questions", "score", "run_mvbench",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class Task:
 
 @dataclass(frozen=True)
 class Question:
+    """One MVBench question: the runner's item and what scoring and the predictions file need."""
+
     task: str
     index: int
     item: Item
@@ -122,7 +127,7 @@ def _record_fields(record: Any, task: Task, source: str, k: int) -> tuple[str, s
         if not isinstance(record.get(field), str):
             raise ValueError(f"{where}: field {field!r} must be a string, got {record.get(field)!r:.60}")
     candidates = record.get("candidates")
-    if not isinstance(candidates, list) or not 1 <= len(candidates) <= 7 or not all(isinstance(c, str) for c in candidates):
+    if not (isinstance(candidates, list) and 1 <= len(candidates) <= 7 and all(isinstance(c, str) for c in candidates)):
         raise ValueError(f"{where}: field 'candidates' must be a list of 1-7 strings, got {candidates!r:.80}")
     if record["answer"] not in candidates:
         raise ValueError(f"{where}: answer {record['answer']!r} is not one of its candidates {candidates}")
@@ -130,7 +135,7 @@ def _record_fields(record: Any, task: Task, source: str, k: int) -> tuple[str, s
     if task.bound:
         start, end = record.get("start"), record.get("end")
         if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in (start, end)):
-            raise ValueError(f"{where}: task {task.name!r} is bound: 'start'/'end' must be numbers, got {start!r}, {end!r}")
+            raise ValueError(f"{where}: bound task {task.name!r} needs numeric 'start'/'end', got {start!r}/{end!r}")
         bound = (float(start), float(end))
     return record["video"], record["question"], candidates, record["answer"], bound
 

@@ -70,7 +70,8 @@ class GenerationSettings:
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields outputs depend on (batch size and decoders are checked to not matter)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("batch_size", "backend", "decode_threads", "num_workers")}
+        throughput = ("batch_size", "backend", "decode_threads", "num_workers")
+        return {k: v for k, v in asdict(self).items() if k not in throughput}
 
 
 class _ItemFrames(Dataset):
@@ -94,6 +95,8 @@ class _ItemFrames(Dataset):
                 item.media, s.num_frames, "middle", item.bound, s.backend,
                 fps=s.frame_fps if item.data_type == "frame" else None, num_threads=s.decode_threads,
             )
+        except ImportError:  # a missing decoder library is the setup's failure, not the item's
+            raise
         except Exception as e:  # any decoder error is this item's failure, not the run's
             return {"id": item.id, "failed": f"{type(e).__name__}: {e}"}
         pixels = self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
@@ -265,9 +268,10 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer runs in forked workers
-    dataset = _ItemFrames(items, settings, tokenizer, model.image_processor, model.tokens_per_video(settings.num_frames))
+    num_visual_tokens = model.tokens_per_video(settings.num_frames)
+    dataset = _ItemFrames(items, settings, tokenizer, model.image_processor, num_visual_tokens)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers,
-                        collate_fn=_LeftPad(pad), persistent_workers=False)
+                        collate_fn=_LeftPad(pad))
     stops = _stop_ids(tokenizer, settings.template)
     device, dtype = state.device, next(model.parameters()).dtype
     out = _Appender(path)

@@ -1,0 +1,361 @@
+"""MVBench evaluation: the official formulas, and the Hydra app end to end on a built MVBench tree.
+
+The tree holds real media written here (H.264 mp4 with bounds, VP8 webm, gif, a TVQA-style
+frame folder with bounds, a corrupt mp4 and a missing file) under the official task
+table's json names and prefixes. The model is the tiny Llama LLaVA with its LLM re-drawn
+at a larger scale, so that greedy outputs differ from video to video and prompt to prompt
+(a plain random init answers every item with the same token, which would make the
+batch/process/resume equalities vacuous).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from PIL import Image
+
+from tc_llava.data import video
+from tc_llava.eval import mvbench, runner
+from tc_llava.eval.__main__ import run
+from tc_llava.model.tc_llava import TCLlava
+
+from conftest import CONFIGS, REPO
+
+FPS = 8
+SIZE = 64
+# task -> records; media names are relative to the task's official prefix
+TASKS = ("Action Sequence", "Action Antonym", "Object Shuffle", "Episodic Reasoning")
+NUM_ITEMS = 10  # 4 + 2 + 2 + 2
+CORRUPT = "corrupt.mp4"
+MISSING = "missing.webm"
+
+
+def _frames(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Blocky random colours that change every frame: cheap to encode, different per video."""
+    blocks = rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    return blocks.repeat(SIZE // 4, 1).repeat(SIZE // 4, 2)
+
+
+def _write(path: Path, frames: np.ndarray, codec: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=FPS)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _record(rng: np.random.Generator, name: str, k: int, bound: tuple[float, float] | None = None) -> dict:
+    candidates = [str(c) for c in rng.permutation(["red", "green", "blue", "yellow"])]
+    record = {"video": name, "question": f"What color is shape {k}?", "candidates": candidates,
+              "answer": candidates[k % 4]}
+    if bound:
+        record.update(start=bound[0], end=bound[1])
+    return record
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> Path:
+    """An MVBench tree for four official tasks: 10 questions, 2 of whose media cannot be read."""
+    root = tmp_path_factory.mktemp("MVBench")
+    rng = np.random.default_rng(0)
+    table = {name: row for name, row in _official_table().items() if name in TASKS}
+    video_dir = root / "video"
+    records: dict[str, list] = {}
+
+    prefix = video_dir / table["Action Sequence"][1]
+    records["Action Sequence"] = []
+    for k in range(3):
+        _write(prefix / f"seq{k}.mp4", _frames(rng, 32), "libx264")
+        records["Action Sequence"].append(_record(rng, f"seq{k}.mp4", k, (0.5, 3.0)))
+    (prefix / CORRUPT).write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    records["Action Sequence"].append(_record(rng, CORRUPT, 3, (0.5, 3.0)))
+
+    prefix = video_dir / table["Action Antonym"][1]
+    _write(prefix / "ant0.webm", _frames(rng, 24), "libvpx")
+    records["Action Antonym"] = [_record(rng, "ant0.webm", 0), _record(rng, MISSING, 1)]
+
+    prefix = video_dir / table["Object Shuffle"][1]
+    prefix.mkdir(parents=True)
+    records["Object Shuffle"] = []
+    for k in range(2):
+        gif = [Image.fromarray(f) for f in _frames(rng, 12)]
+        gif[0].save(prefix / f"shuffle{k}.gif", save_all=True, append_images=gif[1:], duration=125, loop=0)
+        records["Object Shuffle"].append(_record(rng, f"shuffle{k}.gif", k))
+
+    prefix = video_dir / table["Episodic Reasoning"][1]
+    records["Episodic Reasoning"] = []
+    for k in range(2):
+        folder = prefix / f"clip{k}"
+        folder.mkdir(parents=True)
+        for i, frame in enumerate(_frames(rng, 24), start=1):
+            Image.fromarray(frame).save(folder / f"{i:05d}.jpg", quality=95)
+        records["Episodic Reasoning"].append(_record(rng, f"clip{k}", k, (1.0, 6.0)))
+
+    (root / "json").mkdir()
+    for name, rows in records.items():
+        (root / "json" / table[name][0]).write_text(json.dumps(rows))
+    # the same tree under its own task table (from_root), with the gifs as data type "gif"
+    own = {name: list(row) for name, row in table.items()}
+    own["Object Shuffle"][2] = "gif"
+    (root / "tasks.json").write_text(json.dumps(own))
+    return root
+
+
+def _official_table() -> dict:
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("eval", overrides=["benchmark.root=unused"])
+    return {k: list(v) for k, v in cfg.benchmark.table.items()}
+
+
+@pytest.fixture(scope="module")
+def lively(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama with its LLM matrices drawn at std 0.3 (seeded): outputs depend on the input."""
+    model = TCLlava.from_pretrained(tiny_llama)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.language_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.3, generator=generator)
+    out = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(out)
+    return out
+
+
+def _overrides(bench: Path, model: Path, run_dir: Path, *extra: str) -> list[str]:
+    tasks = "[" + ",".join(f"'{t}'" for t in TASKS) + "]"
+    return [
+        "model=pretrained", f"model.checkpoint={model}", "model.dtype=float32",
+        f"benchmark.root={bench}", f"benchmark.tasks={tasks}", f"run_dir={run_dir}",
+        "benchmark.num_frames=4", "benchmark.max_new_tokens=6", *extra,
+    ]
+
+
+def _evaluate(bench: Path, model: Path, run_dir: Path, *extra: str) -> dict:
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("eval", overrides=_overrides(bench, model, run_dir, *extra))
+    return run(cfg)
+
+
+def _outputs(run_dir: Path) -> dict[str, str | None]:
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    return {row["id"]: row["output"] for row in rows}
+
+
+def _cache_lines(run_dir: Path) -> list[dict]:
+    """Every complete cache record (a torn line left by a crash is not one)."""
+    records = []
+    for path in sorted((run_dir / "cache").glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+# --------------------------------------------------------------------------- protocol
+
+
+def test_frame_indices_is_the_official_formula():
+    assert mvbench.frame_indices is video.frame_indices
+    # unbounded video, 64 frames at 8 fps: seg = 63/8 = 7.875, int(3.9375 + round(7.875 i))
+    assert mvbench.frame_indices(8, 8, 63) == [3, 11, 19, 27, 35, 42, 50, 58]
+    # bounded 1.0-3.5 s: frames 8..28, seg = 5
+    assert mvbench.frame_indices(4, 8, 63, bound=(1.0, 3.5)) == [10, 15, 20, 25]
+    # frame folder 00001..00030 at 3 fps, first_idx 1: seg = 29/4 = 7.25, round(14.5) = 14
+    assert mvbench.frame_indices(4, 3, 30, first_idx=1) == [4, 11, 18, 26]
+    # bounded frame folder 2-6 s: files 6..18, seg = 3
+    assert mvbench.frame_indices(4, 3, 30, bound=(2.0, 6.0), first_idx=1) == [7, 10, 13, 16]
+    # a start before the first file is clipped to first_idx; round(2.5) = 2
+    assert mvbench.frame_indices(2, 3, 30, bound=(-1.0, 2.0), first_idx=1) == [2, 4]
+
+
+@pytest.mark.parametrize(
+    ("pred", "gt", "correct"),
+    [
+        ("(A) apple", "(A) apple", True),
+        ("(A)", "(A) apple", True),  # the letter alone
+        ("(A", "(A) apple", True),  # the model stopped after the letter
+        ("(a) Apple", "(A) apple", True),  # case
+        ("(A).", "(A) apple", True),  # trailing '.'
+        ("(A) apple", "(A) apple.", True),
+        ("(B) banana", "(A) apple", False),
+        ("(B)", "(A) apple", False),
+        ("(", "(A) apple", False),  # bare '(' matches in the original: the letter guard rejects it
+        ("( A) apple", "(A) apple", False),
+        ("", "(A) apple", False),
+        ("(AB)", "(A) apple", False),
+        ("(apple)", "(A) apple", False),
+    ],
+)
+def test_check_answer(pred, gt, correct):
+    assert mvbench.check_answer(pred, gt) is correct
+
+
+def test_prediction_keeps_the_first_line_and_puts_back_the_paren():
+    assert mvbench.prediction("A) apple\nBecause the video shows", "(") == "(A) apple"
+    assert mvbench.prediction("  B) x  \n", "(") == "(B) x"
+    assert mvbench.prediction("", "(") == "("
+
+
+def test_official_prompt(bench, tiny_llama):
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        cfg = compose("eval", overrides=[f"benchmark.root={bench}", "benchmark.tasks=['Action Sequence']"])
+    model = TCLlava.from_pretrained(tiny_llama)
+    tasks = mvbench.load_task_table(cfg.benchmark)
+    assert list(tasks) == ["Action Sequence"] and tasks["Action Sequence"].bound
+    first = mvbench.load_questions(cfg.benchmark, tasks, model.tokenizer)[0]
+    record = json.loads((bench / "json" / "action_sequence.json").read_text())[0]
+    options = "\n".join(f"({'ABCD'[k]}) {c}" for k, c in enumerate(record["candidates"]))
+    system = cfg.benchmark.prompt.system
+    assert system.startswith("Carefully watch the video") and system.endswith("addresses the question.")
+    assert first.item.prompt == (
+        f"{system} USER: <image>\nQuestion: {record['question']}\nOptions:\n{options}\n"
+        "Only give the best option. ASSISTANT: Best option:("
+    )
+    assert first.gt == f"(A) {record['answer']}" and record["candidates"][0] == record["answer"]
+    assert first.item.bound == (0.5, 3.0)
+    assert first.item.media == str(bench / "video" / "star/Charades_v1_480" / "seq0.mp4")
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_end_to_end_counts_failures_and_frames(bench, lively, tmp_path, monkeypatch):
+    seen = {}
+
+    def spy(path, num_frames, strategy, bound, backend, fps=None, seed=None, num_threads=1):
+        frames, indices = video.sample_frames(path, num_frames, strategy, bound, backend, fps, seed, num_threads)
+        seen[Path(path).name] = indices
+        return frames, indices
+
+    monkeypatch.setattr(runner, "sample_frames", spy)
+    run_dir = tmp_path / "run"
+    results = _evaluate(bench, lively, run_dir, "benchmark.decode.num_workers=0", "benchmark.batch_size=3")
+
+    sizes = {"Action Sequence": 4, "Action Antonym": 2, "Object Shuffle": 2, "Episodic Reasoning": 2}
+    assert list(results["tasks"]) == list(sizes)
+    for task, n in sizes.items():
+        counts = results["tasks"][task]
+        assert counts["total"] + counts["failed"] == n
+        assert 0 <= counts["correct"] <= counts["total"]
+    assert results["tasks"]["Action Sequence"]["failed"] == 1
+    assert results["tasks"]["Action Antonym"]["failed"] == 1
+    avg = results["Avg"]
+    assert (avg["total"], avg["failed"]) == (NUM_ITEMS - 2, 2)
+    assert avg["correct"] == sum(c["correct"] for c in results["tasks"].values())
+    assert avg["accuracy"] == pytest.approx(100 * avg["correct"] / avg["total"])
+    reasons = {item["video"]: item["reason"] for item in results["failed_items"]}
+    assert set(map(lambda p: Path(p).name, reasons)) == {CORRUPT, MISSING}
+    assert all(str(bench) in reason for reason in reasons.values())  # the reason names the file
+
+    # the official frames: bounded mp4 (32 frames at 8 fps), bounded frame folder (24 files at 3 fps)
+    assert seen["seq0.mp4"] == mvbench.frame_indices(4, FPS, 31, (0.5, 3.0))
+    assert seen["clip0"] == mvbench.frame_indices(4, 3, 24, (1.0, 6.0), first_idx=1)
+    assert seen["shuffle0.gif"] == mvbench.frame_indices(4, FPS, 11)
+
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["Avg"] == avg and saved["settings"]["num_frames"] == 4
+    assert saved["settings"]["prompt"]["answer_prefix"] == "Best option:("
+    assert saved["settings"]["model"]["checkpoint"] == str(lively)
+    assert set(saved["settings"]["git"]) == {"commit", "dirty"}
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert len(rows) == NUM_ITEMS
+    assert sum(r["correct"] is True for r in rows) == avg["correct"]
+    assert all((r["failed"] is None) == (r["pred"] is not None) for r in rows)
+    assert all(r["pred"].startswith("(") for r in rows if r["pred"] is not None)
+    table = (run_dir / "results.md").read_text()
+    assert "| Episodic Reasoning |" in table and "| **Avg** |" in table
+    assert (run_dir / "results.png").read_bytes()[:4] == b"\x89PNG"
+    outputs = [r["output"] for r in rows if r["output"] is not None]
+    assert len(set(outputs)) > 1, "the model answers everything alike: the equality tests below would be vacuous"
+
+
+@pytest.fixture(scope="module")
+def single(bench, lively, tmp_path_factory) -> Path:
+    """Reference run: batch size 1, no workers, one process, the dataset's own task table."""
+    run_dir = tmp_path_factory.mktemp("single")
+    _evaluate(bench, lively, run_dir, "benchmark.task_table=from_root", "benchmark.batch_size=1",
+              "benchmark.decode.num_workers=0")
+    return run_dir
+
+
+def test_batch_size_8_equals_batch_size_1(bench, lively, single, tmp_path):
+    run_dir = tmp_path / "batched"
+    results = _evaluate(bench, lively, run_dir, "benchmark.task_table=from_root", "benchmark.batch_size=8",
+                        "benchmark.decode.num_workers=2")
+    assert _outputs(run_dir) == _outputs(single)
+    assert results["Avg"] == json.loads((single / "results.json").read_text())["Avg"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(bench, lively, single, tmp_path, cache_dir):
+    run_dir = tmp_path / "two"
+    args = _overrides(bench, lively, run_dir, "benchmark.task_table=from_root", "benchmark.batch_size=2",
+                      "benchmark.decode.num_workers=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TC_LLAVA_CACHE": str(cache_dir)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "tc_llava.eval", *args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank_files = sorted((run_dir / "cache").glob("*.rank*.jsonl"))
+    assert [p.name.split(".")[-2] for p in rank_files] == ["rank0", "rank1"], "two ranks must have generated"
+    ids = [{json.loads(line)["id"] for line in p.read_text().splitlines()} for p in rank_files]
+    assert ids[0] and ids[1] and not ids[0] & ids[1] and len(ids[0] | ids[1]) == NUM_ITEMS
+    assert _outputs(run_dir) == _outputs(single)
+    assert json.loads((run_dir / "results.json").read_text())["settings"]["num_processes"] == 2
+
+
+def test_interrupted_run_resumes(bench, lively, single, tmp_path, monkeypatch):
+    generated = []
+    original = TCLlava.generate
+
+    def counting(self, input_ids, *args, **kwargs):
+        generated.append(len(input_ids))
+        return original(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(TCLlava, "generate", counting)
+    run_dir = tmp_path / "resume"
+    common = ("benchmark.task_table=from_root", "benchmark.batch_size=4", "benchmark.decode.num_workers=0")
+    first = _evaluate(bench, lively, run_dir, *common, "benchmark.limit=1")  # the "interrupted" run
+    assert first["Avg"]["total"] + first["Avg"]["failed"] == len(TASKS)
+    assert sum(generated) == len(TASKS)
+    cache = next((run_dir / "cache").glob("*.rank0.jsonl"))
+    with cache.open("a") as f:
+        f.write('{"id": "Object Shuffle/1", "item": "torn mid-wr')  # a crash in the middle of a write
+
+    generated.clear()
+    second = _evaluate(bench, lively, run_dir, *common)
+    assert sum(generated) == NUM_ITEMS - 2 - len(TASKS)  # only the new, decodable items
+    assert second["Avg"] == json.loads((single / "results.json").read_text())["Avg"]
+    assert _outputs(run_dir) == _outputs(single)
+    lines = _cache_lines(run_dir)
+    answered = [r["id"] for r in lines if r["failed"] is None]
+    assert len(answered) == len(set(answered)) == NUM_ITEMS - 2  # nothing generated twice
+
+    generated.clear()
+    third = _evaluate(bench, lively, run_dir, *common)
+    assert generated == [] and third["Avg"] == second["Avg"]
+    assert sum(r["failed"] is not None for r in _cache_lines(run_dir)) == 4  # failures are retried per run
+
+    generated.clear()
+    _evaluate(bench, lively, run_dir, *common, "benchmark.prompt.instruction=' Answer with the letter.'")
+    assert sum(generated) == NUM_ITEMS - 2  # a changed prompt never reuses old outputs
