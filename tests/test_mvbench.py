@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import av
 import numpy as np
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -64,6 +66,13 @@ def _record(rng: np.random.Generator, name: str, k: int, bound: tuple[float, flo
     if bound:
         record.update(start=bound[0], end=bound[1])
     return record
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The app sets up accelerate's process-wide state; later tests must find none."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -359,3 +368,26 @@ def test_interrupted_run_resumes(bench, lively, single, tmp_path, monkeypatch):
     generated.clear()
     _evaluate(bench, lively, run_dir, *common, "benchmark.prompt.instruction=' Answer with the letter.'")
     assert sum(generated) == NUM_ITEMS - 2  # a changed prompt never reuses old outputs
+
+
+def test_scores_follow_the_cached_outputs(bench, lively, single, tmp_path, monkeypatch):
+    """Outputs rewritten in a copied cache (right letter, a bare '(' after priming, a wrong letter)."""
+    monkeypatch.setattr(TCLlava, "generate", lambda *a, **k: pytest.fail("everything is cached"))
+    run_dir = tmp_path / "rescored"
+    shutil.copytree(single / "cache", run_dir / "cache")
+    gts = {r["id"]: r["gt"] for r in map(json.loads, (single / "predictions.jsonl").read_text().splitlines())}
+    expected = {}
+    for path in (run_dir / "cache").glob("*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for k, record in enumerate(records):
+            if record["failed"] is None:
+                gt = gts[record["id"]]
+                wrong = "B" if gt[1] != "B" else "C"
+                record["output"] = [gt[1:] + "\nthe rest", "", f"{wrong}) x"][k % 3]
+                expected[record["id"]] = k % 3 == 0
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    results = _evaluate(bench, lively, run_dir, "benchmark.task_table=from_root", "benchmark.decode.num_workers=0")
+    assert results["Avg"]["correct"] == sum(expected.values()) > 0
+    assert results["Avg"]["total"] == len(expected) == NUM_ITEMS - 2
+    for task, counts in results["tasks"].items():
+        assert counts["correct"] == sum(ok for i, ok in expected.items() if i.startswith(task + "/"))

@@ -55,7 +55,6 @@ class Question:
     """One MVBench question: the runner's item and what scoring and the predictions file need."""
 
     task: str
-    index: int
     item: Item
     question: str
     candidates: tuple[str, ...]
@@ -82,6 +81,8 @@ def check_answer(pred: str, gt: str) -> bool:
 def _parse_table(table: Mapping[str, Any], source: str) -> dict[str, Task]:
     tasks = {}
     for name, row in table.items():
+        if name == "Avg":
+            raise ValueError(f"{source}: 'Avg' is the name of the overall score, not a task name")
         row = list(row) if isinstance(row, Sequence) and not isinstance(row, str) else row
         if not isinstance(row, list) or len(row) < 4:
             raise ValueError(f"{source}: task {name!r} must be [json, prefix, type, bound, ...], got {row!r}")
@@ -159,7 +160,7 @@ def load_questions(cfg: DictConfig, tasks: Mapping[str, Task], tokenizer: Any) -
             media = root / cfg.video_dir / task.prefix / video
             letter = chr(ord("A") + candidates.index(answer))
             questions.append(Question(
-                task.name, k, Item(f"{task.name}/{k}", str(media), prompt, bound, task.data_type),
+                task.name, Item(f"{task.name}/{k}", str(media), prompt, bound, task.data_type),
                 question, tuple(candidates), f"({letter}) {answer}",
             ))
     return questions
@@ -200,6 +201,7 @@ def score(questions: Sequence[Question], records: Mapping[str, Mapping[str, Any]
 
 
 def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
+    """The results as a GitHub markdown table, accuracies in %, `n/a` where nothing was answered."""
     lines = ["| Task | Correct | Total | Failed | Accuracy (%) |", "|---|---:|---:|---:|---:|"]
     for task, c in summary.items():
         acc = "n/a" if c["accuracy"] is None else f"{c['accuracy']:.1f}"
@@ -209,14 +211,13 @@ def markdown_table(summary: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 def bar_chart(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Per-task accuracy bars, ``Avg`` last; a bare Figure renders with Agg and leaves pyplot alone."""
+    from matplotlib.figure import Figure
 
     names = list(summary)
     values = [summary[n]["accuracy"] if summary[n]["accuracy"] is not None else math.nan for n in names]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
+    fig = Figure(figsize=(8, 0.35 * len(names) + 1.2))
+    ax = fig.subplots()
     bars = ax.barh(names, values, color=["tab:orange" if n == "Avg" else "tab:blue" for n in names])
     ax.bar_label(bars, labels=["n/a" if math.isnan(v) else f"{v:.1f}" for v in values], padding=2, fontsize=8)
     ax.invert_yaxis()
@@ -225,7 +226,6 @@ def bar_chart(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str) 
     ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
