@@ -177,10 +177,7 @@ def test_bad_video_raise_names_file_and_record(tmp_path, media, tok, proc, bad, 
         ds[index]
     message = str(info.value)
     assert str(media / bad) in message and "record 2 of" in message and str(tmp_path / "c.json") in message
-    reason = BAD_VIDEOS[bad]
-    if bad == "zero.avi" and backend == "decord":  # decord cannot open it, so it cannot tell why
-        reason = "unreadable_media"
-    assert info.value.skip["reason"] == reason
+    assert info.value.skip["reason"] == BAD_VIDEOS[bad]
 
 
 MALFORMED = [

@@ -8,6 +8,7 @@ interrupted save never shadows the last good checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -85,7 +86,10 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, 
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    fresh, handle = build_fresh()
+    plugin = accelerator.state.deepspeed_plugin
+    # A ZeRO-3 run would partition the fresh copy across ranks (a collective): build it whole.
+    with plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext():
+        fresh, handle = build_fresh()
     fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
     if lora and not merge_lora:
