@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,10 @@ def tiny_next(cache_dir) -> Path:
     from tc_llava.model.tiny import tiny_checkpoint
 
     return tiny_checkpoint(cache_dir, arch="llava_next", **TINY)
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface, for torchrun's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from tc_llava.eval import mvbench, runner
 from tc_llava.eval.__main__ import run
 from tc_llava.model.tc_llava import TCLlava
 
-from conftest import CONFIGS, REPO
+from conftest import CONFIGS, REPO, free_port
 
 FPS = 8
 SIZE = 64
@@ -310,19 +309,13 @@ def test_batch_size_8_equals_batch_size_1(bench, lively, single, tmp_path):
     assert results["Avg"] == json.loads((single / "results.json").read_text())["Avg"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_equal_one(bench, lively, single, tmp_path, cache_dir):
     run_dir = tmp_path / "two"
     args = _overrides(bench, lively, run_dir, "benchmark.task_table=from_root", "benchmark.batch_size=2",
                       "benchmark.decode.num_workers=1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TC_LLAVA_CACHE": str(cache_dir)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "tc_llava.eval", *args]
+           "--master_port", str(free_port()), "-m", "tc_llava.eval", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank_files = sorted((run_dir / "cache").glob("*.rank*.jsonl"))

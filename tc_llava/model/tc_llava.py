@@ -20,6 +20,7 @@ from typing import Any
 
 import hydra.utils
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
@@ -240,7 +241,10 @@ class TCLlava(nn.Module):
         dtype: torch.dtype | str = torch.float32,
         **hf_kwargs: Any,
     ) -> "TCLlava":
-        """Load a llava-hf checkpoint; rules not given come from the checkpoint, else vanilla/causal/mlp."""
+        """Load a llava-hf checkpoint; rules not given come from the checkpoint, else vanilla/causal/mlp.
+
+        A directory holding a peft adapter beside the base weights loads with the adapter merged.
+        """
         path = Path(path)
         config_file = path / "config.json"
         if not config_file.is_file():
@@ -256,6 +260,8 @@ class TCLlava(nn.Module):
             path, dtype=dtype, attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
             **hf_kwargs,
         )
+        if (path / "adapter_config.json").is_file():  # an export with the LoRA adapter kept apart
+            hf = PeftModel.from_pretrained(hf, path).merge_and_unload()
         saved = getattr(hf.config, "tc_llava", None) or {}
         rope = rope or (hydra.utils.instantiate(saved["rope"]) if "rope" in saved else None)
         mask = mask or (hydra.utils.instantiate(saved["mask"]) if "mask" in saved else None)

@@ -153,9 +153,10 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kw
     out = Path(out_dir)
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, **config_kwargs)
-    torch.manual_seed(seed)
     cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
-    model = cls(config)
+    with torch.random.fork_rng(devices=[]):  # a first build must not shift the caller's RNG stream
+        torch.manual_seed(seed)
+        model = cls(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from transformers.integrations import deepspeed as hf_deepspeed
 
 STATE_FILE = "trainer_state.json"
 
@@ -74,6 +75,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path) -> TrainState:
     return TrainState(**json.loads((path / STATE_FILE).read_text()))
 
 
+@contextlib.contextmanager
+def _whole_models():
+    """Under ZeRO-3, transformers builds models partitioned across ranks (a collective call);
+    the main process alone builds the export copy, so it must be built whole."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, out_dir: Path,
                  lora: bool, merge_lora: bool) -> Path | None:
     """Write a llava-hf directory that ``TCLlava.from_pretrained`` (and the evaluator) loads.
@@ -86,9 +99,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, 
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    plugin = accelerator.state.deepspeed_plugin
-    # A ZeRO-3 run would partition the fresh copy across ranks (a collective): build it whole.
-    with plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext():
+    with _whole_models():
         fresh, handle = build_fresh()
     fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     out_dir.mkdir(parents=True, exist_ok=True)

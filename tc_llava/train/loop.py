@@ -58,7 +58,10 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         plugin = DeepSpeedPlugin(hf_ds_config=str(t.deepspeed), gradient_clipping=t.max_grad_norm,
                                  gradient_accumulation_steps=t.grad_accum)
     return Accelerator(
+        # without cpu=True, the CPU ranks of a launch silently train alone (DeepSpeed inits its own group)
+        cpu=not torch.cuda.is_available() and plugin is None,
         mixed_precision=t.mixed_precision,
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the world size
         deepspeed_plugin=plugin,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
         log_with="wandb" if cfg.logging.wandb.mode != "disabled" else None,
@@ -105,7 +108,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "meta.json").write_text(json.dumps(run_meta(cfg), indent=1))
 
     model = build_model(cfg)
-    lora = apply_tuning(model, **cfg.tuning)
+    set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
+    apply_tuning(model, **cfg.tuning)
     if t.gradient_checkpointing:
         model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("parameters: %s", trainable_summary(model))
@@ -114,6 +118,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
         collate_fn=instantiate(cfg.data.collator, pad_token_id=model.tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
     )
     steps_per_epoch = len(loader) // (t.grad_accum * accelerator.num_processes)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
