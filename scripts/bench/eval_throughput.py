@@ -1,0 +1,72 @@
+"""Questions/s of batched evaluation generation vs a batch-size-1 generate loop (GPU).
+
+Same random 7B-shaped TC-LLaVA (CLIP ViT-L/336, 16 frames pooled to 16x12x12 = 2,304
+visual tokens), same prompts, greedy, a fixed number of new tokens (EOS disabled, so both
+sides do the same work). Checks that the batched tokens equal the batch-1 tokens. Prints
+and writes JSON to scripts/bench/results/eval_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from shapes import random_tc_llava, video_prompts
+
+
+def timed(fn) -> tuple[float, object]:
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - tic, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--questions", type=int, default=32)
+    parser.add_argument("--batch", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_throughput.json"))
+    args = parser.parse_args()
+
+    model = random_tc_llava(args.layers, "sdpa").eval()
+    ids, mask, pixels = video_prompts(model, args.questions)
+    gen = dict(max_new_tokens=args.new_tokens, eos_token_id=[], pad_token_id=0)
+    model.generate(ids[:2], mask[:2], pixels[:2], **gen)  # warm-up
+
+    def one_by_one():
+        outs = []
+        for b in range(args.questions):
+            keep = mask[b].bool()
+            outs.append(model.generate(ids[b:b + 1, keep], None, pixels[b:b + 1], **gen).sequences[0])
+        return torch.stack(outs)
+
+    def batched(size):
+        return torch.cat([model.generate(ids[i:i + size], mask[i:i + size], pixels[i:i + size], **gen).sequences
+                          for i in range(0, args.questions, size)])
+
+    t1, ref = timed(one_by_one)
+    rows = {"batch_1": {"seconds": t1, "questions_per_s": args.questions / t1}}
+    for size in args.batch:
+        tb, out = timed(lambda: batched(size))
+        rows[f"batch_{size}"] = {"seconds": tb, "questions_per_s": args.questions / tb, "speedup_vs_1": t1 / tb,
+                                 "tokens_equal_batch_1": bool(torch.equal(out, ref)),
+                                 "token_agreement": (out == ref).float().mean().item()}
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "layers": args.layers, "questions": args.questions,
+              "prompt_tokens": int(mask.sum(1).float().mean()), "new_tokens": args.new_tokens,
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "results": rows}
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Random-weight LLaVA models of real shapes for GPU benchmarks (nothing is downloaded).
+
+CLIP ViT-L/336 vision tower (layer -2, 24x24 patches) and a Vicuna-7B-shaped Llama LLM,
+built directly on the device in the requested dtype, wrapped as TC-LLaVA.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
+from tc_llava.model.pooling import VideoPooling
+from tc_llava.model.rope import TADRoPE, VanillaRoPE
+from tc_llava.model.tc_llava import TCLlava
+
+IMAGE_TOKEN_ID = 32000
+VOCAB = 32064
+
+
+def llava_7b_config(num_layers: int = 32) -> LlavaConfig:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                              num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers,
+                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=32768,
+                       pad_token_id=0, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+def random_tc_llava(num_layers: int = 32, attn: str = "sdpa", tc: bool = True,
+                    pooling_shape: tuple[int, int, int] | None = (16, 12, 12),
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> TCLlava:
+    """TC-LLaVA (tad + frame-block mask) or, with ``tc=False``, vanilla LLaVA (1D RoPE, causal)."""
+    torch.manual_seed(seed)
+    config = llava_7b_config(num_layers)
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        hf = LlavaForConditionalGeneration(config).to(dtype)
+    rope, mask = (TADRoPE(1.0), FrameBlockCausalMask()) if tc else (VanillaRoPE(), CausalMask())
+    return TCLlava(hf, rope, mask, VideoPooling(pooling_shape))
+
+
+def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before: int = 48,
+                  text_after: int = 40, seed: int = 0, ragged: bool = True):
+    """Left-padded random prompts around one video each, and random frames (CUDA tensors)."""
+    g = torch.Generator().manual_seed(seed)
+    n_vis = model.tokens_per_video(num_frames)
+    rows = []
+    for b in range(batch):
+        extra = b % 7 if ragged else 0
+        before = torch.randint(100, 30000, (text_before + extra,), generator=g).tolist()
+        after = torch.randint(100, 30000, (text_after,), generator=g).tolist()
+        rows.append([1] + before + [IMAGE_TOKEN_ID] * n_vis + after)
+    width = max(map(len, rows))
+    ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    pixels = torch.randn(batch, num_frames, 3, 336, 336, generator=g)
+    return ids.cuda(), mask.cuda(), pixels.cuda().to(model.hf.dtype)
