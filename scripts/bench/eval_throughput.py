@@ -32,40 +32,48 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 16])
-    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_throughput.json"))
     args = parser.parse_args()
 
     model = random_tc_llava(args.layers, "sdpa").eval()
     ids, mask, pixels = video_prompts(model, args.questions)
-    gen = dict(max_new_tokens=args.new_tokens, eos_token_id=[], pad_token_id=0)
-    model.generate(ids[:2], mask[:2], pixels[:2], **gen)  # warm-up
+    model.generate(ids[:2], mask[:2], pixels[:2], max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up
+    runs = {}
+    for new_tokens in args.new_tokens:
+        runs[f"new_tokens_{new_tokens}"] = compare(model, ids, mask, pixels, args.questions, args.batch,
+                                                   dict(max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "layers": args.layers, "questions": args.questions,
+              "prompt_tokens": int(mask.sum(1).float().mean()), "visual_tokens": model.tokens_per_video(16),
+              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "runs": runs}
+    print(json.dumps(result, indent=1))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def compare(model, ids, mask, pixels, questions: int, batch_sizes: list[int], gen: dict) -> dict:
+    """Batch-1 loop (unpadded prompts) vs batched left-padded generation, same greedy work."""
 
     def one_by_one():
         outs = []
-        for b in range(args.questions):
+        for b in range(questions):
             keep = mask[b].bool()
             outs.append(model.generate(ids[b:b + 1, keep], None, pixels[b:b + 1], **gen).sequences[0])
         return torch.stack(outs)
 
     def batched(size):
         return torch.cat([model.generate(ids[i:i + size], mask[i:i + size], pixels[i:i + size], **gen).sequences
-                          for i in range(0, args.questions, size)])
+                          for i in range(0, questions, size)])
 
     t1, ref = timed(one_by_one)
-    rows = {"batch_1": {"seconds": t1, "questions_per_s": args.questions / t1}}
-    for size in args.batch:
+    rows = {"batch_1": {"seconds": t1, "questions_per_s": questions / t1}}
+    for size in batch_sizes:
         tb, out = timed(lambda: batched(size))
-        rows[f"batch_{size}"] = {"seconds": tb, "questions_per_s": args.questions / tb, "speedup_vs_1": t1 / tb,
+        rows[f"batch_{size}"] = {"seconds": tb, "questions_per_s": questions / tb, "speedup_vs_1": t1 / tb,
                                  "tokens_equal_batch_1": bool(torch.equal(out, ref)),
                                  "token_agreement": (out == ref).float().mean().item()}
-    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "layers": args.layers, "questions": args.questions,
-              "prompt_tokens": int(mask.sum(1).float().mean()), "new_tokens": args.new_tokens,
-              "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30, "results": rows}
-    print(json.dumps(result, indent=1))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    return rows
 
 
 if __name__ == "__main__":
