@@ -18,6 +18,7 @@ from accelerate import PartialState
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from tc_llava.eval import videochatgpt, zeroshot_qa
 from tc_llava.eval.mvbench import run_mvbench
 
 log = logging.getLogger(__name__)
@@ -27,6 +28,8 @@ CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 # benchmark.protocol -> fn(model, benchmark config, run_dir, state) -> results on the main process
 BENCHMARKS: dict[str, Callable[..., Any]] = {
     "mvbench": run_mvbench,
+    "videochatgpt": videochatgpt.evaluate,
+    "zeroshot_qa": zeroshot_qa.evaluate,
 }
 
 
@@ -46,6 +49,8 @@ def run(cfg: DictConfig) -> Any:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     torch.manual_seed(cfg.seed)
+    if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
+        return BENCHMARKS[protocol](None, cfg.benchmark, cfg.run_dir, state)
     model = build(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
     return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
