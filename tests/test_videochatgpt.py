@@ -359,6 +359,13 @@ def test_zeroshot_qa_pairs_questions_and_answers_by_position(anet_root, tmp_path
     (tmp_path / "ActivityNet" / "test_a.json").write_text(json.dumps(answers[:2]))
     with pytest.raises(ValueError, match=r"2 answers for the 5 questions"):
         zeroshot_qa.load_entries(cfg)
+    # one list carrying questions and answers, with no question_id
+    (tmp_path / "ActivityNet" / "test_q.json").write_text(json.dumps(
+        [{"video_name": v, "question": q, "answer": a} for v, q, a, _ in QA]))
+    cfg.datasets.activitynet.answers = None
+    combined = zeroshot_qa.load_entries(cfg)
+    assert [e.record for e in combined] == [{"id": k, "video_name": v, "Q": q, "A": a}
+                                             for k, (v, q, a, _) in enumerate(QA)]
     cfg.dataset = "kinetics"
     with pytest.raises(ValueError, match=r"benchmark\.dataset 'kinetics' is not one of"):
         zeroshot_qa.load_entries(cfg)

@@ -241,6 +241,11 @@ def generation_line(meta: Mapping[str, Any] | None) -> str:
     return f"Generation: {records} records, {failed} failed (missing or undecodable video), left out of the scores."
 
 
+def judge_line(judge: Mapping[str, Any]) -> str:
+    """The judge as the markdown reports it: model and where it ran."""
+    return f"Judge: {judge['model']} ({judge.get('base_url') or judge.get('model_path')})"
+
+
 def markdown_table(results: Mapping[str, Any]) -> str:
     """Per-dimension scores (0-5), both averages, judged/failed counts, and what judged them."""
     lines = ["| Dimension | Score | Judged | Judge failed |", "|---|---:|---:|---:|"]
@@ -249,10 +254,9 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     lines.append(f"| **Mean of five** | {_score(results['mean_of_dimensions'])} | | |")
     lines.append(f"| **Item-weighted mean** | {_score(results['item_weighted_mean'])} | {results['judged']} "
                  f"| {results['failed']} |")
-    judge = results["judge"]
     shas = ", ".join(f"{d} {sha}" for d, sha in results["prompts"]["sha"].items())
     return "\n".join(lines) + (
-        f"\n\nJudge: {judge['model']} ({judge['type']}, {judge.get('base_url') or 'local'}); prompt hashes: {shas}.\n"
+        f"\n\n{judge_line(results['judge'])}; prompt hashes: {shas}.\n"
         f"{generation_line(results['generation'])}\n"
     )
 

@@ -21,6 +21,7 @@ from tc_llava.eval import scoring
 from tc_llava.eval.videochatgpt import (
     Entry,
     generation_line,
+    judge_line,
     locate_video,
     make_judge,
     prediction_files,
@@ -66,14 +67,12 @@ def markdown_table(results: dict[str, Any]) -> str:
     """Accuracy (%), mean score (0-5), yes/no and failed counts, and what judged them."""
     acc = "n/a" if results["accuracy"] is None else f"{100 * results['accuracy']:.1f}"
     score = "n/a" if results["mean_score"] is None else f"{results['mean_score']:.2f}"
-    judge = results["judge"]
     return (
         "| Dataset | Accuracy (%) | Score | Yes | No | Judged | Judge failed |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
         f"| {results['dataset']} | {acc} | {score} | {results['yes']} | {results['no']} | {results['judged']} "
         f"| {results['failed']} |\n\n"
-        f"Judge: {judge['model']} ({judge['type']}, {judge.get('base_url') or 'local'}); "
-        f"prompt hash: {results['prompts']['sha']['qa']}.\n"
+        f"{judge_line(results['judge'])}; prompt hash: {results['prompts']['sha']['qa']}.\n"
         f"{generation_line(results['generation'])}\n"
     )
 
