@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(2)
@@ -17,6 +18,13 @@ CONFIGS = REPO / "configs"
 
 # Small enough that every model test runs in seconds on two cores.
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """The apps set up accelerate's process-wide state; the next test must find none."""
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="session")
@@ -52,3 +60,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def lively(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama with its LLM matrices drawn at std 0.3 (seeded): outputs depend on the input.
+
+    A plain random init answers every prompt with the same token, which would make
+    batch/process/resume equalities of the evaluators vacuous.
+    """
+    from tc_llava.model.tc_llava import TCLlava
+
+    model = TCLlava.from_pretrained(tiny_llama)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.language_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.3, generator=generator)
+    out = tmp_path_factory.mktemp("lively")
+    model.save_pretrained(out)
+    return out

@@ -192,7 +192,7 @@ MALFORMED = [
 
 @pytest.mark.parametrize("k", range(len(MALFORMED)))
 def test_malformed_record_raise_names_json_and_index(tmp_path, media, tok, proc, k):
-    with pytest.raises(RecordError, match=rf"c\.json record 2 \(corpus 'c'\): "):
+    with pytest.raises(RecordError, match=r"c\.json record 2 \(corpus 'c'\): "):
         make(tmp_path, media, tok, proc, GOOD_VC2[:2] + [MALFORMED[k]], on_error="raise")
 
 

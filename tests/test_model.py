@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 from transformers import AutoModelForImageTextToText
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: F401  (registry import check)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 

@@ -20,8 +20,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
-from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -65,13 +63,6 @@ def _record(rng: np.random.Generator, name: str, k: int, bound: tuple[float, flo
     if bound:
         record.update(start=bound[0], end=bound[1])
     return record
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """The app sets up accelerate's process-wide state; later tests must find none."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -126,20 +117,6 @@ def _official_table() -> dict:
     with initialize_config_dir(str(CONFIGS), version_base=None):
         cfg = compose("eval", overrides=["benchmark.root=unused"])
     return {k: list(v) for k, v in cfg.benchmark.table.items()}
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_llama, tmp_path_factory) -> Path:
-    """tiny_llama with its LLM matrices drawn at std 0.3 (seeded): outputs depend on the input."""
-    model = TCLlava.from_pretrained(tiny_llama)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.language_model.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3, generator=generator)
-    out = tmp_path_factory.mktemp("lively")
-    model.save_pretrained(out)
-    return out
 
 
 def _overrides(bench: Path, model: Path, run_dir: Path, *extra: str) -> list[str]:

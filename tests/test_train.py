@@ -14,17 +14,11 @@ from safetensors.torch import load_file
 from tc_llava.data.datasets import SampleError
 from tc_llava.data.synthetic import generate
 from tc_llava.model.tc_llava import TCLlava
-from tc_llava.train.loop import NonFiniteLossError, build_model, train
+from tc_llava.model.build import model_from_config
+from tc_llava.train.loop import NonFiniteLossError, train
 from tc_llava.train.tuning import apply_tuning
 
 from conftest import CONFIGS, TINY
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """Each in-process run sets up accelerate's process-wide state; the next must find none."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +53,7 @@ def test_accumulation_equals_one_larger_batch(synthetic, tmp_path):
     torch.testing.assert_close(torch.tensor(a["losses"]), torch.tensor(b["losses"]), rtol=0, atol=1e-5)
     pa = load_file(tmp_path / "big/checkpoints/step_3/model.safetensors")
     pb = load_file(tmp_path / "small/checkpoints/step_3/model.safetensors")
-    initial = build_model(big).state_dict()
+    initial = model_from_config(big).state_dict()
     for key, value in pa.items():
         torch.testing.assert_close(value, pb[key], rtol=0, atol=1e-5)
     moved = [k for k, v in pa.items() if not torch.equal(v, initial[k])]
@@ -103,7 +97,7 @@ def test_export_reloads_with_the_trained_logits(synthetic, tmp_path, tuning):
                     f"export.merge_lora={how != 'adapter'}", "rope.gamma=0.5", "projector=pllava_pool",
                     "projector.pooling_shape=[2,2,2]")
     result = train(cfg)
-    trained = build_model(cfg)
+    trained = model_from_config(cfg)
     apply_tuning(trained, **cfg.tuning)
     trained.load_state_dict(load_file(tmp_path / "checkpoints/step_2/model.safetensors"))
     exported = TCLlava.from_pretrained(result["export"])
@@ -150,7 +144,7 @@ def test_every_option_composes(group, options, tmp_path):
 
 def test_frozen_llm_trains_only_the_projector(synthetic, tmp_path):
     cfg = train_cfg(synthetic, tmp_path, "tuning=frozen")
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     apply_tuning(model, **cfg.tuning)
     names = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad}
     assert names == {"multi_modal_projector"}

@@ -17,8 +17,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import torch
-from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 
 from tc_llava.eval import __main__ as app
@@ -59,27 +57,6 @@ def _key(body: dict) -> str:
     dim = next((d for d, marker in MARKERS.items() if marker in system), "?")
     match = re.search(r"^Question(?: 1)?: (.*)$", user, re.M)
     return f"{dim}:{match[1] if match else ''}"
-
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    """The app sets up accelerate's process-wide state; later tests must find none."""
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def lively(tiny_llama, tmp_path_factory) -> Path:
-    """tiny_llama with its LLM matrices drawn at std 0.3 (seeded): outputs depend on the input."""
-    model = TCLlava.from_pretrained(tiny_llama)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.language_model.parameters():
-            if param.ndim == 2:
-                param.normal_(0.0, 0.3, generator=generator)
-    out = tmp_path_factory.mktemp("lively")
-    model.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
@@ -266,7 +243,7 @@ def test_videochatgpt_end_to_end(vcg_root, lively, tmp_path, server, generated, 
 
     # re-score with another judge, without a model: its own cache files, every item asked
     chat.reset_counts()
-    monkeypatch.setattr(app, "build", lambda cfg: pytest.fail("stage=score must not build the model"))
+    monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("stage=score must not build the model"))
     before = {p.name: p.read_bytes() for p in (run_dir / "judge").iterdir()}
     other = _evaluate("videochatgpt", vcg_root, lively, run_dir, chat.base_url, "benchmark.stage=score",
                       "judge.model=judge-b")

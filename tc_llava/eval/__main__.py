@@ -15,11 +15,11 @@ from typing import Any
 import hydra
 import torch
 from accelerate import PartialState
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tc_llava.eval import videochatgpt, zeroshot_qa
 from tc_llava.eval.mvbench import run_mvbench
+from tc_llava.model.build import model_from_config
 
 log = logging.getLogger(__name__)
 
@@ -33,13 +33,6 @@ BENCHMARKS: dict[str, Callable[..., Any]] = {
 }
 
 
-def build(cfg: DictConfig) -> Any:
-    """The model of ``cfg.model``; rope/mask/projector left null come from the checkpoint."""
-    rope = instantiate(cfg.rope) if cfg.get("rope") else None
-    mask = instantiate(cfg.mask) if cfg.get("mask") else None
-    return instantiate(cfg.model, rope=rope, mask=mask, projector=cfg.get("projector"))
-
-
 def run(cfg: DictConfig) -> Any:
     """Evaluate ``cfg.model`` on ``cfg.benchmark``, writing into ``cfg.run_dir``."""
     protocol = cfg.benchmark.protocol
@@ -51,7 +44,7 @@ def run(cfg: DictConfig) -> Any:
     torch.manual_seed(cfg.seed)
     if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
         return BENCHMARKS[protocol](None, cfg.benchmark, cfg.run_dir, state)
-    model = build(cfg).to(state.device).eval()
+    model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
     return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
 

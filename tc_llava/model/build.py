@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
@@ -56,3 +58,12 @@ def build_model(
         path, rope=rope, mask=mask, pooling=pooling,
         attn_implementation=attn_implementation, dtype=getattr(torch, dtype),
     )
+
+
+def model_from_config(cfg: DictConfig) -> TCLlava:
+    """The model of ``cfg.model`` with the ``rope``/``mask``/``projector`` groups (null: from the checkpoint).
+
+    The rule groups are handed over as config nodes: Hydra instantiates them recursively
+    (an already-built object passed to ``instantiate`` would be turned back into a config).
+    """
+    return instantiate(cfg.model, rope=cfg.get("rope"), mask=cfg.get("mask"), projector=cfg.get("projector"))

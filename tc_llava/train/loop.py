@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tc_llava.data.collate import MODEL_KEYS, DataReport
-from tc_llava.model.tc_llava import TCLlava
+from tc_llava.model.build import model_from_config
 from tc_llava.train.checkpoint import TrainState, export_model, load_checkpoint, resolve_resume, save_checkpoint
 from tc_llava.train.optim import cosine_with_warmup, param_groups
 from tc_llava.train.tuning import apply_tuning, trainable_summary
@@ -38,11 +38,6 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-def build_model(cfg: DictConfig) -> TCLlava:
-    """The model of ``cfg.model`` with the ``rope``/``mask``/``projector`` groups (None: from the checkpoint)."""
-    return instantiate(cfg.model, rope=cfg.get("rope"), mask=cfg.get("mask"), projector=cfg.get("projector"))
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -107,7 +102,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "meta.json").write_text(json.dumps(run_meta(cfg), indent=1))
 
-    model = build_model(cfg)
+    model = model_from_config(cfg)
     set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
     apply_tuning(model, **cfg.tuning)
     if t.gradient_checkpointing:
@@ -183,7 +178,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     exported = None
     if cfg.export.enabled:
         def build_fresh():
-            fresh = build_model(cfg)
+            fresh = model_from_config(cfg)
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
         exported = export_model(accelerator, model, build_fresh, run_dir / "export",
