@@ -1,0 +1,121 @@
+"""LLM step cost of TC-LLaVA's attention vs vanilla causal SDPA (GPU, bf16, batch 1, fwd+bwd).
+
+Four Vicuna-7B-shaped Llama layers (REFERENCE.md section 7's setting). For each length the
+prompt is 256 text tokens around frames of 144 visual tokens; the same run times:
+- ``vanilla_sdpa``: 1D RoPE, plain causal mask (SDPA's is_causal path) -- the floor;
+- ``tc_sdpa``: dual RoPE + frame-block mask as a dense bool mask through SDPA;
+- ``tc_flex``: dual RoPE + frame-block mask as a BlockMask through compiled flex attention.
+Reports median ms per layer, ratios to the floor, MFU and peak memory; writes JSON to
+scripts/bench/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaModel
+
+from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
+from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
+
+PEAK_TFLOPS = 989.5
+
+
+def layer_flops(length: int, hidden: int = 4096, inter: int = 11008, causal_fraction: float = 0.5) -> float:
+    """fwd+bwd FLOPs of one Llama layer (3x forward), attention counted at its causal fraction."""
+    dense = 2 * length * (4 * hidden * hidden + 3 * hidden * inter)
+    attention = 2 * 2 * length * length * hidden * causal_fraction
+    return 3 * (dense + attention)
+
+
+def frame_layout(length: int, text: int = 256, per_frame: int = 144) -> torch.Tensor:
+    frames = (length - text) // per_frame
+    ids = [-1] * (text // 2) + [f for f in range(frames) for _ in range(per_frame)]
+    ids += [-1] * (length - len(ids))
+    return torch.tensor([ids], device="cuda")
+
+
+def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
+    """One fwd+bwd of the layers as TCLlava.forward drives them (mask built inside the step)."""
+    from transformers.masking_utils import create_causal_mask
+
+    attention_mask = torch.ones_like(frame_ids)
+
+    def run():
+        positions = rule_rope.positions(frame_ids, attention_mask)
+        position_ids = real_token_index(frame_ids, attention_mask)
+        block_ids = rule_mask.block_ids(frame_ids)
+        mask = None if block_ids is None else create_causal_mask(
+            config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
+            position_ids=position_ids, block_sequence_ids=block_ids)
+        with lm.rotary_emb.use(positions):
+            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+        out.float().square().mean().backward()
+
+    return run
+
+
+def time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2560, 4864, 9472])
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+                         num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
+                         max_position_embeddings=32768)
+    variants = {"vanilla_sdpa": ("sdpa", VanillaRoPE(), CausalMask()),
+                "tc_sdpa": ("sdpa", TADRoPE(), FrameBlockCausalMask()),
+                "tc_flex": ("flex_attention", TADRoPE(), FrameBlockCausalMask())}
+    with torch.device("cuda"):
+        lm = LlamaModel(config).to(torch.bfloat16)
+    lm.rotary_emb = RotaryPositions(lm.rotary_emb)
+    lm.embed_tokens = None  # inputs_embeds only
+    rows = []
+    for length in args.lengths:
+        frame_ids = frame_layout(length)
+        embeds = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        row = {"length": length, "frames": int(frame_ids.max()) + 1}
+        for name, (impl, rope, mask) in variants.items():
+            lm.config._attn_implementation = impl
+            ms, peak = time_ms(step_fn(lm, rope, mask, frame_ids, embeds), warmup=3, reps=args.reps)
+            per_layer = ms / args.layers
+            row[name] = {"ms_per_layer": per_layer, "peak_mem_gb": peak,
+                         "mfu": layer_flops(length) / (per_layer / 1e3) / (PEAK_TFLOPS * 1e12)}
+        for name in ("tc_sdpa", "tc_flex"):
+            row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / row["vanilla_sdpa"]["ms_per_layer"]
+            row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / row["vanilla_sdpa"]["peak_mem_gb"]
+        rows.append(row)
+        print(json.dumps(row))
+    result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "transformers": transformers.__version__, "layers": args.layers, "dtype": "bfloat16",
+              "batch": 1, "reps": args.reps, "statistic": "median", "rows": rows}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
