@@ -11,6 +11,7 @@ import torch
 from tc_llava.model.masks import FrameBlockCausalMask
 from tc_llava.model.rope import TADRoPE
 from tc_llava.model.tc_llava import TCLlava
+from tc_llava.model.tiny import tiny_checkpoint
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -26,8 +27,14 @@ def batch(model: TCLlava, num_frames: int = 4):
     return ids.cuda(), mask.cuda(), pixels.cuda()
 
 
-def test_flex_matches_sdpa_and_trains_on_gpu(tiny_llama):
-    models = {impl: TCLlava.from_pretrained(tiny_llama, rope=TADRoPE(), mask=FrameBlockCausalMask(),
+@pytest.fixture(scope="module")
+def gpu_tiny(cache_dir):
+    """Flex's GPU kernels need head_dim >= 32 to find a config: heads of 64 dims here."""
+    return tiny_checkpoint(cache_dir, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=2)
+
+
+def test_flex_matches_sdpa_and_trains_on_gpu(gpu_tiny):
+    models = {impl: TCLlava.from_pretrained(gpu_tiny, rope=TADRoPE(), mask=FrameBlockCausalMask(),
                                             attn_implementation=impl, dtype=torch.bfloat16).cuda()
               for impl in ("sdpa", "flex_attention")}
     ids, mask, pixels = batch(models["sdpa"])
