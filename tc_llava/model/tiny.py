@@ -99,6 +99,8 @@ def build_config(
     intermediate_size: int = 128,
     vision_hidden_size: int = 32,
     vision_layers: int = 2,
+    vision_heads: int = 2,
+    vision_intermediate_size: int | None = None,
     image_size: int = 56,
     patch_size: int = 14,
     max_position_embeddings: int = 8192,
@@ -106,9 +108,9 @@ def build_config(
     """The HF config of a tiny LLaVA (``llava`` or ``llava_next``) over a Llama or Qwen2 LLM."""
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden_size,
-        intermediate_size=2 * vision_hidden_size,
+        intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
         num_hidden_layers=vision_layers + 1,  # LLaVA reads layer -2: keep `vision_layers` useful ones
-        num_attention_heads=2,
+        num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
         projection_dim=vision_hidden_size,
