@@ -14,7 +14,7 @@ RESULTS="${RESULTS:-scripts/bench/results}"
 STEPS="${STEPS:-20}"
 PY="${PY:-python3}"
 mkdir -p "$WORK" "$RESULTS"
-DATA="$WORK/data"
+DATA="${DATA:-$WORK/data}"
 if [ "${CPU_CHECK:-0}" = 1 ]; then
   SIZE=56; FRAMES=8; POOL="[8,2,2]"; PREC="trainer.mixed_precision=no trainer.backend=gloo"
   MODEL="model=tiny"; EVAL_MODEL_DTYPE=float32
@@ -26,7 +26,7 @@ fi
 [ -f "$DATA/synthetic/train.json" ] || $PY -m tc_llava.data.synthetic --out "$DATA/synthetic" --num-train 512 \
     --num-eval-per-task 16 --seed 0 --size $SIZE --num-frames 16
 COMMON="$MODEL projector=pllava_pool projector.pooling_shape=$POOL data.num_frames=$FRAMES data.num_workers=2
-  paths.data=$DATA trainer.max_steps=$STEPS trainer.save_every=10 trainer.keep_last=5 trainer.warmup_ratio=0
+  paths.data=$DATA trainer.max_steps=$STEPS trainer.save_every=$((STEPS / 2)) trainer.keep_last=5 trainer.warmup_ratio=0
   trainer.lr=1e-4 trainer.projector_lr=1e-4 export.enabled=false $PREC"
 
 train() {  # name, processes, overrides...
