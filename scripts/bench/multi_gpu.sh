@@ -12,6 +12,7 @@ PRESET="${1:-1b}"
 WORK="${WORK:-/tmp/tc_llava_multi_gpu}"
 RESULTS="${RESULTS:-scripts/bench/results}"
 STEPS="${STEPS:-20}"
+WORKERS="${WORKERS:-2}"          # DataLoader workers per rank
 PY="${PY:-python3}"
 mkdir -p "$WORK" "$RESULTS"
 DATA="${DATA:-$WORK/data}"
@@ -25,7 +26,7 @@ else
 fi
 [ -f "$DATA/synthetic/train.json" ] || $PY -m tc_llava.data.synthetic --out "$DATA/synthetic" --num-train 512 \
     --num-eval-per-task 16 --seed 0 --size $SIZE --num-frames 16
-COMMON="$MODEL projector=pllava_pool projector.pooling_shape=$POOL data.num_frames=$FRAMES data.num_workers=2
+COMMON="$MODEL projector=pllava_pool projector.pooling_shape=$POOL data.num_frames=$FRAMES data.num_workers=$WORKERS
   paths.data=$DATA trainer.max_steps=$STEPS trainer.save_every=$((STEPS / 2)) trainer.keep_last=5 trainer.warmup_ratio=0
   trainer.lr=1e-4 trainer.projector_lr=1e-4 export.enabled=false $PREC"
 
@@ -44,6 +45,18 @@ evaluate() {  # name, processes, export dir
 }
 
 LORA="tuning=lora tuning.lora.dropout=0.0"
+if [ "${ONLY_SCALING:-0}" = 1 ]; then  # just the scaling pair, at per-GPU batch ${BATCH:-4}
+  train scale_1proc 1 trainer=zero2 $LORA data.batch_size="${BATCH:-4}"
+  train scale_2proc 2 trainer=zero2 $LORA data.batch_size="${BATCH:-4}"
+  $PY - "$WORK/runs" <<'PY'
+import json, statistics, sys
+from pathlib import Path
+rate = {n: statistics.median(json.loads(l)["samples_per_s"] for l in (Path(sys.argv[1]) / n / "metrics.jsonl").read_text().splitlines()[2:])
+        for n in ("scale_1proc", "scale_2proc")}
+print(json.dumps({**rate, "ratio": rate["scale_2proc"] / rate["scale_1proc"]}))
+PY
+  exit 0
+fi
 train z2_lora_1proc 1 trainer=zero2 $LORA data.batch_size=8
 train z2_lora_2proc 2 trainer=zero2 $LORA data.batch_size=4
 cp "$WORK/runs/z2_lora_2proc/metrics.jsonl" "$WORK/runs/z2_lora_2proc/metrics_uninterrupted.jsonl"
