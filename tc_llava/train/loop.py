@@ -105,6 +105,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = model_from_config(cfg)
     set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
     apply_tuning(model, **cfg.tuning)
+    if t.deepspeed and t.mixed_precision == "bf16":
+        # ZeRO-3 builds the base weights in bf16 already; peft's new adapters are fp32, and
+        # DeepSpeed flattens trainable parameters of one dtype only (its fp32 master copy stays).
+        for param in model.parameters():
+            if param.requires_grad and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     if t.gradient_checkpointing:
         model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     log.info("parameters: %s", trainable_summary(model))
