@@ -64,19 +64,25 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     )
 
 
-def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState) -> Iterator[dict[str, Any]]:
-    """Endless stream of micro-batches across epochs, starting at the saved data position."""
+def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
+                  report: DataReport) -> Iterator[dict[str, Any]]:
+    """Endless stream of micro-batches across epochs, from the saved data position on.
+
+    Each batch's samples, truncations and skips are counted, and reported per epoch.
+    """
     while True:
         dataset.set_epoch(state.epoch)
         start = state.batch_in_epoch
         batches = accelerator.skip_first_batches(loader, start) if start else loader
         for batch in batches:
             state.batch_in_epoch += 1
+            report.update(batch)
             yield batch
+        report.end_epoch(state.epoch)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
 
 
-def run_meta(cfg: DictConfig) -> dict[str, Any]:
+def run_meta() -> dict[str, Any]:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                                 cwd=Path(__file__).parent).stdout.strip()
@@ -100,7 +106,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-        (run_dir / "meta.json").write_text(json.dumps(run_meta(cfg), indent=1))
+        (run_dir / "meta.json").write_text(json.dumps(run_meta(), indent=1))
 
     model = model_from_config(cfg)
     set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
@@ -136,14 +142,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         state = load_checkpoint(accelerator, resume_from)
         log.info("resumed from %s at step %d", resume_from, state.step)
     report = DataReport(dataset.load_skips)
-    stream = micro_batches(loader, dataset, accelerator, state)
+    stream = micro_batches(loader, dataset, accelerator, state, report)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
     metrics_file = run_dir / "metrics.jsonl"
     while state.step < total_steps:
         tic = time.perf_counter()
         window = [next(stream) for _ in range(t.grad_accum)]
-        for batch in window:
-            report.update(batch)
         n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
         loss_sum = torch.zeros((), device=accelerator.device)
         for batch in window:
