@@ -8,9 +8,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
+from tc_llava.model.masks import MaskRule
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import TADRoPE, VanillaRoPE
+from tc_llava.model.rope import RopeRule
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiny import tiny_checkpoint
 
@@ -36,8 +36,8 @@ def build_pooling(name: str, pooling_shape: list[int] | None, model_pooling_shap
 def build_model(
     checkpoint: str | None = None,
     tiny: dict[str, Any] | None = None,
-    rope: VanillaRoPE | TADRoPE | None = None,
-    mask: CausalMask | FrameBlockCausalMask | None = None,
+    rope: RopeRule | None = None,
+    mask: MaskRule | None = None,
     projector: dict[str, Any] | None = None,
     pllava_pooling_shape: list[int] | None = None,
     attn_implementation: str = "sdpa",

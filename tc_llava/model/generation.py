@@ -1,8 +1,9 @@
 """KV-cache generation for TC-LLaVA: prefill with the block mask, decode causally.
 
-The prefill runs the full model (video, frame-block mask, dual-RoPE positions). Each new
-token is text, so decoding needs only the plain causal mask, and its rotary position is
-the last prompt position plus ``rope.decode_step`` per generated token.
+The prefill runs the full model (video, the mask rule's block mask, the rope rule's
+positions). Each new token is text, so decoding needs only the plain causal mask, and its
+rotary position (``[B, 1]``, or ``[3, B, 1]`` for multi-axis rules) is
+``rope.next_positions`` of the previous token's.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def generate(
         raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be 1 for every sample")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
     out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
-    cache, positions = out.past_key_values, out.rope_positions[:, -1:]
+    cache, positions = out.past_key_values, out.rope_positions[..., -1:]
     position_ids = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens, scores = [], []
@@ -67,7 +68,7 @@ def generate(
         if bool(finished.all()) or len(tokens) == max_new_tokens:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], -1)
-        positions = positions + model.rope.decode_step
+        positions = model.rope.next_positions(positions)
         out = model(
             nxt[:, None], attention_mask, past_key_values=cache, use_cache=True,
             rope_positions=positions, position_ids=position_ids,

@@ -1,10 +1,13 @@
-"""Attention mask rules: causal and TC-LLaVA's frame-wise block causal mask.
+"""Attention mask rules: causal, TC-LLaVA's frame-wise block causal, bidirectional visual.
 
-Query ``i`` may attend key ``j`` iff ``j <= i`` or (``frame[i] == frame[j]`` and
-``frame[i] >= 0``), and never a padding key. The model builds the mask through
-transformers' own ``create_causal_mask(block_sequence_ids=...)``, so every attention
-backend (sdpa bool mask, eager additive mask, flex BlockMask) gets its native form;
-:func:`frame_block_causal_mask` is the dense reference the tests compare against.
+Every non-causal rule is a block rule: it gives each token a block id (-1: no block) and
+query ``i`` may attend key ``j`` iff ``j <= i`` or (``block[i] == block[j]`` and
+``block[i] >= 0``), and never a padding key. Frame-block-causal uses the frame id as the
+block (a visual token sees its whole frame); bidirectional-visual puts all visual tokens
+of a sample in one block (every visual token sees the whole video). The model builds the
+mask through transformers' own ``create_causal_mask(block_sequence_ids=...)``, so every
+attention backend (sdpa bool mask, eager additive mask, flex BlockMask) gets its native
+form; :func:`block_causal_mask` is the dense reference the tests compare against.
 """
 
 from __future__ import annotations
@@ -17,16 +20,21 @@ import torch
 MASK_DROPPING_BACKENDS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
-def frame_block_causal_mask(frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense boolean ``[B, 1, L, L]`` mask (True = may attend; padding keys never attended)."""
-    length = frame_ids.shape[-1]
-    idx = torch.arange(length, device=frame_ids.device)
+def block_causal_mask(block_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense boolean ``[B, 1, L, L]`` mask of a block rule (True = may attend; padding keys never)."""
+    length = block_ids.shape[-1]
+    idx = torch.arange(length, device=block_ids.device)
     causal = idx[None, :] <= idx[:, None]
-    same_frame = (frame_ids[:, :, None] == frame_ids[:, None, :]) & (frame_ids[:, :, None] >= 0)
-    mask = causal[None] | same_frame
+    same_block = (block_ids[:, :, None] == block_ids[:, None, :]) & (block_ids[:, :, None] >= 0)
+    mask = causal[None] | same_block
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, :]
     return mask[:, None]
+
+
+def frame_block_causal_mask(frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense frame-block-causal mask: the frame ids are the blocks."""
+    return block_causal_mask(frame_ids, attention_mask)
 
 
 @dataclass
@@ -51,7 +59,24 @@ class FrameBlockCausalMask:
         return frame_ids
 
 
-def check_backend(attn_implementation: str, mask_rule: CausalMask | FrameBlockCausalMask) -> None:
+@dataclass
+class BidirectionalVisualMask:
+    """All visual tokens of a sample see each other (the whole video, both directions); text stays causal.
+
+    One block holding every visual token: ``block = 0`` for visual tokens, -1 for text.
+    """
+
+    name: str = "bidirectional_visual"
+    is_causal: bool = False
+
+    def block_ids(self, frame_ids: torch.Tensor) -> torch.Tensor | None:
+        return torch.where(frame_ids >= 0, torch.zeros_like(frame_ids), torch.full_like(frame_ids, -1))
+
+
+MaskRule = CausalMask | FrameBlockCausalMask | BidirectionalVisualMask
+
+
+def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
     """Refuse attention backends that would silently ignore a non-causal mask."""
     if not mask_rule.is_causal and attn_implementation in MASK_DROPPING_BACKENDS:
         raise ValueError(

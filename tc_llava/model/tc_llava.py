@@ -1,12 +1,13 @@
-"""TC-LLaVA: an HF LLaVA whose LLM attends with dual RoPE and the frame-block-causal mask.
+"""TC-LLaVA: an HF LLaVA whose LLM attends with a rope rule (dual RoPE, ...) and a mask rule.
 
 The HF model (``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``)
 is used as it is; this module only composes its parts for video:
 
 1. frames ``[B, T, C, H, W]`` -> vision tower per frame -> the checkpoint's MLP projector
    -> optional PLLaVA pooling -> visual tokens scattered into the prompt's placeholder run;
-2. the frame-id vector of that layout -> rotary positions (rope rule) and the attention
-   mask (mask rule, built by transformers' own ``create_causal_mask``);
+2. the frame-id vector of that layout and each frame's (pooled) token grid -> rotary
+   positions (rope rule) and the attention mask (mask rule, built by transformers' own
+   ``create_causal_mask``);
 3. the LLM runs with those positions fed to its rotary module only.
 """
 
@@ -29,9 +30,9 @@ from transformers.utils import ModelOutput
 
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
-from tc_llava.model.masks import CausalMask, FrameBlockCausalMask, check_backend
+from tc_llava.model.masks import CausalMask, MaskRule, check_backend
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
+from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -58,8 +59,8 @@ class TCLlava(nn.Module):
     def __init__(
         self,
         hf_model: nn.Module,
-        rope: VanillaRoPE | TADRoPE | None = None,
-        mask: CausalMask | FrameBlockCausalMask | None = None,
+        rope: RopeRule | None = None,
+        mask: MaskRule | None = None,
         pooling: VideoPooling | None = None,
         tokenizer: Any = None,
         image_processor: Any = None,
@@ -75,7 +76,7 @@ class TCLlava(nn.Module):
         lm = self.language_model
         check_backend(lm.config._attn_implementation, self.mask)
         if not self.mask.is_causal and "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
-            raise ValueError("mask=frame_block_causal is not supported with sliding-window attention layers")
+            raise ValueError(f"mask={self.mask.name} is not supported with sliding-window attention layers")
         if not isinstance(lm.rotary_emb, RotaryPositions):
             lm.rotary_emb = RotaryPositions(lm.rotary_emb)
         vision = self.config.vision_config
@@ -97,6 +98,13 @@ class TCLlava(nn.Module):
     @property
     def image_token_id(self) -> int:
         return self.config.image_token_id
+
+    def token_grid(self, num_frames: int | None) -> tuple[int, int]:
+        """(H, W) of each frame's visual tokens: the pooled grid with pooling, else the vision grid."""
+        if num_frames is None:
+            return self.grid
+        _, h, w = self.pooling.output_grid(num_frames, self.grid)
+        return h, w
 
     def tokens_per_frame(self, num_frames: int) -> int:
         _, h, w = self.pooling.output_grid(num_frames, self.grid)
@@ -172,10 +180,11 @@ class TCLlava(nn.Module):
             if pixel_values is not None:
                 visual = self.encode_video(pixel_values).to(embeds.dtype)
                 embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
-            rope_positions = self.rope.positions(frame_ids, attention_mask)
+            rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
             position_ids = real_token_index(frame_ids, attention_mask)
             mask = self._prefill_mask(embeds, attention_mask, frame_ids, past_key_values, position_ids)
-        with lm.rotary_emb.use(rope_positions):
+        pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
+        with lm.rotary_emb.use(rope_positions, pair_axes):
             out = lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
                 past_key_values=past_key_values, use_cache=use_cache,
@@ -234,8 +243,8 @@ class TCLlava(nn.Module):
     def from_pretrained(
         cls,
         path: str | Path,
-        rope: VanillaRoPE | TADRoPE | None = None,
-        mask: CausalMask | FrameBlockCausalMask | None = None,
+        rope: RopeRule | None = None,
+        mask: MaskRule | None = None,
         pooling: VideoPooling | None = None,
         attn_implementation: str = "sdpa",
         dtype: torch.dtype | str = torch.float32,
