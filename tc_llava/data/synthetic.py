@@ -1,10 +1,25 @@
 """Seeded synthetic videos of coloured shapes, with temporal and static question families.
 
 The tiny end-to-end runs need a task a small model can learn in minutes where time order
-measurably matters. Temporal families (``order``, ``direction``, ``count``, ``change``)
-cannot be answered from any single frame, and ``order``/``direction``/``change`` flip their
-answer when the video is reversed, so they reward a model that knows frame order. Static
-families (``color``, ``shape``) are answerable from any frame and serve as controls.
+measurably matters. Task families (the 5th entry of each ``tasks.json`` row):
+
+- ``temporal`` tasks cannot be answered from any single frame: ``order`` (which colour
+  appears first/second/third/last; three objects in turn), ``direction`` (where one object
+  moves), ``count`` (how many objects appear one after another, 1-4) and ``change`` (the
+  colour before/after an object changes). ``order``, ``direction`` and ``change`` flip
+  their answer when the video is reversed, so they reward a model that knows frame order;
+  ``count`` needs frames told apart but not ordered.
+- ``static`` controls are answerable from any one frame: ``color`` and ``shape`` of one
+  still object. A variant that helps only temporal tasks should leave them unchanged.
+
+Options are listed in a fixed vocabulary order by default (``option_order="canonical"``:
+palette order for colours, left/right/up/down, one..four, circle/square/triangle/star),
+as MVBench lists e.g. counts ascending. Measured on the tiny model: with shuffled options
+the answer-letter lookup (find the answer among the options, emit its letter) alone kept
+it at chance on every task after 3,000 steps, while open-ended answers were learned; in
+canonical order the letter is tied to the answer (fully for direction/shape/count, via the
+answer's rank among the listed colours otherwise) and the benchmark measures the video.
+``option_order="shuffled"`` gives MVBench-style random order (same scenes for a seed).
 
 Objects are large flat-colour blobs from a palette that survives H.264 4:2:0 compression;
 events span at least three frames so MVBench's 4- to 16-segment sampling sees all of them.
@@ -43,6 +58,8 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "star")
 DIRECTIONS = ("left", "right", "up", "down")
 NUMBERS = ("one", "two", "three", "four")
+VOCABULARY = (*COLORS, *DIRECTIONS, *NUMBERS, *SHAPES)  # the canonical option order
+OPTION_ORDERS = ("canonical", "shuffled")
 BACKGROUND = (24, 24, 24)
 MC_INSTRUCTION = (
     "Carefully watch the video and pay attention to the cause and sequence of events, the detail "
@@ -143,8 +160,8 @@ def _windows(num_frames: int, k: int) -> list[range]:
 class _Scene:
     """Random draws shared by the task builders, all from one generator."""
 
-    def __init__(self, rng: np.random.Generator, num_frames: int, size: int):
-        self.rng, self.num_frames, self.size = rng, num_frames, size
+    def __init__(self, rng: np.random.Generator, num_frames: int, size: int, option_order: str = "canonical"):
+        self.rng, self.num_frames, self.size, self.option_order = rng, num_frames, size, option_order
         margin = 1.4 * _radius(size) + 1
         self.lo, self.hi = margin, size - margin
 
@@ -161,11 +178,15 @@ class _Scene:
     def options(
         self, answer: str, pool: tuple[str, ...] | list[str], k: int, include: tuple[str, ...] = ()
     ) -> tuple[str, ...]:
-        """``answer`` plus ``include`` plus random others from ``pool``, shuffled."""
+        """``answer`` plus ``include`` plus random others from ``pool``, shuffled or in vocabulary order.
+
+        The shuffle is drawn either way, so both orders give the same scenes for a seed.
+        """
         chosen = list(dict.fromkeys([answer, *include]))
         rest = [p for p in pool if p not in chosen]
         chosen += [str(p) for p in self.rng.choice(rest, size=k - len(chosen), replace=False)]
-        return tuple(str(c) for c in self.rng.permutation(chosen))
+        shuffled = [str(c) for c in self.rng.permutation(chosen)]
+        return tuple(sorted(shuffled, key=VOCABULARY.index) if self.option_order == "canonical" else shuffled)
 
     def sequence(self, colors: list[str]) -> tuple[tuple[Item, ...], ...]:
         """One object per window, each with its own shape and place."""
@@ -245,9 +266,11 @@ BUILDERS: dict[str, Callable[[_Scene], Sample]] = {
 }
 
 
-def make_sample(task: str, rng: np.random.Generator, num_frames: int = 16, size: int = 64) -> Sample:
+def make_sample(
+    task: str, rng: np.random.Generator, num_frames: int = 16, size: int = 64, option_order: str = "canonical"
+) -> Sample:
     """Draw one sample of ``task`` (a key of ``TASKS``)."""
-    return BUILDERS[task](_Scene(rng, num_frames, size))
+    return BUILDERS[task](_Scene(rng, num_frames, size, option_order))
 
 
 def mvbench_question(question: str, candidates: tuple[str, ...] | list[str]) -> str:
@@ -262,14 +285,14 @@ def mvbench_answer(answer: str, candidates: tuple[str, ...] | list[str]) -> str:
 
 
 def _unique_samples(
-    tasks: list[str], rng: np.random.Generator, seen: set, num_frames: int, size: int
+    tasks: list[str], rng: np.random.Generator, seen: set, num_frames: int, size: int, option_order: str
 ) -> list[Sample]:
     """Draw one sample per entry of ``tasks``, redrawing any scene already used elsewhere."""
     samples = []
     for task in tasks:
-        sample = make_sample(task, rng, num_frames, size)
+        sample = make_sample(task, rng, num_frames, size, option_order)
         while sample.scene in seen:
-            sample = make_sample(task, rng, num_frames, size)
+            sample = make_sample(task, rng, num_frames, size, option_order)
         seen.add(sample.scene)
         samples.append(sample)
     return samples
@@ -284,6 +307,7 @@ def generate(
     size: int = 64,
     fps: int = 8,
     tasks: tuple[str, ...] = tuple(TASKS),
+    option_order: str = "canonical",
 ) -> SyntheticPaths:
     """Write the training set and the MVBench-layout evaluation set under ``out_dir``.
 
@@ -294,6 +318,8 @@ def generate(
         raise ValueError(f"size must be even and >= 32 (yuv420p, visible shapes), got {size}")
     if num_frames < 8:
         raise ValueError(f"num_frames must be >= 8 so that every event spans frames, got {num_frames}")
+    if option_order not in OPTION_ORDERS:
+        raise ValueError(f"option_order must be one of {OPTION_ORDERS}, got {option_order!r}")
     unknown = set(tasks) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown tasks {sorted(unknown)}; expected some of {list(TASKS)}")
@@ -305,7 +331,7 @@ def generate(
     table, task_json = {}, {}
     for task, rng in zip(tasks, eval_rngs):
         records = []
-        for k, sample in enumerate(_unique_samples([task] * num_eval_per_task, rng, seen, num_frames, size)):
+        for k, sample in enumerate(_unique_samples([task] * num_eval_per_task, rng, seen, num_frames, size, option_order)):
             name = f"{task}_{k:04d}.mp4"
             write_mp4(mvbench / "video" / task / name, render(sample.scene, size), fps)
             records.append(
@@ -320,7 +346,7 @@ def generate(
     order = [tasks[i % len(tasks)] for i in range(num_train)]
     order = [order[i] for i in train_rng.permutation(num_train)]
     entries = []
-    for k, sample in enumerate(_unique_samples(order, train_rng, seen, num_frames, size)):
+    for k, sample in enumerate(_unique_samples(order, train_rng, seen, num_frames, size, option_order)):
         video = f"videos/{k:05d}.mp4"
         write_mp4(root / video, render(sample.scene, size), fps)
         mc = {
@@ -349,9 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--fps", type=int, default=8)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--option-order", default="canonical", choices=OPTION_ORDERS)
     args = parser.parse_args(argv)
     paths = generate(
-        args.out, args.num_train, args.num_eval_per_task, args.seed, args.num_frames, args.size, args.fps, tuple(args.tasks)
+        args.out, args.num_train, args.num_eval_per_task, args.seed, args.num_frames, args.size, args.fps,
+        tuple(args.tasks), args.option_order,
     )
     print(f"train: {paths.train_json}\nmvbench: {paths.mvbench_tasks}")
 

@@ -23,10 +23,16 @@ FAMILIES = ("temporal", "static")
 SCORES = (*FAMILIES, "overall")
 
 
+def _job_order(path: Path) -> tuple[int, str]:
+    """Hydra names job folders ``<num>_...``: sort by that number, then by path."""
+    head = path.parent.name.split("_", 1)[0]
+    return (int(head) if head.isdigit() else 1 << 30, str(path))
+
+
 def load_runs(root: str | Path) -> list[dict[str, Any]]:
     """Every job's ``ablation.json`` under ``root``, in job order (numeric directory names first)."""
     root = Path(root)
-    files = sorted(root.rglob("ablation.json"), key=lambda p: (len(p.parent.name), p.parent.name, str(p)))
+    files = sorted(root.rglob("ablation.json"), key=_job_order)
     if not files:
         raise FileNotFoundError(f"no ablation.json under {root}: expected the multirun directory of experiment=ablation")
     return [json.loads(f.read_text()) for f in files]
