@@ -6,16 +6,23 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
+from tc_llava.data.synthetic import TASKS, VOCABULARY, generate, make_sample
 from tc_llava.eval.collect_ablation import load_runs, summarize, write_report
 from tc_llava.model.masks import BidirectionalVisualMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import MRoPE, RotaryPositions, TADRoPE, VanillaRoPE, VideoRoPE, scaled_section
 from tc_llava.model.tc_llava import TCLlava
+from tc_llava.train.ablation import evaluate_run
+from tc_llava.train.loop import train
+
+from conftest import CONFIGS, TINY
 
 
 # --------------------------------------------------------------------------- literal references
@@ -312,3 +319,37 @@ def test_collector_on_fixed_inputs(tmp_path):
     assert paths["png"].stat().st_size > 1000
     with pytest.raises(FileNotFoundError, match="no ablation.json under"):
         load_runs(tmp_path / "empty")
+
+
+# --------------------------------------------------------------------------- the benchmark and one ablation job
+def test_options_in_vocabulary_order_keep_the_scenes():
+    for task in TASKS:
+        for seed in range(5):
+            canonical = make_sample(task, np.random.default_rng(seed), 8, 64)
+            shuffled = make_sample(task, np.random.default_rng(seed), 8, 64, option_order="shuffled")
+            assert canonical.scene == shuffled.scene and canonical.answer == shuffled.answer
+            assert sorted(canonical.candidates) == sorted(shuffled.candidates)
+            assert list(canonical.candidates) == sorted(canonical.candidates, key=VOCABULARY.index)
+    with pytest.raises(ValueError, match="option_order must be one of"):
+        generate("unused", 1, 1, option_order="alphabetical")
+
+
+def test_one_ablation_job_trains_evaluates_and_collects(tmp_path):
+    data = tmp_path / "data"
+    generate(data / "ablation", num_train=16, num_eval_per_task=2, seed=0, num_frames=8)
+    tiny = [f"model.tiny.{k}={v}" for k, v in TINY.items()]
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=ablation", "rope=videorope", "mask=bidirectional_visual", "seed=1", f"paths.data={data}",
+            f"run_dir={tmp_path / 'runs' / '0_job'}", *tiny, "data.num_workers=0", "data.batch_size=4",
+            "trainer.max_steps=2", "ablation.benchmark.decode.num_workers=0",
+        ])
+    assert cfg.data.num_frames == cfg.ablation.benchmark.num_frames == 4 and cfg.model.tiny.seed == 1
+    result = train(cfg)
+    summary = evaluate_run(cfg, result, train_seconds=1.0)
+    assert (summary["rope"], summary["mask"], summary["seed"]) == ("videorope", "bidirectional_visual", 1)
+    assert {t["family"] for t in summary["tasks"].values()} == {"temporal", "static"}
+    assert summary["tasks"]["Appearance Order"]["chance"] == pytest.approx(100 / 3)
+    assert json.loads((tmp_path / "runs/0_job/ablation.json").read_text())["tasks"] == summary["tasks"]
+    rows = summarize(load_runs(tmp_path / "runs"))
+    assert rows[0]["seeds"] == 1 and 0 <= rows[0]["temporal_mean"] <= 100

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tc_llava.eval.mvbench import run_mvbench
@@ -55,7 +56,7 @@ def rule_choice(cfg: DictConfig, group: str) -> str:
         choice = HydraConfig.get().runtime.choices.get(group)
         if choice:
             return str(choice)
-    return str(cfg[group].get("name", cfg[group]["_target_"].rsplit(".", 1)[-1]))
+    return str(instantiate(cfg[group]).name)
 
 
 def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) -> dict[str, Any] | None:
