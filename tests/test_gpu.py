@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
@@ -33,3 +34,49 @@ def test_flex_matches_sdpa_and_trains_on_gpu():
     model(ids, mask, pixels, labels=labels).loss.backward()
     grads = [p.grad for p in model.language_model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_block_merge_matches_the_dense_reference_in_bf16():
+    """block_merge in bf16 is as close to the fp32 dense-mask reference as bf16 SDPA with that mask is."""
+    from tc_llava.model.block_attention import block_merge_attention, block_spans
+    from tc_llava.model.masks import block_causal_mask
+
+    torch.manual_seed(0)
+    length = 2395
+    frame_ids = torch.full((1, length), -1, device="cuda")
+    frame_ids[0, 49:49 + 16 * 144] = torch.arange(16, device="cuda").repeat_interleave(144)
+    spans = block_spans(frame_ids, torch.ones_like(frame_ids))
+    dense = block_causal_mask(frame_ids)
+    q, k, v = (torch.randn(1, 32, length, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    weight = torch.randn(1, 32, length, 128, device="cuda")
+    runs = {
+        "reference": lambda: sdpa(q.float(), k.float(), v.float(), attn_mask=dense),
+        "sdpa_bf16": lambda: sdpa(q, k, v, attn_mask=dense),
+        "block_merge": lambda: block_merge_attention(q, k, v, spans),
+    }
+    outs, grads = {}, {}
+    for name, fn in runs.items():
+        outs[name] = fn().float()
+        grads[name] = torch.autograd.grad((outs[name] * weight).sum(), (q, k, v))
+    for name in ("sdpa_bf16", "block_merge"):
+        assert torch.isfinite(outs[name]).all() and all(torch.isfinite(g).all() for g in grads[name])
+    error = {n: (outs[n] - outs["reference"]).abs().max().item() for n in ("sdpa_bf16", "block_merge")}
+    assert error["block_merge"] <= 2 * error["sdpa_bf16"] + 1e-3, error
+    for got, bf16, want in zip(grads["block_merge"], grads["sdpa_bf16"], grads["reference"]):
+        assert (got.float() - want).abs().max() <= 2 * (bf16.float() - want).abs().max() + 1e-3
+
+
+def test_auto_picks_block_merge_and_matches_sdpa_logits():
+    from shapes import random_tc_llava, video_prompts
+
+    from tc_llava.model.block_attention import NAME, resolve_attention
+
+    assert resolve_attention("auto") == NAME
+    model = random_tc_llava(num_layers=2, attn=NAME)
+    ids, mask, pixels = video_prompts(model, batch=1)
+    with torch.no_grad():
+        merged = model(ids, mask, pixels).logits.float()
+        model.language_model.config._attn_implementation = "sdpa"
+        dense = model(ids, mask, pixels).logits.float()
+    assert (merged - dense).abs().max() < 0.25  # bf16 logits of magnitude ~5, two kernels' rounding

@@ -4,9 +4,11 @@ Four Vicuna-7B-shaped Llama layers (REFERENCE.md section 7's setting). For each 
 prompt is 256 text tokens around frames of 144 visual tokens; the same run times:
 - ``vanilla_sdpa``: 1D RoPE, plain causal mask (SDPA's is_causal path) -- the floor;
 - ``tc_sdpa``: dual RoPE + frame-block mask as a dense bool mask through SDPA;
-- ``tc_flex``: dual RoPE + frame-block mask as a BlockMask through compiled flex attention.
-Reports median ms per layer, ratios to the floor, MFU and peak memory; writes JSON to
-scripts/bench/results/attention.json.
+- ``tc_flex``: dual RoPE + frame-block mask as a BlockMask through compiled flex attention;
+- ``tc_merge``: dual RoPE + the ``block_merge`` backend (causal flash attention plus the
+  in-frame term, merged by log-sum-exp; what ``attn_implementation=auto`` picks on GPU).
+Reports median ms per layer, ratios to the floor, MFU, peak memory and the time to build
+the mask (or the block layout) alone; writes JSON to scripts/bench/results/attention.json.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaModel
 
+from tc_llava.model.block_attention import NAME as BLOCK_MERGE, block_spans
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
 
@@ -40,21 +43,30 @@ def frame_layout(length: int, text: int = 256, per_frame: int = 144) -> torch.Te
     return torch.tensor([ids], device="cuda")
 
 
-def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
-    """One fwd+bwd of the layers as TCLlava.forward drives them (mask built inside the step)."""
+def build_mask(lm: LlamaModel, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor) -> dict:
+    """The LLM call's mask arguments as TCLlava.forward builds them: block layout, backend mask, or none."""
     from transformers.masking_utils import create_causal_mask
 
+    attention_mask = torch.ones_like(frame_ids)
+    position_ids = real_token_index(frame_ids, attention_mask)
+    block_ids = rule_mask.block_ids(frame_ids)
+    if block_ids is None:
+        return {"attention_mask": None, "position_ids": position_ids}
+    if lm.config._attn_implementation == BLOCK_MERGE:
+        return {"attention_mask": None, "position_ids": None, "block_spans": block_spans(block_ids, attention_mask)}
+    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask,
+                              past_key_values=None, position_ids=position_ids, block_sequence_ids=block_ids)
+    return {"attention_mask": mask, "position_ids": position_ids}
+
+
+def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
+    """One fwd+bwd of the layers as TCLlava.forward drives them (mask built inside the step)."""
     attention_mask = torch.ones_like(frame_ids)
 
     def run():
         positions = rule_rope.positions(frame_ids, attention_mask)
-        position_ids = real_token_index(frame_ids, attention_mask)
-        block_ids = rule_mask.block_ids(frame_ids)
-        mask = None if block_ids is None else create_causal_mask(
-            config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=None,
-            position_ids=position_ids, block_sequence_ids=block_ids)
         with lm.rotary_emb.use(positions):
-            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).last_hidden_state
+            out = lm(inputs_embeds=embeds, **build_mask(lm, rule_mask, frame_ids, embeds)).last_hidden_state
         out.float().square().mean().backward()
 
     return run
@@ -89,7 +101,8 @@ def main() -> None:
                          max_position_embeddings=32768)
     variants = {"vanilla_sdpa": ("sdpa", VanillaRoPE(), CausalMask()),
                 "tc_sdpa": ("sdpa", TADRoPE(), FrameBlockCausalMask()),
-                "tc_flex": ("flex_attention", TADRoPE(), FrameBlockCausalMask())}
+                "tc_flex": ("flex_attention", TADRoPE(), FrameBlockCausalMask()),
+                "tc_merge": (BLOCK_MERGE, TADRoPE(), FrameBlockCausalMask())}
     with torch.device("cuda"):
         lm = LlamaModel(config).to(torch.bfloat16)
     lm.rotary_emb = RotaryPositions(lm.rotary_emb)
@@ -102,10 +115,11 @@ def main() -> None:
         for name, (impl, rope, mask) in variants.items():
             lm.config._attn_implementation = impl
             ms, peak = time_ms(step_fn(lm, rope, mask, frame_ids, embeds), warmup=3, reps=args.reps)
+            mask_ms, _ = time_ms(lambda: build_mask(lm, mask, frame_ids, embeds), warmup=3, reps=args.reps)
             per_layer = ms / args.layers
-            row[name] = {"ms_per_layer": per_layer, "peak_mem_gb": peak,
+            row[name] = {"ms_per_layer": per_layer, "peak_mem_gb": peak, "mask_ms": mask_ms,
                          "mfu": layer_flops(length) / (per_layer / 1e3) / (PEAK_TFLOPS * 1e12)}
-        for name in ("tc_sdpa", "tc_flex"):
+        for name in ("tc_sdpa", "tc_flex", "tc_merge"):
             row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / row["vanilla_sdpa"]["ms_per_layer"]
             row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / row["vanilla_sdpa"]["peak_mem_gb"]
         rows.append(row)

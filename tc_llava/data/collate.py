@@ -20,8 +20,10 @@ logger = logging.getLogger(__name__)
 MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what the model takes
 
 
-def _pad(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
+def _pad(seqs: Sequence[torch.Tensor], value: int, side: str, multiple: int | None = None) -> torch.Tensor:
     length = max(len(s) for s in seqs)
+    if multiple:
+        length = -(-length // multiple) * multiple
     out = torch.full((len(seqs), length), value, dtype=seqs[0].dtype)
     for i, s in enumerate(seqs):
         if side == "right":
@@ -34,15 +36,22 @@ def _pad(seqs: Sequence[torch.Tensor], value: int, side: str) -> torch.Tensor:
 class SFTCollator:
     """Pads to the longest sample: right for training, left for batched generation.
 
+    ``pad_to_multiple_of`` rounds the padded length up (length buckets), so compiled
+    kernels (``trainer.compile``, flex attention) see few distinct shapes instead of
+    recompiling for every batch.
+
     Output: ``input_ids``, ``attention_mask``, ``labels`` (if the samples have them; padded
     with IGNORE_INDEX) ``[B, L]``, ``pixel_values [B, T, C, H, W]``, and the batch's
     ``skips`` (reason -> count), ``skipped`` (one dict per replaced sample), ``num_truncated``,
     ``num_samples`` and ``sources``. Feed the model ``{k: batch[k] for k in MODEL_KEYS}``.
     """
 
-    def __init__(self, pad_token_id: int, padding_side: str = "right"):
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer or null, got {pad_to_multiple_of!r}")
+        self.pad_to_multiple_of = pad_to_multiple_of
         if pad_token_id is None:
             raise ValueError("pad_token_id is None: the tokenizer needs a pad token")
         self.pad_token_id = pad_token_id
@@ -54,12 +63,13 @@ class SFTCollator:
             raise ValueError(f"samples' pixel_values differ in shape {sorted(shapes)}; expected one [T, C, H, W]")
         ids = [s["input_ids"] for s in samples]
         batch = {
-            "input_ids": _pad(ids, self.pad_token_id, self.padding_side),
-            "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, self.padding_side),
+            "input_ids": _pad(ids, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
+            "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, self.padding_side, self.pad_to_multiple_of),
             "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         }
         if all("labels" in s for s in samples):
-            batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, self.padding_side)
+            batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, self.padding_side,
+                                   self.pad_to_multiple_of)
         skipped = [skip for s in samples for skip in s.get("skipped", ())]
         batch["skipped"] = skipped
         batch["skips"] = dict(Counter(skip["reason"] for skip in skipped))

@@ -40,7 +40,7 @@ def build_model(
     mask: MaskRule | None = None,
     projector: dict[str, Any] | None = None,
     pllava_pooling_shape: list[int] | None = None,
-    attn_implementation: str = "sdpa",
+    attn_implementation: str = "auto",
     dtype: str = "float32",
     cache_dir: str | None = None,
 ) -> TCLlava:

@@ -28,6 +28,7 @@ from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
+from tc_llava.model import block_attention
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
 from tc_llava.model.masks import CausalMask, MaskRule, check_backend
@@ -165,7 +166,7 @@ class TCLlava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
-        frame_ids = None
+        frame_ids, layers_kwargs = None, {}
         if past_key_values is not None and past_key_values.get_seq_length() > 0:
             if rope_positions is None:
                 raise ValueError("a decode step (filled past_key_values) needs rope_positions")
@@ -182,12 +183,13 @@ class TCLlava(nn.Module):
                 embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
             rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
             position_ids = real_token_index(frame_ids, attention_mask)
-            mask = self._prefill_mask(embeds, attention_mask, frame_ids, past_key_values, position_ids)
+            mask, position_ids, layers_kwargs = self._prefill_mask(
+                embeds, attention_mask, frame_ids, past_key_values, position_ids)
         pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
         with lm.rotary_emb.use(rope_positions, pair_axes):
             out = lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache,
+                past_key_values=past_key_values, use_cache=use_cache, **layers_kwargs,
             )
         hidden = out.last_hidden_state
         loss = logits = None
@@ -201,14 +203,31 @@ class TCLlava(nn.Module):
         )
 
     def _prefill_mask(self, embeds, attention_mask, frame_ids, past_key_values, position_ids):
-        """2D padding mask for causal rules (HF builds it); the backend's block mask otherwise."""
+        """(mask, position_ids, extra layer kwargs) for the LLM call.
+
+        Causal rules: the 2D padding mask (HF builds the rest). Block rules: the block
+        layout for the ``block_merge`` backend where it applies (no mask is built; the
+        rotary positions are ours, so no ``position_ids`` either), else the backend's own
+        block mask from transformers' ``create_causal_mask``.
+        """
         block_ids = self.mask.block_ids(frame_ids)
         if block_ids is None:
-            return attention_mask
-        return create_causal_mask(
-            config=self.language_model.config, inputs_embeds=embeds, attention_mask=attention_mask,
+            return attention_mask, position_ids, {}
+        config = self.language_model.config
+        empty_cache = past_key_values is None or past_key_values.get_seq_length() == 0
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        device = embeds.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else embeds.dtype
+        if (config._attn_implementation == block_attention.NAME and empty_cache
+                and block_attention.flash_available(embeds.device, dtype, head_dim)):
+            spans = block_attention.block_spans(block_ids, attention_mask)
+            if spans is not None:
+                return None, None, {"block_spans": spans}
+        mask = create_causal_mask(
+            config=config, inputs_embeds=embeds, attention_mask=attention_mask,
             past_key_values=past_key_values, position_ids=position_ids, block_sequence_ids=block_ids,
         )
+        return mask, position_ids, {}
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         targets = labels[:, 1:]
@@ -246,7 +265,7 @@ class TCLlava(nn.Module):
         rope: RopeRule | None = None,
         mask: MaskRule | None = None,
         pooling: VideoPooling | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         dtype: torch.dtype | str = torch.float32,
         **hf_kwargs: Any,
     ) -> "TCLlava":
@@ -265,6 +284,7 @@ class TCLlava(nn.Module):
             raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
+        attn_implementation = block_attention.resolve_attention(attn_implementation)
         hf = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
             **hf_kwargs,

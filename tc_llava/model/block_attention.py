@@ -1,0 +1,260 @@
+"""Block-causal attention at flash speed: causal flash attention plus an in-block term, merged by log-sum-exp.
+
+A block rule lets query ``i`` see keys ``j <= i`` and, inside its block (a frame, or the
+whole video), also the keys after it. Those two key sets are disjoint, so softmax attention
+over their union is the log-sum-exp merge of two attentions that flash kernels compute
+without any mask:
+
+- ``A``: plain causal attention over the whole sequence (the vanilla kernel, same cost);
+- ``B``: for every block of ``n`` tokens, each token against the later tokens of its block.
+  With the block's tokens reversed this is strictly-lower-triangular: queries ``1..n-1``
+  against keys ``0..n-2`` under an ordinary causal mask, all blocks as one batch.
+
+``out = (e^lse_A out_A + e^lse_B out_B) / (e^lse_A + e^lse_B)``. The backward runs each
+part's flash backward with the merged output and log-sum-exp (the split used by ring
+attention), so no ``L x L`` mask or score matrix is ever built. ``B`` costs about
+``n / L`` of ``A``; see ``scripts/bench/attention.py``.
+
+It is the attention backend ``block_merge`` (registered in transformers'
+``AttentionInterface``): :func:`block_spans` gives the layout to the layers as a keyword
+argument. Where the layout does not fit (left padding, a filled KV cache, fp32 on CUDA,
+blocks of unequal size), the model builds transformers' SDPA mask instead and the backend
+runs plain SDPA. ``attn_implementation: auto`` picks ``block_merge`` on a GPU with flash
+attention (sm80+) and SDPA on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+NAME = "block_merge"
+
+
+@dataclass(frozen=True)
+class BlockSpans:
+    """``index[b, k, j]``: sequence position of the ``j``-th token of block ``k`` in row ``b`` (all blocks equal-sized)."""
+
+    index: torch.Tensor
+
+
+def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    """Whether :func:`block_merge_attention` can run these tensors (CPU: any float; CUDA: fp16/bf16 on sm80+).
+
+    ``dtype`` is what attention computes in: the autocast dtype under mixed precision.
+    """
+    if device.type == "cpu":
+        return True
+    return (device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and head_dim <= 256
+            and head_dim % 8 == 0 and torch.cuda.get_device_capability(device) >= (8, 0))
+
+
+def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockSpans | None:
+    """The equal-sized contiguous blocks of ``block_ids`` (-1: none), or None where the decomposition does not apply.
+
+    It applies when no row has left padding (keys after a row's end are never seen by its
+    real tokens, so right padding is harmless) and every row holds the same number of
+    blocks of one size, each one contiguous run of one id.
+    """
+    real = attention_mask.bool()
+    if bool((real[:, 1:] & ~real[:, :-1]).any()):
+        return None  # a real token after padding: causal attention would see the pads
+    in_block = block_ids >= 0
+    counts = in_block.sum(-1)
+    total = int(counts[0])
+    if total == 0 or bool((counts != total).any()):
+        return None
+    batch = block_ids.shape[0]
+    positions = in_block.nonzero()[:, 1].view(batch, total)
+    ids = block_ids.gather(1, positions)
+    run_ends = (ids[0, 1:] != ids[0, :-1]) | (positions[0, 1:] != positions[0, :-1] + 1)
+    size = int(run_ends.nonzero()[0, 0]) + 1 if bool(run_ends.any()) else total
+    if total % size:
+        return None
+    index, ids = positions.view(batch, -1, size), ids.view(batch, -1, size)
+    contiguous = (index[..., 1:] == index[..., :-1] + 1).all() & (ids[..., 1:] == ids[..., :1]).all()
+    touching = index[:, 1:, 0] == index[:, :-1, -1] + 1
+    distinct = ~(touching & (ids[:, 1:, 0] == ids[:, :-1, 0])).any()
+    return BlockSpans(index) if bool(contiguous & distinct) else None
+
+
+# ----------------------------------------------------------------------------- kernels
+def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
+    """The fused kernel SDPA itself picks for causal attention on these tensors: ``cudnn`` or ``flash``.
+
+    Part ``A`` runs on the same kernel as the vanilla model, so the two differ only by ``B``.
+    """
+    if not q.is_cuda:
+        return "flash"
+    choice = torch._fused_sdp_choice(q, k, v, None, 0.0, True)
+    return "cudnn" if choice == SDPBackend.CUDNN_ATTENTION.value else "flash"
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, kernel: str):
+    """Causal attention ``[B, H, L, D]`` -> output, fp32 log-sum-exp ``[B, H, L]``, what the backward needs."""
+    if not q.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
+        return out, lse, None
+    if kernel == "cudnn":
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, True, False, scale=scale)
+        return out, lse.view(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
+        q, k, v, 0.0, True, False, scale=scale)
+    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+
+
+def _attend_backward(grad, q, k, v, out, lse, scale, kernel, aux):
+    if not q.is_cuda:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad, q, k, v, out, lse, 0.0, True, scale=scale)
+    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    if kernel == "cudnn":
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+
+
+# ----------------------------------------------------------------------------- token rows
+def _token_major(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, ...]`` -> ``[B*L, H*...]`` rows, a view of ``x`` when its storage is token-major, else a copy."""
+    t = x.transpose(1, 2)
+    return (t if t.is_contiguous() else t.contiguous()).view(x.shape[0] * x.shape[2], -1)
+
+
+def _head_major(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of :func:`_token_major`: ``[B*L, H*...]`` rows as a ``[B, H, L, ...]`` view."""
+    return rows.view(shape[0], shape[2], shape[1], *shape[3:]).transpose(1, 2)
+
+
+def _take(x: torch.Tensor, flat: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Rows ``flat`` of ``[B, H, L, D]`` as a ``[blocks, H, m, D]`` view of one gathered copy (kernel-ready strides)."""
+    rows = _token_major(x).index_select(0, flat)
+    return rows.view(blocks, -1, x.shape[1], x.shape[3]).transpose(1, 2)
+
+
+def _take_lse(lse: torch.Tensor, flat: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Rows ``flat`` of a ``[B, H, L]`` log-sum-exp as contiguous ``[blocks, H, m]`` (the kernels want it dense)."""
+    return _token_major(lse).index_select(0, flat).view(blocks, -1, lse.shape[1]).transpose(1, 2).contiguous()
+
+
+def _rows_of(x: torch.Tensor) -> torch.Tensor:
+    """``[blocks, H, m, ...]`` -> ``[blocks*m, H, ...]`` (token rows of a per-block result)."""
+    return x.transpose(1, 2).flatten(0, 1)
+
+
+def _merge_rows(out_rows, lse_rows, rows, out_b, lse_b):
+    """In place: rows ``rows`` of ``A`` (``[N, H, D]`` output, ``[N, H]`` lse) become the merge with ``B``'s."""
+    lse_a = lse_rows[rows]
+    lse = torch.logaddexp(lse_a, lse_b)
+    acc = torch.promote_types(out_rows.dtype, torch.float32)  # merge in fp32 (fp64 stays fp64)
+    merged = (out_rows[rows].to(acc) * (lse_a - lse).exp().to(acc)[..., None]
+              + out_b.to(acc) * (lse_b - lse).exp().to(acc)[..., None])
+    out_rows[rows] = merged.to(out_rows.dtype)
+    lse_rows[rows] = lse
+
+
+def _add_rows(full_rows, rows, part):
+    """In place: ``full_rows[rows] += part`` (``rows`` are distinct)."""
+    full_rows.index_add_(0, rows, part.to(full_rows.dtype))
+
+
+# The glue is memory-bound: on CUDA inductor fuses each helper into one kernel (dynamic
+# shapes, so one compile serves every length); eager elsewhere.
+_GLUE = {"merge": _merge_rows, "add": _add_rows}
+_COMPILED = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _GLUE.items()}
+
+
+def _glue(name: str, device: torch.device):
+    return _COMPILED[name] if device.type == "cuda" else _GLUE[name]
+
+
+class _BlockMergeAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, index, scale, kernel):
+        """``A`` on the whole sequence, ``B`` on the reversed blocks, merged into ``A``'s rows in place."""
+        length, blocks, heads = q.shape[2], index.shape[0] * index.shape[1], q.shape[1]
+        reverse = index.flip(-1) + torch.arange(index.shape[0], device=index.device)[:, None, None] * length
+        rows, cols = reverse[..., 1:].flatten(), reverse[..., :-1].flatten()
+        out_a, lse_a, aux_a = _attend(q, k, v, scale, kernel)
+        out_b, lse_b, aux_b = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks),
+                                      scale, kernel)
+        out_rows, lse_rows = _token_major(out_a).view(-1, heads, q.shape[3]), _token_major(lse_a)
+        _glue("merge", q.device)(out_rows, lse_rows, rows, _rows_of(out_b), _rows_of(lse_b))
+        out = _head_major(out_rows.flatten(1), out_a.shape)
+        lse = _head_major(lse_rows, lse_a.shape).contiguous()
+        ctx.save_for_backward(q, k, v, out, lse, rows, cols)
+        ctx.scale, ctx.kernel, ctx.blocks, ctx.aux_a, ctx.aux_b = scale, kernel, blocks, aux_a, aux_b
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        """Each part's kernel backward with the merged output and log-sum-exp; ``B``'s gradients added to the rows."""
+        q, k, v, out, lse, rows, cols = ctx.saved_tensors
+        grad = grad.to(out.dtype)
+        if grad.stride(-1) != 1:
+            grad = grad.contiguous()
+        dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.aux_a)
+        n = ctx.blocks
+        parts = _attend_backward(
+            _take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n), _take(out, rows, n),
+            _take_lse(lse, rows, n), ctx.scale, ctx.kernel, ctx.aux_b)
+        grads = []
+        for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
+            full_rows = _token_major(full)
+            _glue("add", q.device)(full_rows, index, _rows_of(part).flatten(1))
+            grads.append(_head_major(full_rows, full.shape))
+        return *grads, None, None, None
+
+
+def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: BlockSpans,
+                          scale: float | None = None, kernel: str | None = None) -> torch.Tensor:
+    """Block-causal attention of ``[B, H, L, D]`` tensors (same head count) -> ``[B, H, L, D]``.
+
+    ``kernel`` (``flash`` or ``cudnn`` on CUDA) defaults to the one SDPA picks for causal attention.
+    """
+    if spans.index.shape[-1] < 2:  # one-token blocks: the rule is plain causal
+        return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    return _BlockMergeAttention.apply(q, k, v, spans.index, scale, kernel or sdpa_kernel(q, k, v))
+
+
+def block_merge_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    block_spans: BlockSpans | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: the decomposition with ``block_spans``, else SDPA with HF's mask."""
+    if block_spans is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"{NAME} attention has no dropout; got attention dropout {dropout}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{NAME}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA does under autocast (HF's rotary leaves q, k in fp32)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    groups = query.shape[1] // key.shape[1]
+    out = block_merge_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), block_spans, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def resolve_attention(name: str) -> str:
+    """``auto`` -> ``block_merge`` on a GPU with flash attention, else ``sdpa``; other names unchanged."""
+    if name != "auto":
+        return name
+    gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return NAME if gpu else "sdpa"
+
+
+AttentionInterface.register(NAME, block_merge_attention_forward)
+AttentionMaskInterface.register(NAME, sdpa_mask)

@@ -1,0 +1,106 @@
+"""The block_merge backend: causal flash + in-block term merged by log-sum-exp, against dense SDPA.
+
+On CPU it runs with PyTorch's CPU flash kernels (the same decomposition the GPU runs with
+the CUDA ones, which tests/test_gpu.py checks in bf16).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+from tc_llava.model.block_attention import NAME, block_merge_attention, block_spans, resolve_attention
+from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
+from tc_llava.model.pooling import VideoPooling
+from tc_llava.model.rope import TADRoPE, VideoRoPE
+
+from test_model import load, video_batch
+
+
+def layout(starts: list[int], length: int, frames: int, per_frame: int, pad_right: list[int]):
+    ids = torch.full((len(starts), length), -1)
+    mask = torch.ones(len(starts), length, dtype=torch.long)
+    for b, (start, pad) in enumerate(zip(starts, pad_right)):
+        ids[b, start:start + frames * per_frame] = torch.arange(frames).repeat_interleave(per_frame)
+        if pad:
+            mask[b, -pad:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("per_frame", [2, 5, 16])
+@pytest.mark.parametrize("rule", [FrameBlockCausalMask(), BidirectionalVisualMask()])
+def test_forward_and_backward_equal_dense_sdpa(rule, per_frame):
+    torch.manual_seed(per_frame)
+    frame_ids, mask = layout([3, 11, 0], 64, frames=3, per_frame=per_frame, pad_right=[0, 4, 9])
+    block_ids = rule.block_ids(frame_ids)
+    spans = block_spans(block_ids, mask)
+    assert spans is not None
+    q, k, v = (torch.randn(3, 4, 64, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    dense = block_causal_mask(block_ids)
+    out = block_merge_attention(q, k, v, spans)
+    ref = sdpa(q, k, v, attn_mask=dense)
+    real = mask.bool()[:, None, :, None]  # right padding: only the pads' own rows differ
+    assert (out - ref)[real.expand_as(out)].abs().max() < 1e-12
+    weight = torch.randn_like(out) * real
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    refs = torch.autograd.grad((ref * weight).sum(), (q, k, v))
+    for got, want in zip(grads, refs):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_spans_refuse_layouts_the_decomposition_cannot_take():
+    frame_ids, mask = layout([2, 6], 30, frames=2, per_frame=4, pad_right=[0, 0])
+    assert block_spans(frame_ids, mask).index[1, 1].tolist() == [10, 11, 12, 13]
+    left = mask.clone()
+    left[0, 0] = 0
+    assert block_spans(frame_ids, left) is None  # left padding: causal keys would include pads
+    unequal = frame_ids.clone()
+    unequal[0, 9] = -1  # frame 1 of row 0 is one token short
+    assert block_spans(unequal, mask) is None
+    split = frame_ids.clone()
+    split[1, 9] = -1  # row 1's frame 0 is no longer one run
+    assert block_spans(split, mask) is None
+    assert block_spans(torch.full_like(frame_ids, -1), mask) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks block_merge on a GPU (tests/test_gpu.py)")
+def test_auto_is_sdpa_on_cpu():
+    assert resolve_attention("auto") == "sdpa"
+    assert resolve_attention("flex_attention") == "flex_attention"
+
+
+@pytest.mark.parametrize("rope,rule,pooling", [
+    (TADRoPE(gamma=1.0), FrameBlockCausalMask(), None),
+    (VideoRoPE(), BidirectionalVisualMask(), None),
+    (TADRoPE(gamma=0.5), FrameBlockCausalMask(), VideoPooling([2, 2, 2])),
+])
+def test_model_loss_and_gradients_equal_sdpa(tiny_llama, rope, rule, pooling):
+    """Right-padded training batch: block_merge gives the sdpa model's loss and gradients."""
+    models = {impl: load(tiny_llama, rope, rule, pooling, impl=impl).train() for impl in ("sdpa", NAME)}
+    ids, mask, pixels = video_batch(models["sdpa"], [(3, 9), (7, 2), (1, 1)], side="right")
+    labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == models["sdpa"].image_token_id, -100)
+    losses, grads = {}, {}
+    for impl, model in models.items():
+        losses[impl] = model(ids, mask, pixels, labels=labels).loss
+        losses[impl].backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert losses[NAME].item() == pytest.approx(losses["sdpa"].item(), abs=1e-6)
+    assert grads[NAME].keys() == grads["sdpa"].keys() and len(grads[NAME]) > 10
+    for name, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads[NAME][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_generation_equals_sdpa(tiny_llama, lively):
+    """Prefill through block_merge (one prompt, no padding) and through sdpa's mask (left-padded batch)."""
+    rope, rule = TADRoPE(gamma=1.0), FrameBlockCausalMask()
+    models = {impl: load(lively, rope, rule, impl=impl) for impl in ("sdpa", NAME)}
+    ids, mask, pixels = video_batch(models["sdpa"], [(4, 6), (9, 3)], side="left")
+    with torch.no_grad():
+        for rows in (slice(1, 2), slice(0, 2)):
+            out = {impl: m.generate(ids[rows], mask[rows], pixels[rows], max_new_tokens=6, do_sample=False)
+                   for impl, m in models.items()}
+            assert torch.equal(out[NAME].sequences, out["sdpa"].sequences)
+            single = models[NAME](ids[rows], mask[rows], pixels[rows]).logits
+            torch.testing.assert_close(single, models["sdpa"](ids[rows], mask[rows], pixels[rows]).logits,
+                                       rtol=1e-4, atol=1e-5)
