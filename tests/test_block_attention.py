@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from tc_llava.model.block_attention import NAME, block_merge_attention, block_spans, resolve_attention
+from tc_llava.model.block_attention import (
+    AUTO, FLEX_BELOW_TOKENS, NAME, block_merge_attention, block_spans, resolve_attention, uses_flex,
+)
 from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import TADRoPE, VideoRoPE
@@ -70,14 +72,23 @@ def test_auto_is_sdpa_on_cpu():
     assert resolve_attention("flex_attention") == "flex_attention"
 
 
+def test_block_auto_hands_short_gpu_prefills_to_flex():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert uses_flex(AUTO, cuda, 2395) and uses_flex(AUTO, cuda, FLEX_BELOW_TOKENS - 1)
+    assert not uses_flex(AUTO, cuda, FLEX_BELOW_TOKENS)  # long prefill: the decomposition
+    assert not uses_flex(AUTO, cuda, 1)  # decoding step: SDPA
+    assert not uses_flex(AUTO, cpu, 2395) and not uses_flex(NAME, cuda, 2395)
+
+
 @pytest.mark.parametrize("rope,rule,pooling", [
     (TADRoPE(gamma=1.0), FrameBlockCausalMask(), None),
     (VideoRoPE(), BidirectionalVisualMask(), None),
     (TADRoPE(gamma=0.5), FrameBlockCausalMask(), VideoPooling([2, 2, 2])),
 ])
-def test_model_loss_and_gradients_equal_sdpa(tiny_llama, rope, rule, pooling):
-    """Right-padded training batch: block_merge gives the sdpa model's loss and gradients."""
-    models = {impl: load(tiny_llama, rope, rule, pooling, impl=impl).train() for impl in ("sdpa", NAME)}
+@pytest.mark.parametrize("backend", [NAME, AUTO])
+def test_model_loss_and_gradients_equal_sdpa(tiny_llama, rope, rule, pooling, backend):
+    """Right-padded training batch: block_merge (and block_auto, which is it on CPU) gives sdpa's loss and gradients."""
+    models = {impl: load(tiny_llama, rope, rule, pooling, impl=impl).train() for impl in ("sdpa", backend)}
     ids, mask, pixels = video_batch(models["sdpa"], [(3, 9), (7, 2), (1, 1)], side="right")
     labels = ids.masked_fill(mask == 0, -100).masked_fill(ids == models["sdpa"].image_token_id, -100)
     losses, grads = {}, {}
@@ -85,10 +96,10 @@ def test_model_loss_and_gradients_equal_sdpa(tiny_llama, rope, rule, pooling):
         losses[impl] = model(ids, mask, pixels, labels=labels).loss
         losses[impl].backward()
         grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    assert losses[NAME].item() == pytest.approx(losses["sdpa"].item(), abs=1e-6)
-    assert grads[NAME].keys() == grads["sdpa"].keys() and len(grads[NAME]) > 10
+    assert losses[backend].item() == pytest.approx(losses["sdpa"].item(), abs=1e-6)
+    assert grads[backend].keys() == grads["sdpa"].keys() and len(grads[backend]) > 10
     for name, grad in grads["sdpa"].items():
-        torch.testing.assert_close(grads[NAME][name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(grads[backend][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_generation_equals_sdpa(tiny_llama, lively):

@@ -67,16 +67,29 @@ def test_block_merge_matches_the_dense_reference_in_bf16():
         assert (got.float() - want).abs().max() <= 2 * (bf16.float() - want).abs().max() + 1e-3
 
 
-def test_auto_picks_block_merge_and_matches_sdpa_logits():
+def test_block_backends_match_sdpa_logits():
+    """auto -> block_auto (flex at this length), and block_merge, against the dense SDPA mask.
+
+    One prompt (block_merge decomposes it) and a left-padded pair (block_auto: flex with the
+    padding; block_merge: SDPA's dense mask), then KV-cached generation through block_auto.
+    """
     from shapes import random_tc_llava, video_prompts
 
-    from tc_llava.model.block_attention import NAME, resolve_attention
+    from tc_llava.model.block_attention import AUTO, NAME, resolve_attention
 
-    assert resolve_attention("auto") == NAME
-    model = random_tc_llava(num_layers=2, attn=NAME)
-    ids, mask, pixels = video_prompts(model, batch=1)
+    assert resolve_attention("auto") == AUTO
+    model = random_tc_llava(num_layers=2, attn="sdpa")
+    for batch in (1, 2):
+        ids, mask, pixels = video_prompts(model, batch=batch)
+        real = mask.bool()
+        logits = {}
+        with torch.no_grad():
+            for impl in ("sdpa", AUTO, NAME):
+                model.language_model.config._attn_implementation = impl
+                logits[impl] = model(ids, mask, pixels).logits.float()
+        for impl in (AUTO, NAME):  # bf16 logits of magnitude ~5: the kernels round differently, not by more
+            assert (logits[impl] - logits["sdpa"])[real].abs().max() < 0.25, (impl, batch)
+    model.language_model.config._attn_implementation = AUTO
     with torch.no_grad():
-        merged = model(ids, mask, pixels).logits.float()
-        model.language_model.config._attn_implementation = "sdpa"
-        dense = model(ids, mask, pixels).logits.float()
-    assert (merged - dense).abs().max() < 0.25  # bf16 logits of magnitude ~5, two kernels' rounding
+        out = model.generate(ids, mask, pixels, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert out.sequences.shape == (2, 4)

@@ -4,7 +4,7 @@ CLIP ViT-L/336 (frozen) on 16 frames, PLLaVA pooling to 16x12x12 (2,304 visual t
 a 32-layer Vicuna-7B-shaped LLM trained fully (gradients on every LLM weight; the
 optimizer step is left out, its cost does not depend on attention). Vanilla LLaVA (1D
 RoPE, causal SDPA) is timed in the same run as the floor, then TC-LLaVA through each
-attention backend (``block_merge`` is what ``attn_implementation=auto`` picks on GPU). MFU
+attention backend (``block_auto`` is what ``attn_implementation=auto`` picks on GPU). MFU
 counts the LLM's fwd+bwd FLOPs (6 N per token plus causal attention) and the vision tower's
 forward (2 N per patch) against 989.5 TFLOP/s. ``layout_fraction`` is the share of the
 step spent building frame ids, rotary positions and the mask (or block layout), timed
@@ -23,7 +23,7 @@ import torch
 import transformers
 
 from shapes import random_tc_llava, video_prompts
-from tc_llava.model.block_attention import NAME as BLOCK_MERGE
+from tc_llava.model.block_attention import AUTO as BLOCK_AUTO, NAME as BLOCK_MERGE
 from tc_llava.model.rope import real_token_index
 
 PEAK = 989.5e12
@@ -68,12 +68,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=8)
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--compile", action="store_true")
-    parser.add_argument("--variants", nargs="+", default=["vanilla_sdpa", "tc_sdpa", "tc_flex", "tc_merge"])
+    parser.add_argument("--variants", nargs="+", default=["vanilla_sdpa", "tc_sdpa", "tc_flex", "tc_merge", "tc_auto"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "train_step.json"))
     args = parser.parse_args()
     rows = {}
     backends = {"vanilla_sdpa": ("sdpa", False), "tc_sdpa": ("sdpa", True),
-                "tc_flex": ("flex_attention", True), "tc_merge": (BLOCK_MERGE, True)}
+                "tc_flex": ("flex_attention", True), "tc_merge": (BLOCK_MERGE, True), "tc_auto": (BLOCK_AUTO, True)}
     for name in args.variants:
         attn, tc = backends[name]
         model = random_tc_llava(args.layers, attn, tc=tc)

@@ -15,12 +15,19 @@ part's flash backward with the merged output and log-sum-exp (the split used by 
 attention), so no ``L x L`` mask or score matrix is ever built. ``B`` costs about
 ``n / L`` of ``A``; see ``scripts/bench/attention.py``.
 
-It is the attention backend ``block_merge`` (registered in transformers'
-``AttentionInterface``): :func:`block_spans` gives the layout to the layers as a keyword
-argument. Where the layout does not fit (left padding, a filled KV cache, fp32 on CUDA,
-blocks of unequal size), the model builds transformers' SDPA mask instead and the backend
-runs plain SDPA. ``attn_implementation: auto`` picks ``block_merge`` on a GPU with flash
-attention (sm80+) and SDPA on CPU.
+Two attention backends are registered in transformers' ``AttentionInterface``:
+
+- ``block_merge``: the decomposition wherever it applies; :func:`block_spans` gives the
+  layout to the layers as a keyword argument. Where it does not (left padding, a filled KV
+  cache, fp32 on CUDA, blocks of unequal size) the model builds transformers' SDPA mask and
+  the backend runs plain SDPA.
+- ``block_auto``: the fastest path measured on the H100 (README, *Performance*): a GPU
+  prefill shorter than :data:`FLEX_BELOW_TOKENS` gets flex attention with transformers'
+  BlockMask (its fused kernel wins while attention is a small share of the layer), longer
+  ones the decomposition, decoding steps SDPA.
+
+``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
+and SDPA on CPU.
 """
 
 from __future__ import annotations
@@ -31,11 +38,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
+from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
+from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
 
 NAME = "block_merge"
+AUTO = "block_auto"
+# Crossover of flex and block_merge on the H100 (4 Llama-7B layers, bf16, fwd+bwd, mask
+# build spread over 32 layers): flex 1.06x / 1.11x / 1.15x of vanilla at 2,560 / 4,864 /
+# 9,472 tokens, block_merge 1.15x / 1.13x / 1.12x; the lines cross near 6,900 tokens.
+FLEX_BELOW_TOKENS = 6912
 
 
 @dataclass(frozen=True)
@@ -227,34 +241,53 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
     return _BlockMergeAttention.apply(q, k, v, spans.index, scale, kernel or sdpa_kernel(q, k, v))
 
 
+def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
+    """Whether ``block_auto`` hands this call to flex attention: a GPU prefill below the crossover."""
+    return (attn_implementation == AUTO and device.type == "cuda" and 1 < q_length < FLEX_BELOW_TOKENS)
+
+
+def _block_mask(*args: Any, **kwargs: Any):
+    """Mask interface of both backends: flex's BlockMask where ``block_auto`` uses flex, else SDPA's mask."""
+    q_length = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
+    config = kwargs.get("config")
+    impl = config._attn_implementation if config is not None else NAME
+    if uses_flex(impl, torch.device(kwargs.get("device") or "cpu"), q_length):
+        return flex_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, **kwargs)
+
+
 def block_merge_attention_forward(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+    attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
     block_spans: BlockSpans | None = None, **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: the decomposition with ``block_spans``, else SDPA with HF's mask."""
-    if block_spans is None:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers attention function: the decomposition with ``block_spans``, flex with a
+    BlockMask, else SDPA with HF's mask."""
+    if block_spans is None and not isinstance(attention_mask, BlockMask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if dropout:
-        raise ValueError(f"{NAME} attention has no dropout; got attention dropout {dropout}")
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(f"{NAME}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
     device = query.device.type
     if torch.is_autocast_enabled(device):  # as SDPA does under autocast (HF's rotary leaves q, k in fp32)
         dtype = torch.get_autocast_dtype(device)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if block_spans is None:
+        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"{NAME} attention has no dropout; got attention dropout {dropout}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(f"{NAME}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
     groups = query.shape[1] // key.shape[1]
     out = block_merge_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), block_spans, scaling)
     return out.transpose(1, 2).contiguous(), None
 
 
 def resolve_attention(name: str) -> str:
-    """``auto`` -> ``block_merge`` on a GPU with flash attention, else ``sdpa``; other names unchanged."""
+    """``auto`` -> ``block_auto`` on a GPU with flash attention, else ``sdpa``; other names unchanged."""
     if name != "auto":
         return name
     gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-    return NAME if gpu else "sdpa"
+    return AUTO if gpu else "sdpa"
 
 
-AttentionInterface.register(NAME, block_merge_attention_forward)
-AttentionMaskInterface.register(NAME, sdpa_mask)
+for _name in (NAME, AUTO):
+    AttentionInterface.register(_name, block_merge_attention_forward)
+    AttentionMaskInterface.register(_name, _block_mask)

@@ -206,9 +206,9 @@ class TCLlava(nn.Module):
         """(mask, position_ids, extra layer kwargs) for the LLM call.
 
         Causal rules: the 2D padding mask (HF builds the rest). Block rules: the block
-        layout for the ``block_merge`` backend where it applies (no mask is built; the
-        rotary positions are ours, so no ``position_ids`` either), else the backend's own
-        block mask from transformers' ``create_causal_mask``.
+        layout for the ``block_merge``/``block_auto`` decomposition where it applies (no
+        mask is built; the rotary positions are ours, so no ``position_ids`` either), else
+        the backend's own block mask from transformers' ``create_causal_mask``.
         """
         block_ids = self.mask.block_ids(frame_ids)
         if block_ids is None:
@@ -218,7 +218,9 @@ class TCLlava(nn.Module):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = embeds.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else embeds.dtype
-        if (config._attn_implementation == block_attention.NAME and empty_cache
+        impl = config._attn_implementation
+        if (impl in (block_attention.NAME, block_attention.AUTO) and empty_cache
+                and not block_attention.uses_flex(impl, embeds.device, embeds.shape[1])
                 and block_attention.flash_available(embeds.device, dtype, head_dim)):
             spans = block_attention.block_spans(block_ids, attention_mask)
             if spans is not None:
