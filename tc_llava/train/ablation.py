@@ -65,8 +65,8 @@ def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) 
         raise ValueError("ablation.evaluate=true needs the exported model: set export.enabled=true")
     tic = time.perf_counter()
     run_dir = Path(cfg.run_dir)
-    model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).eval()
     state = PartialState()
+    model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).to(state.device).eval()
     results = run_mvbench(model, cfg.ablation.benchmark, run_dir / "eval", state)
     if not state.is_main_process:
         return None
