@@ -23,6 +23,7 @@ from tc_llava.train.ablation import evaluate_run
 from tc_llava.train.loop import train
 
 from conftest import CONFIGS, TINY
+from test_model import rotary_inside, video_batch
 
 
 # --------------------------------------------------------------------------- literal references
@@ -148,37 +149,11 @@ def test_multi_axis_rotary_equals_hf_on_equal_axes(tiny_llama):
 
 
 # --------------------------------------------------------------------------- in the model
-def video_batch(model: TCLlava, layouts: list[tuple[int, int]], num_frames: int = 4, seed: int = 0):
-    """Left-padded prompts ``[text_before, video, text_after]`` with random text ids."""
-    g = torch.Generator().manual_seed(seed)
-    n_vis = model.tokens_per_video(num_frames)
-    rows = []
-    for before, after in layouts:
-        text = torch.randint(10, model.config.text_config.vocab_size, (before + after,), generator=g).tolist()
-        rows.append(text[:before] + [model.image_token_id] * n_vis + text[before:])
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), model.tokenizer.pad_token_id)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
-    return ids, mask, torch.randn(len(rows), num_frames, 3, 56, 56, generator=g)
-
-
 def test_rotary_angles_inside_layers_follow_the_axes(tiny_llama):
     model = TCLlava.from_pretrained(tiny_llama, rope=VideoRoPE(delta=2.0)).eval()
-    ids, mask, pixels = video_batch(model, [(2, 3), (5, 1)])
-    captured = {}
-
-    def hook(module, args, kwargs):
-        captured["cos"], captured["sin"] = kwargs["position_embeddings"]
-
-    model.language_model.layers[1].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
-    with torch.no_grad():
-        out = model(ids, mask, pixels)
-    cfg = model.config.text_config
-    dim = cfg.hidden_size // cfg.num_attention_heads
-    inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    ids, mask, pixels = video_batch(model, [(2, 3), (5, 1)], "left")
+    out, captured, inv_freq = rotary_inside(model, ids, mask, pixels)
+    dim = 2 * inv_freq.numel()
     axes = VideoRoPE().pair_axes(dim // 2)
     real = mask.bool()
     for b in range(2):
@@ -194,7 +169,7 @@ def test_rotary_angles_inside_layers_follow_the_axes(tiny_llama):
 def test_generation_equals_full_recompute(tiny_llama, rope, pooled):
     pooling = VideoPooling([2, 2, 2]) if pooled else None
     model = TCLlava.from_pretrained(tiny_llama, rope=rope, mask=BidirectionalVisualMask(), pooling=pooling).eval()
-    ids, mask, pixels = video_batch(model, [(4, 6), (1, 2), (8, 3)], seed=3)
+    ids, mask, pixels = video_batch(model, [(4, 6), (1, 2), (8, 3)], "left", seed=3)
     gen = model.generate(ids, mask, pixels, max_new_tokens=5, output_scores=True, eos_token_id=[])
     scores = torch.stack(gen.scores, 1)
     full_ids = torch.cat([ids, gen.sequences[:, :-1]], -1)
@@ -207,7 +182,7 @@ def test_generation_equals_full_recompute(tiny_llama, rope, pooled):
 
 
 def test_multi_axis_rules_change_the_model_but_not_text_only(tiny_llama):
-    ids, mask, pixels = video_batch(TCLlava.from_pretrained(tiny_llama), [(3, 4), (6, 2)])
+    ids, mask, pixels = video_batch(TCLlava.from_pretrained(tiny_llama), [(3, 4), (6, 2)], "left")
     text = torch.randint(10, 500, (2, 6), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.no_grad():
@@ -245,7 +220,7 @@ def test_bidirectional_visual_block_ids_and_dense_mask():
 def test_bidirectional_mask_reaching_attention(tiny_llama, monkeypatch, impl):
     model = TCLlava.from_pretrained(tiny_llama, rope=MRoPE(), mask=BidirectionalVisualMask(),
                                     attn_implementation=impl).eval()
-    ids, mask, pixels = video_batch(model, [(3, 5), (0, 2)], seed=1)
+    ids, mask, pixels = video_batch(model, [(3, 5), (0, 2)], "left", seed=1)
     seen = []
     if impl == "eager":
         original = modeling_llama.eager_attention_forward

@@ -132,20 +132,28 @@ def test_mask_reaching_attention_equals_dense_reference(tiny_llama, monkeypatch,
 
 
 # --------------------------------------------------------------------------- the rotary angles
-def test_rotary_angles_inside_layers_are_dual_rope(tiny_llama):
-    model = load(tiny_llama, TADRoPE(gamma=0.5), FrameBlockCausalMask())
-    ids, mask, pixels = video_batch(model, [(2, 3), (5, 1)], "left")
+def rotary_inside(model: TCLlava, ids, mask, pixels):
+    """Run the model; return its output, the cos/sin layer 1's attention received, and the
+    LLM's inverse frequencies computed from its config (not from the model's rotary module)."""
     captured = {}
 
     def hook(module, args, kwargs):
         captured["cos"], captured["sin"] = kwargs["position_embeddings"]
 
-    model.language_model.layers[1].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = model.language_model.layers[1].self_attn.register_forward_pre_hook(hook, with_kwargs=True)
     with torch.no_grad():
         out = model(ids, mask, pixels)
+    handle.remove()
     cfg = model.config.text_config
     dim = cfg.hidden_size // cfg.num_attention_heads
     inv_freq = 1.0 / (cfg.rope_parameters["rope_theta"] ** (torch.arange(0, dim, 2).float() / dim))
+    return out, captured, inv_freq
+
+
+def test_rotary_angles_inside_layers_are_dual_rope(tiny_llama):
+    model = load(tiny_llama, TADRoPE(gamma=0.5), FrameBlockCausalMask())
+    ids, mask, pixels = video_batch(model, [(2, 3), (5, 1)], "left")
+    out, captured, inv_freq = rotary_inside(model, ids, mask, pixels)
     # p = m + gamma * tau, computed independently of the model from the frame ids
     m = (mask.cumsum(-1) - 1).clamp(min=0)
     step = torch.zeros_like(ids)

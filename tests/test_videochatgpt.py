@@ -25,7 +25,7 @@ from tc_llava.eval.__main__ import run
 from tc_llava.model.tc_llava import TCLlava
 
 from conftest import CONFIGS
-from test_judge import ChatServer
+from test_judge import chat_server  # noqa: F401  (the scripted 127.0.0.1 server fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -57,24 +57,6 @@ def _key(body: dict) -> str:
     dim = next((d for d, marker in MARKERS.items() if marker in system), "?")
     match = re.search(r"^Question(?: 1)?: (.*)$", user, re.M)
     return f"{dim}:{match[1] if match else ''}"
-
-
-@pytest.fixture
-def server(monkeypatch):
-    """Starts a scripted chat-completions server on 127.0.0.1; stopped after the test."""
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    servers = []
-
-    def start(script: dict) -> ChatServer:
-        chat = ChatServer(script, _key)
-        chat.thread.start()
-        servers.append(chat)
-        return chat
-
-    yield start
-    for chat in servers:
-        chat.httpd.shutdown()
-        chat.httpd.server_close()
 
 
 @pytest.fixture
@@ -187,8 +169,8 @@ def test_bad_records_name_the_file_and_field(tmp_path):
         videochatgpt.check_stage(cfg)
 
 
-def test_videochatgpt_end_to_end(vcg_root, lively, tmp_path, server, generated, monkeypatch):
-    chat = server(_vcg_script())
+def test_videochatgpt_end_to_end(vcg_root, lively, tmp_path, chat_server, generated, monkeypatch):
+    chat = chat_server(_vcg_script(), _key)
     run_dir = tmp_path / "run"
 
     # generate only: prediction files in the upstream format, nothing judged
@@ -287,8 +269,8 @@ def anet_root(tmp_path_factory) -> Path:
     return root
 
 
-def test_zeroshot_qa_end_to_end(anet_root, lively, tmp_path, server, generated):
-    chat = server({f"qa:{q}": [("reply", reply)] for _, q, _, reply in QA})
+def test_zeroshot_qa_end_to_end(anet_root, lively, tmp_path, chat_server, generated):
+    chat = chat_server({f"qa:{q}": [("reply", reply)] for _, q, _, reply in QA}, _key)
     run_dir = tmp_path / "anet"
     results = _evaluate("zeroshot_qa", anet_root, lively, run_dir, chat.base_url, "benchmark.dataset=activitynet")
     assert sum(generated) == 4

@@ -22,6 +22,8 @@ import torch
 import transformers
 from transformers import LlamaConfig, LlamaModel
 
+from timing import cuda_times_ms
+
 from tc_llava.model.block_attention import NAME as BLOCK_MERGE, block_spans
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
@@ -73,19 +75,10 @@ def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embed
 
 
 def time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
+    """Median ms of ``fn`` and the peak GiB allocated over the timed calls."""
+    cuda_times_ms(fn, 0, warmup)
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), torch.cuda.max_memory_allocated() / 2**30
+    return statistics.median(cuda_times_ms(fn, reps)), torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import torch
 import transformers
 
 from shapes import random_tc_llava, video_prompts
+from timing import cuda_times_ms
 from tc_llava.model.block_attention import AUTO as BLOCK_AUTO, NAME as BLOCK_MERGE
 from tc_llava.model.rope import real_token_index
 
@@ -38,18 +39,6 @@ def flops(model, tokens: int, frames: int) -> float:
     return 6 * lm * tokens + attention + 2 * vision * patches
 
 
-def cuda_ms(fn, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return times
-
-
 def layout_ms(model, ids: torch.Tensor, mask: torch.Tensor, frames: int, reps: int) -> float:
     """What TCLlava.forward builds before the LLM runs: frame ids, rotary positions, the mask or layout."""
     embeds = torch.empty(*ids.shape, model.config.text_config.hidden_size, device=ids.device, dtype=model.hf.dtype)
@@ -59,7 +48,7 @@ def layout_ms(model, ids: torch.Tensor, mask: torch.Tensor, frames: int, reps: i
         model.rope.positions(frame_ids, mask, model.token_grid(frames))
         model._prefill_mask(embeds, mask, frame_ids, None, real_token_index(frame_ids, mask))
 
-    return statistics.median(cuda_ms(build, reps + 2)[2:])
+    return statistics.median(cuda_times_ms(build, reps, warmup=2))
 
 
 def main() -> None:
@@ -91,7 +80,7 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
 
         torch.cuda.reset_peak_memory_stats()
-        step_s = statistics.median(cuda_ms(step, args.reps + 2)[2:]) / 1e3
+        step_s = statistics.median(cuda_times_ms(step, args.reps, warmup=2)) / 1e3
         tokens = ids.shape[1]
         layout = layout_ms(model, ids, mask, 16, args.reps) / 1e3
         rows[name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "samples_per_s": 1 / step_s,

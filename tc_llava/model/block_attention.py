@@ -151,14 +151,9 @@ def _head_major(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 
 def _take(x: torch.Tensor, flat: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Rows ``flat`` of ``[B, H, L, D]`` as a ``[blocks, H, m, D]`` view of one gathered copy (kernel-ready strides)."""
+    """Rows ``flat`` of ``[B, H, L, ...]`` as a ``[blocks, H, m, ...]`` view of one gathered copy (kernel-ready strides)."""
     rows = _token_major(x).index_select(0, flat)
-    return rows.view(blocks, -1, x.shape[1], x.shape[3]).transpose(1, 2)
-
-
-def _take_lse(lse: torch.Tensor, flat: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Rows ``flat`` of a ``[B, H, L]`` log-sum-exp as contiguous ``[blocks, H, m]`` (the kernels want it dense)."""
-    return _token_major(lse).index_select(0, flat).view(blocks, -1, lse.shape[1]).transpose(1, 2).contiguous()
+    return rows.view(blocks, -1, x.shape[1], *x.shape[3:]).transpose(1, 2)
 
 
 def _rows_of(x: torch.Tensor) -> torch.Tensor:
@@ -221,7 +216,7 @@ class _BlockMergeAttention(torch.autograd.Function):
         n = ctx.blocks
         parts = _attend_backward(
             _take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n), _take(out, rows, n),
-            _take_lse(lse, rows, n), ctx.scale, ctx.kernel, ctx.aux_b)
+            _take(lse, rows, n).contiguous(), ctx.scale, ctx.kernel, ctx.aux_b)  # kernels want a dense lse
         grads = []
         for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
             full_rows = _token_major(full)
