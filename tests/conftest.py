@@ -12,6 +12,8 @@ from accelerate.state import AcceleratorState
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(2)
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in Triton's interpreter; it
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

@@ -51,6 +51,40 @@ def test_forward_and_backward_equal_dense_sdpa(rule, per_frame):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("per_frame", [7, 150])  # one partial tile; three tiles of 64, the last partial
+@pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gpu.py runs the compiled kernels")
+def test_triton_inblock_kernels_equal_dense_attention(per_frame):
+    """The fused CUDA kernels (run by the interpreter) give the dense block-causal output,
+    log-sum-exp and gradients, from a causal pass's state, with token-major q/k/v as the
+    model's projections lay them out and a padded head dim."""
+    kernels = pytest.importorskip("tc_llava.model.block_triton")  # conftest set TRITON_INTERPRET=1
+    torch.manual_seed(per_frame)
+    frames, length, heads, dim = 2, 2 * per_frame + 40, 2, 24
+    frame_ids, _ = layout([5, 30], length, frames=frames, per_frame=per_frame, pad_right=[0, 0])
+    dense = block_causal_mask(FrameBlockCausalMask().block_ids(frame_ids))
+    q, k, v = (torch.randn(2, length, heads, dim, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    scale = dim ** -0.5
+    ref = sdpa(q, k, v, attn_mask=dense, scale=scale)
+    ref_lse = torch.logsumexp((q @ k.transpose(-1, -2) * scale).masked_fill(~dense, float("-inf")), -1)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+
+    q32, k32, v32, g32 = (x.detach().float() for x in (q, k, v, grad))
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
+    out, lse = out.contiguous(), lse.contiguous()
+    starts = torch.tensor([[5, 5 + per_frame], [30, 30 + per_frame]], dtype=torch.int32)
+    out, lse = kernels.inblock_forward(q32, k32, v32, out, lse, starts, per_frame, scale)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=0, atol=2e-6)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g32, q32, k32, v32, out, lse, 0.0, True, scale=scale)
+    grads = kernels.inblock_backward(g32, q32, k32, v32, out, lse, *(x.contiguous() for x in grads),
+                                            starts, per_frame, scale)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-6)
+
+
 def test_spans_refuse_layouts_the_decomposition_cannot_take():
     frame_ids, mask = layout([2, 6], 30, frames=2, per_frame=4, pad_right=[0, 0])
     assert block_spans(frame_ids, mask).index[1, 1].tolist() == [10, 11, 12, 13]

@@ -2,8 +2,10 @@
 
 Same random 7B-shaped TC-LLaVA (CLIP ViT-L/336, 16 frames pooled to 16x12x12 = 2,304
 visual tokens), same prompts, greedy, a fixed number of new tokens (EOS disabled, so both
-sides do the same work). Checks that the batched tokens equal the batch-1 tokens. Prints
-and writes JSON to scripts/bench/results/eval_throughput.json.
+sides do the same work). Checks that the batched tokens equal the batch-1 tokens. Each
+``--attn`` (default: ``sdpa`` with HF's dense mask, and ``auto``, the default backend) runs
+the same questions in one process. Prints and writes JSON to
+scripts/bench/results/eval_throughput.json.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import torch
 import transformers
 
 from shapes import random_tc_llava, video_prompts
+
+from tc_llava.model.block_attention import resolve_attention
 
 
 def timed(fn) -> tuple[float, object]:
@@ -33,16 +37,21 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=32)
     parser.add_argument("--batch", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--new-tokens", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--attn", nargs="+", default=["sdpa", "auto"])
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "eval_throughput.json"))
     args = parser.parse_args()
 
     model = random_tc_llava(args.layers, "sdpa").eval()
     ids, mask, pixels = video_prompts(model, args.questions)
-    model.generate(ids[:2], mask[:2], pixels[:2], max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up
     runs = {}
-    for new_tokens in args.new_tokens:
-        runs[f"new_tokens_{new_tokens}"] = compare(model, ids, mask, pixels, args.questions, args.batch,
-                                                   dict(max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0))
+    for attn in args.attn:
+        impl = model.language_model.config._attn_implementation = resolve_attention(attn)
+        model.generate(ids[:2], mask[:2], pixels[:2], max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up
+        for new_tokens in args.new_tokens:
+            runs[f"{impl}/new_tokens_{new_tokens}"] = compare(
+                model, ids, mask, pixels, args.questions, args.batch,
+                dict(max_new_tokens=new_tokens, eos_token_id=[], pad_token_id=0))
+            print(impl, new_tokens, json.dumps(runs[f"{impl}/new_tokens_{new_tokens}"]))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "transformers": transformers.__version__, "layers": args.layers, "questions": args.questions,
               "prompt_tokens": int(mask.sum(1).float().mean()), "visual_tokens": model.tokens_per_video(16),

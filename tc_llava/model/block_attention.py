@@ -138,7 +138,7 @@ def _attend_backward(grad, q, k, v, out, lse, scale, kernel, aux):
         grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
 
 
-# ----------------------------------------------------------------------------- token rows
+# ----------------------------------------------------------------------------- part B
 def _token_major(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, L, ...]`` -> ``[B*L, H*...]`` rows, a view of ``x`` when its storage is token-major, else a copy."""
     t = x.transpose(1, 2)
@@ -161,68 +161,73 @@ def _rows_of(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def _merge_rows(out_rows, lse_rows, rows, out_b, lse_b):
-    """In place: rows ``rows`` of ``A`` (``[N, H, D]`` output, ``[N, H]`` lse) become the merge with ``B``'s."""
-    lse_a = lse_rows[rows]
-    lse = torch.logaddexp(lse_a, lse_b)
-    acc = torch.promote_types(out_rows.dtype, torch.float32)  # merge in fp32 (fp64 stays fp64)
-    merged = (out_rows[rows].to(acc) * (lse_a - lse).exp().to(acc)[..., None]
-              + out_b.to(acc) * (lse_b - lse).exp().to(acc)[..., None])
-    out_rows[rows] = merged.to(out_rows.dtype)
-    lse_rows[rows] = lse
+def _reversed_rows(x: torch.Tensor, starts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-row indices of every block reversed: its queries (all but the first token) and keys (all but the last)."""
+    offsets = torch.arange(starts.shape[0], device=x.device)[:, None, None] * x.shape[2]
+    reverse = starts[..., None] + offsets + torch.arange(size - 1, -1, -1, device=x.device)
+    return reverse[..., 1:].flatten(), reverse[..., :-1].flatten()
 
 
-def _add_rows(full_rows, rows, part):
-    """In place: ``full_rows[rows] += part`` (``rows`` are distinct)."""
-    full_rows.index_add_(0, rows, part.to(full_rows.dtype))
+def inblock_forward_torch(q, k, v, out, lse, starts, size, scale):
+    """Part ``B`` merged into ``A``'s ``out``/``lse`` with PyTorch ops (the CPU path): the reversed blocks as one
+    causal flash-attention batch, then the log-sum-exp merge of their rows. Returns the merged pair."""
+    rows, cols = _reversed_rows(q, starts, size)
+    blocks = starts.numel()
+    out_b, lse_b, _ = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks), scale, "flash")
+    out_rows, lse_rows = _token_major(out).view(-1, q.shape[1], q.shape[3]), _token_major(lse)
+    lse_a, lse_b = lse_rows[rows], _rows_of(lse_b)
+    merged_lse = torch.logaddexp(lse_a, lse_b)
+    acc = torch.promote_types(out.dtype, torch.float32)  # merge in fp32 (fp64 stays fp64)
+    merged = (out_rows[rows].to(acc) * (lse_a - merged_lse).exp().to(acc)[..., None]
+              + _rows_of(out_b).to(acc) * (lse_b - merged_lse).exp().to(acc)[..., None])
+    out_rows[rows] = merged.to(out.dtype)
+    lse_rows[rows] = merged_lse
+    return _head_major(out_rows.flatten(1), out.shape), _head_major(lse_rows, lse.shape).contiguous()
 
 
-# The glue is memory-bound: on CUDA inductor fuses each helper into one kernel (dynamic
-# shapes, so one compile serves every length); eager elsewhere.
-_GLUE = {"merge": _merge_rows, "add": _add_rows}
-_COMPILED = {name: torch.compile(fn, dynamic=True, fullgraph=True) for name, fn in _GLUE.items()}
+def inblock_backward_torch(grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale):
+    """Part ``B``'s gradients (its kernel backward with the merged ``out``/``lse``) added to ``A``'s, with PyTorch ops."""
+    rows, cols = _reversed_rows(q, starts, size)
+    n = starts.numel()
+    parts = _attend_backward(_take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n),
+                             _take(out, rows, n), _take(lse, rows, n).contiguous(), scale, "flash", None)
+    grads = []
+    for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
+        full_rows = _token_major(full)
+        full_rows.index_add_(0, index, _rows_of(part).flatten(1).to(full.dtype))
+        grads.append(_head_major(full_rows, full.shape))
+    return grads
 
 
-def _glue(name: str, device: torch.device):
-    return _COMPILED[name] if device.type == "cuda" else _GLUE[name]
+def _inblock(device: torch.device):
+    """Part ``B``'s forward and backward: the fused Triton kernels on CUDA, PyTorch ops elsewhere."""
+    if device.type == "cuda":
+        from tc_llava.model.block_triton import inblock_backward, inblock_forward
+
+        return inblock_forward, inblock_backward
+    return inblock_forward_torch, inblock_backward_torch
 
 
 class _BlockMergeAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, index, scale, kernel):
-        """``A`` on the whole sequence, ``B`` on the reversed blocks, merged into ``A``'s rows in place."""
-        length, blocks, heads = q.shape[2], index.shape[0] * index.shape[1], q.shape[1]
-        reverse = index.flip(-1) + torch.arange(index.shape[0], device=index.device)[:, None, None] * length
-        rows, cols = reverse[..., 1:].flatten(), reverse[..., :-1].flatten()
-        out_a, lse_a, aux_a = _attend(q, k, v, scale, kernel)
-        out_b, lse_b, aux_b = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks),
-                                      scale, kernel)
-        out_rows, lse_rows = _token_major(out_a).view(-1, heads, q.shape[3]), _token_major(lse_a)
-        _glue("merge", q.device)(out_rows, lse_rows, rows, _rows_of(out_b), _rows_of(lse_b))
-        out = _head_major(out_rows.flatten(1), out_a.shape)
-        lse = _head_major(lse_rows, lse_a.shape).contiguous()
-        ctx.save_for_backward(q, k, v, out, lse, rows, cols)
-        ctx.scale, ctx.kernel, ctx.blocks, ctx.aux_a, ctx.aux_b = scale, kernel, blocks, aux_a, aux_b
+    def forward(ctx, q, k, v, starts, size, scale, kernel):
+        """``A`` on the whole sequence, then ``B`` merged into its output and log-sum-exp."""
+        out, lse, aux = _attend(q, k, v, scale, kernel)
+        out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
+        ctx.save_for_backward(q, k, v, out, lse, starts)
+        ctx.size, ctx.scale, ctx.kernel, ctx.aux = size, scale, kernel, aux
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        """Each part's kernel backward with the merged output and log-sum-exp; ``B``'s gradients added to the rows."""
-        q, k, v, out, lse, rows, cols = ctx.saved_tensors
+        """``A``'s kernel backward with the merged output and log-sum-exp, then ``B``'s gradients added."""
+        q, k, v, out, lse, starts = ctx.saved_tensors
         grad = grad.to(out.dtype)
         if grad.stride(-1) != 1:
             grad = grad.contiguous()
-        dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.aux_a)
-        n = ctx.blocks
-        parts = _attend_backward(
-            _take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n), _take(out, rows, n),
-            _take(lse, rows, n).contiguous(), ctx.scale, ctx.kernel, ctx.aux_b)  # kernels want a dense lse
-        grads = []
-        for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
-            full_rows = _token_major(full)
-            _glue("add", q.device)(full_rows, index, _rows_of(part).flatten(1))
-            grads.append(_head_major(full_rows, full.shape))
-        return *grads, None, None, None
+        dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.aux)
+        dq, dk, dv = _inblock(q.device)[1](grad, q, k, v, out, lse, dq, dk, dv, starts, ctx.size, ctx.scale)
+        return dq, dk, dv, None, None, None, None
 
 
 def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: BlockSpans,
@@ -231,9 +236,12 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
 
     ``kernel`` (``flash`` or ``cudnn`` on CUDA) defaults to the one SDPA picks for causal attention.
     """
-    if spans.index.shape[-1] < 2:  # one-token blocks: the rule is plain causal
+    size = spans.index.shape[-1]
+    if size < 2:  # one-token blocks: the rule is plain causal
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _BlockMergeAttention.apply(q, k, v, spans.index, scale, kernel or sdpa_kernel(q, k, v))
+    starts = spans.index[..., 0].to(torch.int32).contiguous()
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _BlockMergeAttention.apply(q, k, v, starts, size, scale, kernel or sdpa_kernel(q, k, v))
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
