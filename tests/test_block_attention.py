@@ -11,7 +11,7 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from tc_llava.model.block_attention import (
-    AUTO, FLEX_BELOW_TOKENS, NAME, block_merge_attention, block_spans, resolve_attention, uses_flex,
+    AUTO, NAME, block_merge_attention, block_spans, resolve_attention, uses_flex,
 )
 from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
@@ -106,10 +106,9 @@ def test_auto_is_sdpa_on_cpu():
     assert resolve_attention("flex_attention") == "flex_attention"
 
 
-def test_block_auto_hands_short_gpu_prefills_to_flex():
+def test_block_auto_hands_gpu_prefills_the_decomposition_cannot_take_to_flex():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert uses_flex(AUTO, cuda, 2395) and uses_flex(AUTO, cuda, FLEX_BELOW_TOKENS - 1)
-    assert not uses_flex(AUTO, cuda, FLEX_BELOW_TOKENS)  # long prefill: the decomposition
+    assert uses_flex(AUTO, cuda, 2395) and uses_flex(AUTO, cuda, 20000)  # e.g. a left-padded batch
     assert not uses_flex(AUTO, cuda, 1)  # decoding step: SDPA
     assert not uses_flex(AUTO, cpu, 2395) and not uses_flex(NAME, cuda, 2395)
 
@@ -149,3 +148,25 @@ def test_generation_equals_sdpa(tiny_llama, lively):
             single = models[NAME](ids[rows], mask[rows], pixels[rows]).logits
             torch.testing.assert_close(single, models["sdpa"](ids[rows], mask[rows], pixels[rows]).logits,
                                        rtol=1e-4, atol=1e-5)
+
+
+def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
+    """transformers' own causal-mask call (made while the layers take block_spans, or for a causal
+    rule) must not build a BlockMask: that is a compiled create_block_mask per step, for nothing."""
+    from transformers import LlamaConfig
+    from transformers.masking_utils import create_causal_mask
+
+    import tc_llava.model.block_attention as backend
+
+    built = []
+    monkeypatch.setattr(backend, "uses_flex", lambda *args: True)  # as on a GPU
+    monkeypatch.setattr(backend, "flex_attention_mask", lambda *args, **kwargs: built.append(kwargs) or "block mask")
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=16)
+    config._attn_implementation = AUTO
+    embeds = torch.zeros(2, 12, 64)
+    plain = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None)
+    assert plain is None and not built  # SDPA's causal kernel needs no mask
+    frame_ids, mask = layout([2, 2], 12, frames=2, per_frame=3, pad_right=[0, 2])
+    block = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None,
+                               block_sequence_ids=frame_ids)
+    assert block == "block mask" and len(built) == 1

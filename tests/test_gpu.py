@@ -68,10 +68,11 @@ def test_block_merge_matches_the_dense_reference_in_bf16():
 
 
 def test_block_backends_match_sdpa_logits():
-    """auto -> block_auto (flex at this length), and block_merge, against the dense SDPA mask.
+    """auto -> block_auto, and block_merge, against the dense SDPA mask.
 
-    One prompt (block_merge decomposes it) and a left-padded pair (block_auto: flex with the
-    padding; block_merge: SDPA's dense mask), then KV-cached generation through block_auto.
+    One prompt (both decompose it, the in-block term in the Triton kernels) and a left-padded
+    pair (block_auto: flex with the padding; block_merge: SDPA's dense mask), then KV-cached
+    generation through block_auto.
     """
     from shapes import random_tc_llava, video_prompts
 

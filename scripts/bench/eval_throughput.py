@@ -46,7 +46,7 @@ def main() -> None:
     runs = {}
     for attn in args.attn:
         impl = model.language_model.config._attn_implementation = resolve_attention(attn)
-        model.generate(ids[:2], mask[:2], pixels[:2], max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up
+        warm_up(model, ids, mask, pixels, args.batch)
         for new_tokens in args.new_tokens:
             runs[f"{impl}/new_tokens_{new_tokens}"] = compare(
                 model, ids, mask, pixels, args.questions, args.batch,
@@ -59,6 +59,14 @@ def main() -> None:
     print(json.dumps(result, indent=1))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
+
+
+def warm_up(model, ids, mask, pixels, batch_sizes: list[int]) -> None:
+    """One call of every path timed below, so that no Triton build or flex compilation is timed."""
+    gen = dict(max_new_tokens=2, eos_token_id=[], pad_token_id=0)
+    model.generate(ids[:1, mask[0].bool()], None, pixels[:1], **gen)
+    for size in batch_sizes:
+        model.generate(ids[:size], mask[:size], pixels[:size], **gen)
 
 
 def compare(model, ids, mask, pixels, questions: int, batch_sizes: list[int], gen: dict) -> dict:

@@ -7,13 +7,14 @@ without any mask:
 
 - ``A``: plain causal attention over the whole sequence (the vanilla kernel, same cost);
 - ``B``: for every block of ``n`` tokens, each token against the later tokens of its block.
-  With the block's tokens reversed this is strictly-lower-triangular: queries ``1..n-1``
-  against keys ``0..n-2`` under an ordinary causal mask, all blocks as one batch.
 
-``out = (e^lse_A out_A + e^lse_B out_B) / (e^lse_A + e^lse_B)``. The backward runs each
-part's flash backward with the merged output and log-sum-exp (the split used by ring
-attention), so no ``L x L`` mask or score matrix is ever built. ``B`` costs about
-``n / L`` of ``A``; see ``scripts/bench/attention.py``.
+``out = (e^lse_A out_A + e^lse_B out_B) / (e^lse_A + e^lse_B)``. The backward runs ``A``'s
+kernel backward with the merged output and log-sum-exp (the split used by ring attention),
+then adds ``B``'s gradients, so no ``L x L`` mask or score matrix is ever built. On CUDA,
+``B`` is two fused Triton kernels (:mod:`tc_llava.model.block_triton`) that fold it into
+``A``'s results in place; elsewhere the blocks are reversed, which makes ``B`` an ordinary
+causal attention of all blocks as one batch, and merged with PyTorch ops. ``B`` costs
+about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``.
 
 Two attention backends are registered in transformers' ``AttentionInterface``:
 
@@ -21,10 +22,10 @@ Two attention backends are registered in transformers' ``AttentionInterface``:
   layout to the layers as a keyword argument. Where it does not (left padding, a filled KV
   cache, fp32 on CUDA, blocks of unequal size) the model builds transformers' SDPA mask and
   the backend runs plain SDPA.
-- ``block_auto``: the fastest path measured on the H100 (README, *Performance*): a GPU
-  prefill shorter than :data:`FLEX_BELOW_TOKENS` gets flex attention with transformers'
-  BlockMask (its fused kernel wins while attention is a small share of the layer), longer
-  ones the decomposition, decoding steps SDPA.
+- ``block_auto``: the fastest path measured on the H100 (README, *Performance*): the
+  decomposition wherever it applies; a GPU prefill it cannot take (a left-padded
+  evaluation batch) gets flex attention with transformers' BlockMask rather than a dense
+  mask; decoding steps SDPA.
 
 ``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
 and SDPA on CPU.
@@ -42,14 +43,10 @@ from torch.nn.attention.flex_attention import BlockMask
 from transformers import AttentionInterface
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, flex_attention_mask, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flex_attention_mask, sdpa_mask
 
 NAME = "block_merge"
 AUTO = "block_auto"
-# Crossover of flex and block_merge on the H100 (4 Llama-7B layers, bf16, fwd+bwd, mask
-# build spread over 32 layers): flex 1.06x / 1.11x / 1.15x of vanilla at 2,560 / 4,864 /
-# 9,472 tokens, block_merge 1.15x / 1.13x / 1.12x; the lines cross near 6,900 tokens.
-FLEX_BELOW_TOKENS = 6912
 
 
 @dataclass(frozen=True)
@@ -245,16 +242,22 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
-    """Whether ``block_auto`` hands this call to flex attention: a GPU prefill below the crossover."""
-    return (attn_implementation == AUTO and device.type == "cuda" and 1 < q_length < FLEX_BELOW_TOKENS)
+    """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU prefill."""
+    return attn_implementation == AUTO and device.type == "cuda" and q_length > 1
 
 
 def _block_mask(*args: Any, **kwargs: Any):
-    """Mask interface of both backends: flex's BlockMask where ``block_auto`` uses flex, else SDPA's mask."""
+    """Mask interface of both backends: flex's BlockMask where ``block_auto`` uses flex for a block rule,
+    else SDPA's mask.
+
+    A plain causal request (a causal rule, or transformers' own call while the layers take
+    ``block_spans``) gets SDPA's, which is no mask at all where SDPA's causal kernel applies.
+    """
     q_length = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
     config = kwargs.get("config")
     impl = config._attn_implementation if config is not None else NAME
-    if uses_flex(impl, torch.device(kwargs.get("device") or "cpu"), q_length):
+    block_rule = kwargs.get("mask_function") is not causal_mask_function
+    if block_rule and uses_flex(impl, torch.device(kwargs.get("device") or "cpu"), q_length):
         return flex_attention_mask(*args, **kwargs)
     return sdpa_mask(*args, **kwargs)
 

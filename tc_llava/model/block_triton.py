@@ -36,6 +36,7 @@ def _inblock_forward(Q, K, V, O, LSE, STARTS, n, blocks_per_row, scale_log2,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
     tile, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row, start = block // blocks_per_row, tl.load(STARTS + block)
+    scale_log2 = tl.cast(scale_log2, tl.float32)  # torch.compile may hand Python floats over as fp64
     i = tile * TILE + tl.arange(0, TILE)
     d = tl.arange(0, BLOCK_D)
     row_ok, d_ok = i < n, d < D
@@ -74,6 +75,7 @@ def _inblock_backward(Q, K, V, O, DO, LSE, DQ, DK, DV, STARTS, n, blocks_per_row
     """Tile ``t`` of a block: ``dk``, ``dv`` of its keys (over earlier queries), then ``dq`` of its queries (over later keys)."""
     tile, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     row, start = block // blocks_per_row, tl.load(STARTS + block)
+    scale, scale_log2 = tl.cast(scale, tl.float32), tl.cast(scale_log2, tl.float32)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     Q, K, V = Q + row * sq_b + head * sq_h, K + row * sk_b + head * sk_h, V + row * sv_b + head * sv_h

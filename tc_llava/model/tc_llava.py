@@ -220,7 +220,6 @@ class TCLlava(nn.Module):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else embeds.dtype
         impl = config._attn_implementation
         if (impl in (block_attention.NAME, block_attention.AUTO) and empty_cache
-                and not block_attention.uses_flex(impl, embeds.device, embeds.shape[1])
                 and block_attention.flash_available(embeds.device, dtype, head_dim)):
             spans = block_attention.block_spans(block_ids, attention_mask)
             if spans is not None:
