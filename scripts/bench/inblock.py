@@ -41,7 +41,6 @@ def main() -> None:
     for length in args.lengths:
         frame_ids = frame_layout(length)
         spans = block_spans(frame_ids, torch.ones_like(frame_ids))
-        size, starts = spans.index.shape[-1], spans.index[..., 0].to(torch.int32).contiguous()
         # token-major storage, as the model's projections lay q, k, v out
         q, k, v = (torch.randn(1, length, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
                    .requires_grad_() for _ in range(3))
@@ -59,10 +58,10 @@ def main() -> None:
         scale = 128 ** -0.5
         for tile, warps in itertools.product((32, 64, 128), (4, 8)):
             try:
-                fwd = median_ms(lambda: block_triton.inblock_forward(q, k, v, out, lse, starts, size, scale,
-                                                                     tile, warps), args.reps)
-                bwd = median_ms(lambda: block_triton.inblock_backward(grad, q, k, v, out, lse, dq, dk, dv, starts,
-                                                                      size, scale, tile, warps), args.reps)
+                layout = (spans.starts, spans.size, scale, tile, warps)
+                fwd = median_ms(lambda: block_triton.inblock_forward(q, k, v, out, lse, *layout), args.reps)
+                bwd = median_ms(lambda: block_triton.inblock_backward(grad, q, k, v, out, lse, dq, dk, dv, *layout),
+                                args.reps)
             except Exception as error:  # a tile the GPU cannot hold (shared memory): recorded, not fatal
                 row[f"inblock_tile{tile}_warps{warps}"] = {"error": type(error).__name__}
                 continue

@@ -51,9 +51,16 @@ AUTO = "block_auto"
 
 @dataclass(frozen=True)
 class BlockSpans:
-    """``index[b, k, j]``: sequence position of the ``j``-th token of block ``k`` in row ``b`` (all blocks equal-sized)."""
+    """Equal-sized contiguous blocks: ``starts[b, k]`` (int32) is the first position of block ``k`` of
+    row ``b``, and every block has ``size`` tokens. Built once per forward; every layer reads it."""
 
-    index: torch.Tensor
+    starts: torch.Tensor
+    size: int
+
+    @property
+    def index(self) -> torch.Tensor:
+        """``index[b, k, j]``: sequence position of the ``j``-th token of block ``k`` in row ``b``."""
+        return self.starts.long()[..., None] + torch.arange(self.size, device=self.starts.device)
 
 
 def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -93,7 +100,9 @@ def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockS
     contiguous = (index[..., 1:] == index[..., :-1] + 1).all() & (ids[..., 1:] == ids[..., :1]).all()
     touching = index[:, 1:, 0] == index[:, :-1, -1] + 1
     distinct = ~(touching & (ids[:, 1:, 0] == ids[:, :-1, 0])).any()
-    return BlockSpans(index) if bool(contiguous & distinct) else None
+    if not bool(contiguous & distinct):
+        return None
+    return BlockSpans(index[..., 0].to(torch.int32).contiguous(), size)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -233,12 +242,10 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
 
     ``kernel`` (``flash`` or ``cudnn`` on CUDA) defaults to the one SDPA picks for causal attention.
     """
-    size = spans.index.shape[-1]
-    if size < 2:  # one-token blocks: the rule is plain causal
+    if spans.size < 2:  # one-token blocks: the rule is plain causal
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    starts = spans.index[..., 0].to(torch.int32).contiguous()
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockMergeAttention.apply(q, k, v, starts, size, scale, kernel or sdpa_kernel(q, k, v))
+    return _BlockMergeAttention.apply(q, k, v, spans.starts, spans.size, scale, kernel or sdpa_kernel(q, k, v))
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
