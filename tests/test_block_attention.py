@@ -11,7 +11,8 @@ import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from tc_llava.model.block_attention import (
-    AUTO, NAME, block_merge_attention, block_spans, resolve_attention, uses_flex,
+    AUTO, NAME, block_merge_attention, block_merge_backward_op, block_merge_op, block_spans, resolve_attention,
+    uses_flex,
 )
 from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
@@ -98,6 +99,11 @@ def test_spans_refuse_layouts_the_decomposition_cannot_take():
     split[1, 9] = -1  # row 1's frame 0 is no longer one run
     assert block_spans(split, mask) is None
     assert block_spans(torch.full_like(frame_ids, -1), mask) is None
+    twice = torch.full_like(frame_ids, -1)
+    twice[:, 2:6], twice[:, 10:14] = 0, 1
+    assert block_spans(twice, mask).starts.tolist() == [[2, 10], [2, 10]]
+    twice[0, 10:14] = 0  # row 0's block 0 comes back after a gap: one block to the mask, two runs here
+    assert block_spans(twice, mask) is None
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks block_merge on a GPU (tests/test_gpu.py)")
@@ -170,3 +176,44 @@ def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
     block = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None,
                                block_sequence_ids=frame_ids)
     assert block == "block mask" and len(built) == 1
+
+
+def _merge_inputs():
+    torch.manual_seed(0)
+    frame_ids, mask = layout([3, 11, 0], 64, frames=3, per_frame=5, pad_right=[0, 0, 0])
+    spans = block_spans(frame_ids, mask)
+    qkv = [torch.randn(3, 64, 4, 16, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3)]
+    return spans, qkv, block_causal_mask(frame_ids)
+
+
+def test_block_merge_ops_pass_torch_library_opcheck():
+    """The custom ops' schemas, fake kernels (shapes, strides, dtypes) and autograd registration, checked by
+    torch.library itself against real calls."""
+    spans, (q, k, v), _ = _merge_inputs()
+    torch.library.opcheck(block_merge_op, (q, k, v, spans.starts, spans.size, 0.25))
+    out, lse = block_merge_op(q, k, v, spans.starts, spans.size, 0.25)
+    grad = torch.randn_like(out)
+    torch.library.opcheck(block_merge_backward_op, (grad, q.detach(), k.detach(), v.detach(), out.detach(),
+                                                    lse.detach(), spans.starts, spans.size, 0.25))
+
+
+def test_compiled_block_merge_is_one_graph_around_the_op():
+    """Under torch.compile the attention is one opaque op in one graph (no break at SDPA's kernel choice), and
+    its output and gradients are eager's."""
+    spans, (q, k, v), dense = _merge_inputs()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda q, k, v: block_merge_attention(q, k, v, spans), backend=backend, fullgraph=True)
+    out = compiled(q, k, v)
+    assert len(graphs) == 1
+    assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"].count(block_merge_op._opoverload) == 1
+    ref = sdpa(q, k, v, attn_mask=dense)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

@@ -1,14 +1,17 @@
 """LLM step cost of TC-LLaVA's attention vs vanilla causal SDPA (GPU, bf16, batch 1, fwd+bwd).
 
-Four Vicuna-7B-shaped Llama layers (REFERENCE.md section 7's setting). For each length the
-prompt is 256 text tokens around frames of 144 visual tokens; the same run times:
+A Vicuna-7B-shaped Llama LLM (REFERENCE.md section 7's setting): all 32 layers, or the
+first 16 where 32 would not fit (9,472 tokens). For each length the prompt is 256 text
+tokens around frames of 144 visual tokens; the same run times:
 - ``vanilla_sdpa``: 1D RoPE, plain causal mask (SDPA's is_causal path) -- the floor;
 - ``tc_sdpa``: dual RoPE + frame-block mask as a dense bool mask through SDPA;
 - ``tc_flex``: dual RoPE + frame-block mask as a BlockMask through compiled flex attention;
 - ``tc_merge``: dual RoPE + the ``block_merge`` backend (causal flash attention plus the
   in-frame term, merged by log-sum-exp; what ``attn_implementation=auto`` picks on GPU).
-Reports median ms per layer, ratios to the floor, MFU, peak memory and the time to build
-the mask (or the block layout) alone; writes JSON to scripts/bench/results/attention.json.
+The variants run interleaved, ``--rounds`` times. ``ms_per_layer`` is the whole step
+(rotary positions and mask or block layout built inside it, as the model does) over the
+layer count. Reports ratios to the floor, MFU, peak memory and the layout's own time;
+writes JSON to scripts/bench/results/attention.json.
 """
 
 from __future__ import annotations
@@ -74,22 +77,34 @@ def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embed
     return run
 
 
-def time_ms(fn, warmup: int, reps: int) -> tuple[float, float]:
-    """Median ms of ``fn`` and the peak GiB allocated over the timed calls."""
-    cuda_times_ms(fn, 0, warmup)
+def layout_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
+    """What the step builds once for all layers: the rotary positions and the mask arguments."""
+    def build():
+        rule_rope.positions(frame_ids, torch.ones_like(frame_ids))
+        build_mask(lm, rule_mask, frame_ids, embeds)
+
+    return build
+
+
+def time_ms(fn, reps: int) -> tuple[list[float], float]:
+    """``reps`` timings (ms) of ``fn`` and the peak GiB allocated over them."""
+    cuda_times_ms(fn, 0, warmup=3)
     torch.cuda.reset_peak_memory_stats()
-    return statistics.median(cuda_times_ms(fn, reps)), torch.cuda.max_memory_allocated() / 2**30
+    return cuda_times_ms(fn, reps), torch.cuda.max_memory_allocated() / 2**30
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[2560, 4864, 9472])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--layers", type=int, nargs="+", default=[32, 32, 16],
+                        help="LLM depth per length (one value: all); 32 is Vicuna-7B, 16 is what fits at 9,472 tokens")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
     args = parser.parse_args()
+    depths = args.layers * len(args.lengths) if len(args.layers) == 1 else args.layers
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=args.layers,
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=max(depths),
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
                          max_position_embeddings=32768)
     variants = {"vanilla_sdpa": ("sdpa", VanillaRoPE(), CausalMask()),
@@ -101,25 +116,35 @@ def main() -> None:
     lm.rotary_emb = RotaryPositions(lm.rotary_emb)
     lm.embed_tokens = None  # inputs_embeds only
     rows = []
-    for length in args.lengths:
+    for length, layers in zip(args.lengths, depths):
+        lm.config.num_hidden_layers = layers  # the model runs its first ``layers`` layers
         frame_ids = frame_layout(length)
         embeds = torch.randn(1, length, 4096, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        row = {"length": length, "frames": int(frame_ids.max()) + 1}
+        row = {"length": length, "frames": int(frame_ids.max()) + 1, "layers": layers}
+        times = {name: [] for name in variants}
+        for _ in range(args.rounds):  # variants interleaved, so drift of the host or clocks hits all alike
+            for name, (impl, rope, mask) in variants.items():
+                lm.config._attn_implementation = impl
+                step_times, peak = time_ms(step_fn(lm, rope, mask, frame_ids, embeds), args.reps)
+                times[name] += step_times
+                row[name] = {"peak_mem_gb": peak}
         for name, (impl, rope, mask) in variants.items():
             lm.config._attn_implementation = impl
-            ms, peak = time_ms(step_fn(lm, rope, mask, frame_ids, embeds), warmup=3, reps=args.reps)
-            mask_ms, _ = time_ms(lambda: build_mask(lm, mask, frame_ids, embeds), warmup=3, reps=args.reps)
-            per_layer = ms / args.layers
-            row[name] = {"ms_per_layer": per_layer, "peak_mem_gb": peak, "mask_ms": mask_ms,
-                         "mfu": layer_flops(length) / (per_layer / 1e3) / (PEAK_TFLOPS * 1e12)}
+            per_layer = statistics.median(times[name]) / layers
+            row[name].update(
+                ms_per_layer=per_layer,
+                layout_ms=statistics.median(time_ms(layout_fn(lm, rope, mask, frame_ids, embeds), args.reps)[0]),
+                mfu=layer_flops(length) / (per_layer / 1e3) / (PEAK_TFLOPS * 1e12))
+        base = row["vanilla_sdpa"]
         for name in ("tc_sdpa", "tc_flex", "tc_merge"):
-            row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / row["vanilla_sdpa"]["ms_per_layer"]
-            row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / row["vanilla_sdpa"]["peak_mem_gb"]
+            row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / base["ms_per_layer"]
+            row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / base["peak_mem_gb"]
         rows.append(row)
         print(json.dumps(row))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "layers": args.layers, "dtype": "bfloat16",
-              "batch": 1, "reps": args.reps, "statistic": "median", "rows": rows}
+              "transformers": transformers.__version__, "dtype": "bfloat16",
+              "batch": 1, "reps": args.reps, "rounds": args.rounds,
+              "statistic": "median over rounds x reps", "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

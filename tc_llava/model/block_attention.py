@@ -14,7 +14,9 @@ then adds ``B``'s gradients, so no ``L x L`` mask or score matrix is ever built.
 ``B`` is two fused Triton kernels (:mod:`tc_llava.model.block_triton`) that fold it into
 ``A``'s results in place; elsewhere the blocks are reversed, which makes ``B`` an ordinary
 causal attention of all blocks as one batch, and merged with PyTorch ops. ``B`` costs
-about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``.
+about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``. Forward and backward are the
+custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
+``torch.compile``, and an autograd.Function over the same two functions in eager mode.
 
 Two attention backends are registered in transformers' ``AttentionInterface``:
 
@@ -78,31 +80,29 @@ def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockS
     """The equal-sized contiguous blocks of ``block_ids`` (-1: none), or None where the decomposition does not apply.
 
     It applies when no row has left padding (keys after a row's end are never seen by its
-    real tokens, so right padding is harmless) and every row holds the same number of
-    blocks of one size, each one contiguous run of one id.
+    real tokens, so right padding is harmless) and every row holds the same number of runs
+    of one id, all of one size, with ids rising along the row (an id that comes back after
+    a gap would be one block to the mask but two runs here). The ids and mask make one
+    copy to the host (a single sync, once per forward), where a few dozen vector ops on a
+    few thousand elements cost less than launching them on the GPU; the starts go back.
     """
-    real = attention_mask.bool()
-    if bool((real[:, 1:] & ~real[:, :-1]).any()):
-        return None  # a real token after padding: causal attention would see the pads
+    device = block_ids.device
+    block_ids, attention_mask = torch.stack([block_ids, attention_mask.to(block_ids.dtype)]).cpu()
+    batch, length = block_ids.shape
     in_block = block_ids >= 0
-    counts = in_block.sum(-1)
-    total = int(counts[0])
-    if total == 0 or bool((counts != total).any()):
+    before = nn.functional.pad(block_ids[:, :-1], (1, 0), value=-1)
+    run_starts = in_block & (block_ids != before)
+    run = run_starts.long().cumsum(-1) * in_block  # 1-based run of each block token, 0 elsewhere
+    sizes = torch.zeros(batch, length + 1, dtype=torch.long)
+    sizes = sizes.scatter_add_(1, run, in_block.long())[:, 1:]
+    start_ids = torch.where(run_starts, block_ids, -1).cummax(-1).values
+    rising = (block_ids > nn.functional.pad(start_ids[:, :-1], (1, 0), value=-1)) | ~run_starts
+    runs, sizes = run_starts.sum(-1), sizes[sizes > 0]
+    left_padded = (attention_mask[:, 1:].bool() & ~attention_mask[:, :-1].bool()).any()
+    if left_padded or runs.min() == 0 or (runs != runs[0]).any() or (sizes != sizes[0]).any() or not rising.all():
         return None
-    batch = block_ids.shape[0]
-    positions = in_block.nonzero()[:, 1].view(batch, total)
-    ids = block_ids.gather(1, positions)
-    run_ends = (ids[0, 1:] != ids[0, :-1]) | (positions[0, 1:] != positions[0, :-1] + 1)
-    size = int(run_ends.nonzero()[0, 0]) + 1 if bool(run_ends.any()) else total
-    if total % size:
-        return None
-    index, ids = positions.view(batch, -1, size), ids.view(batch, -1, size)
-    contiguous = (index[..., 1:] == index[..., :-1] + 1).all() & (ids[..., 1:] == ids[..., :1]).all()
-    touching = index[:, 1:, 0] == index[:, :-1, -1] + 1
-    distinct = ~(touching & (ids[:, 1:, 0] == ids[:, :-1, 0])).any()
-    if not bool(contiguous & distinct):
-        return None
-    return BlockSpans(index[..., 0].to(torch.int32).contiguous(), size)
+    starts = run_starts.nonzero()[:, 1].view(batch, int(runs[0])).to(torch.int32)
+    return BlockSpans(starts.to(device, non_blocking=True), int(sizes[0]))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -117,31 +117,33 @@ def sdpa_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
     return "cudnn" if choice == SDPBackend.CUDNN_ATTENTION.value else "flash"
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, kernel: str):
-    """Causal attention ``[B, H, L, D]`` -> output, fp32 log-sum-exp ``[B, H, L]``, what the backward needs."""
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None,
+            kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention ``[B, H, L, D]`` -> output and fp32 log-sum-exp ``[B, H, L]``."""
     if not q.is_cuda:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
-        return out, lse, None
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
     if kernel == "cudnn":
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, None, True, 0.0, True, False, scale=scale)
-        return out, lse.view(q.shape[:3]), (cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = torch.ops.aten._scaled_dot_product_flash_attention(
-        q, k, v, 0.0, True, False, scale=scale)
-    return out, lse, (cum_q, cum_k, max_q, max_k, seed, offset)
+        out, lse, *_ = torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, True, False,
+                                                                           scale=scale)
+        return out, lse.view(q.shape[:3])
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, True, False, scale=scale)[:2]
 
 
-def _attend_backward(grad, q, k, v, out, lse, scale, kernel, aux):
+def _attend_backward(grad, q, k, v, out, lse, scale, kernel) -> tuple[torch.Tensor, ...]:
+    """:func:`_attend`'s kernel backward. Without dropout it needs none of the forward's other outputs: there are
+    no packed sequences (``cum_seq`` undefined), the lengths are ``L``, and the RNG seed and offset go unread."""
     if not q.is_cuda:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
             grad, q, k, v, out, lse, 0.0, True, scale=scale)
-    cum_q, cum_k, max_q, max_k, seed, offset = aux
+    length = q.shape[2]
     if kernel == "cudnn":
+        seed = torch.empty((), dtype=torch.long, device=q.device)
         return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            grad, q, k, v, out, lse.unsqueeze(-1), seed, offset, None, cum_q, cum_k, max_q, max_k, 0.0, True,
+            grad, q, k, v, out, lse.unsqueeze(-1), seed, seed, None, None, None, length, length, 0.0, True,
             scale=scale)
+    seed = torch.empty(2, dtype=torch.uint64, device=q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, True, seed, offset, scale=scale)
+        grad, q, k, v, out, lse, None, None, length, length, 0.0, True, seed, seed[0], scale=scale)
 
 
 # ----------------------------------------------------------------------------- part B
@@ -179,7 +181,7 @@ def inblock_forward_torch(q, k, v, out, lse, starts, size, scale):
     causal flash-attention batch, then the log-sum-exp merge of their rows. Returns the merged pair."""
     rows, cols = _reversed_rows(q, starts, size)
     blocks = starts.numel()
-    out_b, lse_b, _ = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks), scale, "flash")
+    out_b, lse_b = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks), scale, "flash")
     out_rows, lse_rows = _token_major(out).view(-1, q.shape[1], q.shape[3]), _token_major(lse)
     lse_a, lse_b = lse_rows[rows], _rows_of(lse_b)
     merged_lse = torch.logaddexp(lse_a, lse_b)
@@ -196,7 +198,7 @@ def inblock_backward_torch(grad, q, k, v, out, lse, dq, dk, dv, starts, size, sc
     rows, cols = _reversed_rows(q, starts, size)
     n = starts.numel()
     parts = _attend_backward(_take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n),
-                             _take(out, rows, n), _take(lse, rows, n).contiguous(), scale, "flash", None)
+                             _take(out, rows, n), _take(lse, rows, n).contiguous(), scale, "flash")
     grads = []
     for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
         full_rows = _token_major(full)
@@ -214,38 +216,88 @@ def _inblock(device: torch.device):
     return inblock_forward_torch, inblock_backward_torch
 
 
-class _BlockMergeAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, starts, size, scale, kernel):
-        """``A`` on the whole sequence, then ``B`` merged into its output and log-sum-exp."""
-        out, lse, aux = _attend(q, k, v, scale, kernel)
-        out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
-        ctx.save_for_backward(q, k, v, out, lse, starts)
-        ctx.size, ctx.scale, ctx.kernel, ctx.aux = size, scale, kernel, aux
-        return out
+def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` with ``like``'s strides (a copy only where they differ), as the fake kernel promised."""
+    return t if t.stride() == like.stride() else torch.empty_like(like).copy_(t)
 
-    @staticmethod
-    def backward(ctx, grad):
-        """``A``'s kernel backward with the merged output and log-sum-exp, then ``B``'s gradients added."""
+
+def _merge_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, size: int,
+                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` on the whole sequence, then ``B`` merged into its output and log-sum-exp.
+
+    Returns the output token-major (``[B, L, H, D]``, the layout the output projection
+    reads) and the log-sum-exp ``[B, H, L]``.
+    """
+    out, lse = _attend(q, k, v, scale, sdpa_kernel(q, k, v))
+    out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
+    return out.transpose(1, 2).contiguous(), lse.contiguous()
+
+
+def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    lse: torch.Tensor, starts: torch.Tensor, size: int,
+                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``A``'s kernel backward with the merged output and log-sum-exp, then ``B``'s gradients added."""
+    grad = grad.to(out.dtype)
+    grad = (grad if grad.stride(-1) == 1 else grad.contiguous()).transpose(1, 2)
+    out, kernel = out.transpose(1, 2), sdpa_kernel(q, k, v)
+    dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, scale, kernel)
+    grads = _inblock(q.device)[1](grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale)
+    return tuple(_strided_like(g, t) for g, t in zip(grads, (q, k, v)))
+
+
+# Under torch.compile the two halves are custom ops: opaque, so dynamo neither breaks the graph at
+# the kernel choice nor lets inductor trace into the Triton kernels. Eager runs them through an
+# autograd.Function, whose Python costs a fraction of a custom op's dispatch.
+block_merge_op = torch.library.custom_op("tc_llava::block_merge", _merge_forward, mutates_args=())
+block_merge_backward_op = torch.library.custom_op("tc_llava::block_merge_backward", _merge_backward, mutates_args=())
+
+
+@block_merge_op.register_fake
+def _(q, k, v, starts, size, scale):
+    batch, heads, length, dim = q.shape
+    lse_dtype = torch.promote_types(q.dtype, torch.float32)
+    return q.new_empty(batch, length, heads, dim), q.new_empty(batch, heads, length, dtype=lse_dtype)
+
+
+@block_merge_backward_op.register_fake
+def _(grad, q, k, v, out, lse, starts, size, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    q, k, v, starts, size, scale = inputs
+    ctx.save_for_backward(q, k, v, *output, starts)
+    ctx.size, ctx.scale = size, scale
+
+
+def _backward_with(merge_backward):
+    def backward(ctx, grad, _grad_lse):
         q, k, v, out, lse, starts = ctx.saved_tensors
-        grad = grad.to(out.dtype)
-        if grad.stride(-1) != 1:
-            grad = grad.contiguous()
-        dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, ctx.scale, ctx.kernel, ctx.aux)
-        dq, dk, dv = _inblock(q.device)[1](grad, q, k, v, out, lse, dq, dk, dv, starts, ctx.size, ctx.scale)
-        return dq, dk, dv, None, None, None, None
+        return (*merge_backward(grad, q, k, v, out, lse, starts, ctx.size, ctx.scale), None, None, None)
+
+    return backward
+
+
+block_merge_op.register_autograd(_backward_with(block_merge_backward_op), setup_context=_setup_context)
+
+
+class _BlockMerge(torch.autograd.Function):
+    forward = staticmethod(_merge_forward)
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward_with(_merge_backward))
 
 
 def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: BlockSpans,
-                          scale: float | None = None, kernel: str | None = None) -> torch.Tensor:
-    """Block-causal attention of ``[B, H, L, D]`` tensors (same head count) -> ``[B, H, L, D]``.
+                          scale: float | None = None) -> torch.Tensor:
+    """Block-causal attention of ``[B, H, L, D]`` tensors (same head count) -> ``[B, H, L, D]`` (a token-major view).
 
-    ``kernel`` (``flash`` or ``cudnn`` on CUDA) defaults to the one SDPA picks for causal attention.
+    Part ``A`` runs on the kernel SDPA itself picks for causal attention (cuDNN or flash).
     """
     if spans.size < 2:  # one-token blocks: the rule is plain causal
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _BlockMergeAttention.apply(q, k, v, spans.starts, spans.size, scale, kernel or sdpa_kernel(q, k, v))
+    merge = block_merge_op if torch.compiler.is_compiling() else _BlockMerge.apply
+    return merge(q, k, v, spans.starts, spans.size, scale)[0].transpose(1, 2)
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:

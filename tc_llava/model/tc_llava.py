@@ -178,13 +178,15 @@ class TCLlava(nn.Module):
                 )
             num_frames = None if pixel_values is None else pixel_values.shape[1]
             frame_ids = self.frame_ids(input_ids, num_frames)
-            if pixel_values is not None:
-                visual = self.encode_video(pixel_values).to(embeds.dtype)
-                embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
+            # Positions and mask before the vision tower: the layout's host sync then waits for
+            # little, and the tower's kernels keep the GPU busy while the host goes on.
             rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
             position_ids = real_token_index(frame_ids, attention_mask)
             mask, position_ids, layers_kwargs = self._prefill_mask(
                 embeds, attention_mask, frame_ids, past_key_values, position_ids)
+            if pixel_values is not None:
+                visual = self.encode_video(pixel_values).to(embeds.dtype)
+                embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
         pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
         with lm.rotary_emb.use(rope_positions, pair_axes):
             out = lm(
