@@ -246,8 +246,9 @@ def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
 
 
 # Under torch.compile the two halves are custom ops: opaque, so dynamo neither breaks the graph at
-# the kernel choice nor lets inductor trace into the Triton kernels. Eager runs them through an
-# autograd.Function, whose Python costs a fraction of a custom op's dispatch.
+# the kernel choice nor lets inductor trace into the Triton kernels. Eager calls the same functions
+# through an autograd.Function, which skips the dispatcher's round trip into Python (one measurement
+# on the H100's host: 1.3 ms against 1.8 ms for a small fwd+bwd).
 block_merge_op = torch.library.custom_op("tc_llava::block_merge", _merge_forward, mutates_args=())
 block_merge_backward_op = torch.library.custom_op("tc_llava::block_merge_backward", _merge_backward, mutates_args=())
 
