@@ -64,26 +64,26 @@ def build_mask(lm: LlamaModel, rule_mask, frame_ids: torch.Tensor, embeds: torch
     return {"attention_mask": mask, "position_ids": position_ids}
 
 
+def layout_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
+    """What the step builds once for all layers: the rotary positions and the LLM call's mask arguments."""
+    def build() -> tuple[torch.Tensor, dict]:
+        positions = rule_rope.positions(frame_ids, torch.ones_like(frame_ids))
+        return positions, build_mask(lm, rule_mask, frame_ids, embeds)
+
+    return build
+
+
 def step_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
-    """One fwd+bwd of the layers as TCLlava.forward drives them (mask built inside the step)."""
-    attention_mask = torch.ones_like(frame_ids)
+    """One fwd+bwd of the layers as TCLlava.forward drives them (layout built inside the step)."""
+    layout = layout_fn(lm, rule_rope, rule_mask, frame_ids, embeds)
 
     def run():
-        positions = rule_rope.positions(frame_ids, attention_mask)
+        positions, mask_kwargs = layout()
         with lm.rotary_emb.use(positions):
-            out = lm(inputs_embeds=embeds, **build_mask(lm, rule_mask, frame_ids, embeds)).last_hidden_state
+            out = lm(inputs_embeds=embeds, **mask_kwargs).last_hidden_state
         out.float().square().mean().backward()
 
     return run
-
-
-def layout_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
-    """What the step builds once for all layers: the rotary positions and the mask arguments."""
-    def build():
-        rule_rope.positions(frame_ids, torch.ones_like(frame_ids))
-        build_mask(lm, rule_mask, frame_ids, embeds)
-
-    return build
 
 
 def time_ms(fn, reps: int) -> tuple[list[float], float]:

@@ -26,6 +26,7 @@ from shapes import random_tc_llava, video_prompts
 from timing import cuda_times_ms
 from tc_llava.model.block_attention import AUTO as BLOCK_AUTO, NAME as BLOCK_MERGE
 from tc_llava.model.rope import real_token_index
+from tc_llava.train.loop import compile_layers
 
 PEAK = 989.5e12
 
@@ -70,8 +71,7 @@ def main() -> None:
         if args.checkpointing:
             model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if args.compile:
-            for layer in model.language_model.layers:
-                layer.compile()
+            compile_layers(model)
         ids, mask, pixels = video_prompts(model, batch=1)
         labels = ids.masked_fill(ids == model.image_token_id, -100)
 

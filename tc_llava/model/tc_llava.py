@@ -216,12 +216,11 @@ class TCLlava(nn.Module):
         if block_ids is None:
             return attention_mask, position_ids, {}
         config = self.language_model.config
-        empty_cache = past_key_values is None or past_key_values.get_seq_length() == 0
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         device = embeds.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else embeds.dtype
         impl = config._attn_implementation
-        if (impl in (block_attention.NAME, block_attention.AUTO) and empty_cache
+        if (impl in (block_attention.NAME, block_attention.AUTO)
                 and block_attention.flash_available(embeds.device, dtype, head_dim)):
             spans = block_attention.block_spans(block_ids, attention_mask)
             if spans is not None:
