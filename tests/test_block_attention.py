@@ -14,6 +14,7 @@ from tc_llava.model.block_attention import (
     AUTO, NAME, block_merge_attention, block_merge_backward_op, block_merge_op, block_spans, resolve_attention,
     uses_flex,
 )
+from tc_llava.model.hf_compat import cache_kwargs
 from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import TADRoPE, VideoRoPE
@@ -170,11 +171,11 @@ def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
     config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=16)
     config._attn_implementation = AUTO
     embeds = torch.zeros(2, 12, 64)
-    plain = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, past_key_values=None)
+    plain = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=None, **cache_kwargs(None))
     assert plain is None and not built  # SDPA's causal kernel needs no mask
     frame_ids, mask = layout([2, 2], 12, frames=2, per_frame=3, pad_right=[0, 2])
-    block = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, past_key_values=None,
-                               block_sequence_ids=frame_ids)
+    block = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=mask, block_sequence_ids=frame_ids,
+                               **cache_kwargs(None))
     assert block == "block mask" and len(built) == 1
 
 

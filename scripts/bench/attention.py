@@ -28,6 +28,7 @@ from transformers import LlamaConfig, LlamaModel
 from timing import cuda_times_ms
 
 from tc_llava.model.block_attention import NAME as BLOCK_MERGE, block_spans
+from tc_llava.model.hf_compat import cache_kwargs
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
 
@@ -60,7 +61,7 @@ def build_mask(lm: LlamaModel, rule_mask, frame_ids: torch.Tensor, embeds: torch
     if lm.config._attn_implementation == BLOCK_MERGE:
         return {"attention_mask": None, "position_ids": None, "block_spans": block_spans(block_ids, attention_mask)}
     mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              past_key_values=None, position_ids=position_ids, block_sequence_ids=block_ids)
+                              position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(None))
     return {"attention_mask": mask, "position_ids": position_ids}
 
 

@@ -25,6 +25,7 @@ import transformers
 from shapes import random_tc_llava, video_prompts
 from timing import cuda_times_ms
 from tc_llava.model.block_attention import AUTO as BLOCK_AUTO, NAME as BLOCK_MERGE
+from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.model.rope import real_token_index
 from tc_llava.train.loop import compile_layers
 
@@ -69,7 +70,7 @@ def main() -> None:
         model = random_tc_llava(args.layers, attn, tc=tc)
         model.hf.model.vision_tower.requires_grad_(False)
         if args.checkpointing:
-            model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.hf)
         if args.compile:
             compile_layers(model)
         ids, mask, pixels = video_prompts(model, batch=1)

@@ -53,7 +53,7 @@ def generate(
         raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be 1 for every sample")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
     out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
-    cache, positions = out.past_key_values, out.rope_positions[..., -1:]
+    cache, positions = out.cache, out.rope_positions[..., -1:]
     position_ids = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens, scores = [], []
@@ -70,7 +70,7 @@ def generate(
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], -1)
         positions = model.rope.next_positions(positions)
         out = model(
-            nxt[:, None], attention_mask, past_key_values=cache, use_cache=True,
+            nxt[:, None], attention_mask, cache=cache, use_cache=True,
             rope_positions=positions, position_ids=position_ids,
         )
         position_ids = position_ids + 1

@@ -23,13 +23,14 @@ import hydra.utils
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
 from tc_llava.model import block_attention
 from tc_llava.model.generation import GenerationOutput, generate
+from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, output_cache
 from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
 from tc_llava.model.masks import CausalMask, MaskRule, check_backend
 from tc_llava.model.pooling import VideoPooling
@@ -43,7 +44,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 class TCLlavaOutput(ModelOutput):
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     rope_positions: torch.Tensor | None = None
     frame_ids: torch.Tensor | None = None
 
@@ -149,7 +150,7 @@ class TCLlava(nn.Module):
         attention_mask: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool = False,
         rope_positions: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
@@ -167,9 +168,9 @@ class TCLlava(nn.Module):
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
         frame_ids, layers_kwargs = None, {}
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        if cache is not None and cache.get_seq_length() > 0:
             if rope_positions is None:
-                raise ValueError("a decode step (filled past_key_values) needs rope_positions")
+                raise ValueError("a decode step (a filled cache) needs rope_positions")
             mask = attention_mask
         else:
             if pixel_values is not None and pixel_values.ndim != 5:
@@ -183,7 +184,7 @@ class TCLlava(nn.Module):
             rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
             position_ids = real_token_index(frame_ids, attention_mask)
             mask, position_ids, layers_kwargs = self._prefill_mask(
-                embeds, attention_mask, frame_ids, past_key_values, position_ids)
+                embeds, attention_mask, frame_ids, cache, position_ids)
             if pixel_values is not None:
                 visual = self.encode_video(pixel_values).to(embeds.dtype)
                 embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
@@ -191,7 +192,7 @@ class TCLlava(nn.Module):
         with lm.rotary_emb.use(rope_positions, pair_axes):
             out = lm(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                past_key_values=past_key_values, use_cache=use_cache, **layers_kwargs,
+                use_cache=use_cache, **cache_kwargs(cache), **layers_kwargs,
             )
         hidden = out.last_hidden_state
         loss = logits = None
@@ -200,11 +201,11 @@ class TCLlava(nn.Module):
         else:
             logits = self.hf.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TCLlavaOutput(
-            loss=loss, logits=logits, past_key_values=out.past_key_values,
+            loss=loss, logits=logits, cache=output_cache(out),
             rope_positions=rope_positions, frame_ids=frame_ids,
         )
 
-    def _prefill_mask(self, embeds, attention_mask, frame_ids, past_key_values, position_ids):
+    def _prefill_mask(self, embeds, attention_mask, frame_ids, cache, position_ids):
         """(mask, position_ids, extra layer kwargs) for the LLM call.
 
         Causal rules: the 2D padding mask (HF builds the rest). Block rules: the block
@@ -227,7 +228,7 @@ class TCLlava(nn.Module):
                 return None, None, {"block_spans": spans}
         mask = create_causal_mask(
             config=config, inputs_embeds=embeds, attention_mask=attention_mask,
-            past_key_values=past_key_values, position_ids=position_ids, block_sequence_ids=block_ids,
+            position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(cache),
         )
         return mask, position_ids, {}
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from tc_llava.data.collate import MODEL_KEYS, DataReport
 from tc_llava.model.build import model_from_config
+from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.train.checkpoint import TrainState, export_model, load_checkpoint, resolve_resume, save_checkpoint
 from tc_llava.train.optim import cosine_with_warmup, param_groups
 from tc_llava.train.tuning import apply_tuning, trainable_summary
@@ -136,7 +137,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if param.requires_grad and param.dtype == torch.float32:
                 param.data = param.data.to(torch.bfloat16)
     if t.gradient_checkpointing:
-        model.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.hf)
     if t.compile:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))
