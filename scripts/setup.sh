@@ -1,14 +1,40 @@
 #!/usr/bin/env bash
-# Create .venv and install tc-llava with its dev extra, from nothing.
-# torch is pinned in every pip command (TORCH, default the CPU build 2.13.0), so no other
-# requirement can pull a different (multi-GB CUDA) build. DeepSpeed ships as source only
-# and builds against the installed torch, hence torch first and --no-build-isolation.
+# Create .venv and install tc-llava with its dev extra from the committed lock, from nothing.
+#   LOCK=requirements/lock.txt (default): the exact versions CI tested, for CPython 3.11 on
+#        Linux x86_64 (refresh: bash scripts/lock.sh); LOCK=none: pyproject's ranges instead.
+#   TORCH=torch==2.13.0 (default, the CPU build): torch is installed apart from the lock, pinned
+#        in every pip command so that nothing pulls a different (multi-GB CUDA) build.
+#   VENV=.venv, PYTHON=python3.
+# DeepSpeed ships as source only and builds against the installed torch, hence torch first
+# and --no-build-isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH="${TORCH:-torch==2.13.0}"
 PYTHON="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q "$TORCH"
-.venv/bin/python -m pip install -q --no-build-isolation "$TORCH" -e ".[dev]"
-.venv/bin/python -c "import torch, transformers, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
+VENV="${VENV:-.venv}"
+LOCK="${LOCK:-requirements/lock.txt}"
+PY="$VENV/bin/python"
+if [ "$LOCK" != none ]; then
+    [ -f "$LOCK" ] || { echo "setup.sh: LOCK=$LOCK not found" >&2; exit 2; }
+    if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        echo "setup.sh: $LOCK is for CPython 3.11 (what CI tests); $PYTHON is $("$PYTHON" -V 2>&1)." >&2
+        echo "  Use PYTHON=python3.11, or LOCK=none to install pyproject's version ranges (a combination CI did not test)." >&2
+        exit 2
+    fi
+fi
+[ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+if [ "$LOCK" = none ]; then
+    "$PY" -m pip install -q --upgrade pip setuptools wheel
+    "$PY" -m pip install -q "$TORCH"
+    "$PY" -m pip install -q --no-build-isolation "$TORCH" -e ".[dev]"
+else
+    "$PY" -m pip install -q $(grep -E '^(pip|setuptools|wheel)==' "$LOCK")
+    "$PY" -m pip install -q "$TORCH"
+    # --no-deps: exactly the lock; pip check below proves it complete and consistent.
+    "$PY" -m pip install -q --no-deps --no-build-isolation -r "$LOCK"
+    "$PY" -m pip install -q --no-deps --no-build-isolation -e .
+fi
+# decord's only wheel (py3-none-manylinux2010 by its name) declares cp36 inside: pip check flags it, it works.
+problems=$("$PY" -m pip check 2>&1 | grep -v '^decord 0.6.0 is not supported on this platform$' | grep -v '^No broken requirements found.$' || true)
+[ -z "$problems" ] || { echo "setup.sh: pip check: $problems" >&2; exit 1; }
+"$PY" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"

@@ -294,7 +294,7 @@ def mixture(tmp_path, tok, proc, weights, sizes, **kwargs) -> SFTDataset:
     corpora = {}
     for name, weight, size in zip("xyz", weights, sizes):
         records = [{"video": f"{name}{i}.mp4", "QA": [{"q": "Q", "a": "A"}]} for i in range(size)]
-        corpora[name] = {"json": write_json(tmp_path / f"{name}.json", records), "media_root": "m", "type": "videochat2",
+        corpora[name] = {"json": write_json(tmp_path / f"{name}.json", records), "media_root": str(tmp_path), "type": "videochat2",
                          "weight": weight}
     return SFTDataset(corpora, tok, proc, N_VISUAL, num_frames=T, **kwargs)
 

@@ -15,7 +15,8 @@ from tc_llava.data.datasets import SampleError
 from tc_llava.data.synthetic import generate
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.build import model_from_config
-from tc_llava.train.loop import NonFiniteLossError, train
+from tc_llava.train.checkpoint import NonFiniteError
+from tc_llava.train.loop import train
 from tc_llava.train.tuning import apply_tuning
 
 from conftest import CONFIGS, TINY
@@ -78,7 +79,7 @@ def test_stopped_run_resumes_with_identical_losses(synthetic, tmp_path, monkeypa
 
     monkeypatch.setattr(TCLlava, "forward", poisoned)
     cfg = train_cfg(synthetic, tmp_path / "run", *args)
-    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .* last good checkpoint is untouched"):
+    with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5 .* last good checkpoint is untouched"):
         train(cfg)
     monkeypatch.setattr(TCLlava, "forward", forward)
     kept = sorted(p.name for p in (tmp_path / "run/checkpoints").iterdir())

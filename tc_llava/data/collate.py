@@ -83,7 +83,8 @@ class DataReport:
     """Totals of samples, truncations and skips over the batches a trainer consumed.
 
     ``load_skips`` are the dataset's load-time counts (malformed records), counted once.
-    With several ranks, each rank reports its own batches.
+    With several ranks, each rank reports its own batches. ``state_dict`` goes into
+    checkpoints, so a resumed run's counts continue where the checkpoint left them.
     """
 
     def __init__(self, load_skips: Mapping[str, int] | None = None):
@@ -100,6 +101,17 @@ class DataReport:
             counts["samples"] += batch["num_samples"]
             counts["truncated"] += batch["num_truncated"]
             counts["skips"].update(batch["skips"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run's and the current epoch's counts so far (load-time skips apart: each run recounts them)."""
+        return {part: {**counts, "skips": dict(counts["skips"])}
+                for part, counts in (("total", self.total), ("epoch", self.epoch))}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        for part in ("total", "epoch"):
+            counts = state[part]
+            setattr(self, part, {"samples": counts["samples"], "truncated": counts["truncated"],
+                                 "skips": Counter(counts["skips"])})
 
     def totals(self) -> dict[str, Any]:
         """Run totals: ``{samples, truncated, skips: {reason: n}}``, load-time skips included."""

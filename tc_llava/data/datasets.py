@@ -66,15 +66,28 @@ ZERO_FRAMES = "zero_frames"
 UNREADABLE = "unreadable_media"
 
 
-class RecordError(ValueError):
+class DataError(ValueError):
+    """Bad training data, named down to the file and record.
+
+    A DataLoader worker's exception reaches the trainer rebuilt from one string, the
+    worker's whole traceback with the message on its last line; rebuilt so, the error's
+    text is that last line again and ``worker_traceback`` keeps the rest.
+    """
+
+    def __init__(self, message: str):
+        self.worker_traceback = None
+        if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+            self.worker_traceback = message
+            message = message.rstrip().rsplit("\n", 1)[-1].split(": ", 1)[-1]
+        super().__init__(message)
+
+
+class RecordError(DataError):
     """A JSON record that does not have the expected structure."""
 
 
-class SampleError(ValueError):
-    """A record whose media could not be turned into a sample; ``skip`` says which and why.
-
-    Constructible from the message alone, so DataLoader workers re-raise it as itself.
-    """
+class SampleError(DataError):
+    """A record whose media could not be turned into a sample; ``skip`` says which and why."""
 
     def __init__(self, message: str, skip: Mapping[str, Any] | None = None):
         super().__init__(message)
@@ -170,6 +183,39 @@ def _parse(raw: Any, corpus: Corpus) -> _Record:
     return _Record(media, turns, bound)
 
 
+def _corpus(name: str, spec: Mapping[str, Any]) -> Corpus:
+    missing = {"json", "media_root", "type"} - set(spec)
+    if missing:
+        raise ValueError(f"corpus {name!r}: missing fields {sorted(missing)} (expected json, media_root, type, weight)")
+    if spec["type"] not in CORPUS_TYPES:
+        raise ValueError(f"corpus {name!r}: type must be one of {CORPUS_TYPES}, got {spec['type']!r}")
+    weight = spec.get("weight")
+    if weight is not None and not (_is_number(weight) and weight >= 0):
+        raise ValueError(f"corpus {name!r}: weight must be a number >= 0 or null, got {weight!r}")
+    corpus = Corpus(name, str(spec["json"]), str(spec["media_root"]), spec["type"], weight)
+    if not os.path.isfile(corpus.json):
+        raise FileNotFoundError(f"corpus {name!r}: json {corpus.json} not found (data.corpora.{name}.json)")
+    if not os.path.isdir(corpus.media_root):
+        raise FileNotFoundError(
+            f"corpus {name!r}: media_root {corpus.media_root} is not a directory (data.corpora.{name}.media_root)")
+    return corpus
+
+
+def check_sources(corpora: Mapping[str, Mapping[str, Any]], num_frames: int,
+                  select: Sequence[str] | None = None) -> list[Corpus]:
+    """The selected registry entries, checked down to their files, and the frame count.
+
+    Cheap (no JSON is parsed), so trainers call it before loading a model.
+    """
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"data.num_frames must be a positive integer (frames sampled per video), got {num_frames!r}")
+    names = list(corpora) if select is None else list(select)
+    unknown = sorted(set(names) - set(corpora))
+    if unknown:
+        raise ValueError(f"select names corpora {unknown} that the registry lacks; it has {sorted(corpora)}")
+    return [_corpus(name, corpora[name]) for name in names]
+
+
 def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
     exact = weights / weights.sum() * total
     counts = np.floor(exact).astype(int)
@@ -207,6 +253,7 @@ class SFTDataset(torch.utils.data.Dataset):
         ``system=None`` uses the template's system prompt."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        self.corpora = check_sources(corpora, num_frames, select)
         self.template = get_template(template)
         self.image_token = image_token_of(tokenizer)
         self.tokenizer = tokenizer
@@ -225,11 +272,6 @@ class SFTDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.load_skips: Counter[str] = Counter()
         self._runtime_skips: Counter[str] = Counter()
-        names = list(corpora) if select is None else list(select)
-        unknown = sorted(set(names) - set(corpora))
-        if unknown:
-            raise ValueError(f"select names corpora {unknown} that the registry lacks; it has {sorted(corpora)}")
-        self.corpora = [self._corpus(name, corpora[name]) for name in names]
         self.records = [self._load(c) for c in self.corpora]
         weights = []
         for corpus, records in zip(self.corpora, self.records):
@@ -239,22 +281,10 @@ class SFTDataset(torch.utils.data.Dataset):
             weights.append(weight)
         self.weights = np.asarray(weights, dtype=float)
         if not self.weights.sum() > 0:
-            raise ValueError(f"no corpus to sample from: weights {dict(zip(names, weights))}")
+            raise ValueError(f"no corpus to sample from: weights {dict(zip([c.name for c in self.corpora], weights))}")
         self.epoch_size = sum(len(r) for r in self.records) if epoch_size is None else epoch_size
         self._plan_epoch: int | None = None
         self._plan: np.ndarray | None = None
-
-    @staticmethod
-    def _corpus(name: str, spec: Mapping[str, Any]) -> Corpus:
-        missing = {"json", "media_root", "type"} - set(spec)
-        if missing:
-            raise ValueError(f"corpus {name!r}: missing fields {sorted(missing)} (expected json, media_root, type, weight)")
-        if spec["type"] not in CORPUS_TYPES:
-            raise ValueError(f"corpus {name!r}: type must be one of {CORPUS_TYPES}, got {spec['type']!r}")
-        weight = spec.get("weight")
-        if weight is not None and not (_is_number(weight) and weight >= 0):
-            raise ValueError(f"corpus {name!r}: weight must be a number >= 0 or null, got {weight!r}")
-        return Corpus(name, str(spec["json"]), str(spec["media_root"]), spec["type"], weight)
 
     def _load(self, corpus: Corpus) -> list[_Record]:
         """Parse and validate every record up front, so bad annotations surface before training."""

@@ -32,15 +32,14 @@ from tqdm.auto import tqdm
 from tc_llava.data.collate import MODEL_KEYS, DataReport
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
-from tc_llava.train.checkpoint import TrainState, export_model, load_checkpoint, resolve_resume, save_checkpoint
+from tc_llava.train.checkpoint import (
+    NonFiniteError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint, save_checkpoint,
+)
 from tc_llava.train.optim import cosine_with_warmup, param_groups
+from tc_llava.train.settings import check_train_config
 from tc_llava.train.tuning import apply_tuning, trainable_summary
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -116,13 +115,28 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` rows after ``step``: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    tmp.replace(path)
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Train per ``cfg``; returns the final state (losses, data counts) and export path."""
+    check_train_config(cfg)
     t = cfg.trainer
-    accelerator = make_accelerator(cfg)
-    set_seed(cfg.seed, device_specific=False)
     run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg)
+    resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))
+    accelerator.wait_for_everyone()  # every rank has looked before the main process clears anything
+    set_seed(cfg.seed, device_specific=False)
     if accelerator.is_main_process:
+        if cfg.get("overwrite", False):
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "meta.json").write_text(json.dumps(run_meta(), indent=1))
@@ -158,14 +172,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                               init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
 
     state = TrainState()
-    resume_from = resolve_resume(run_dir, cfg.resume)
-    if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from)
-        log.info("resumed from %s at step %d", resume_from, state.step)
     report = DataReport(dataset.load_skips)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, run_dir)
+        report.load_state_dict(state.data)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    metrics_file = run_dir / "metrics.jsonl"
+    if accelerator.is_main_process:
+        keep_metrics_until(metrics_file, state.step)
     stream = micro_batches(loader, dataset, accelerator, state, report)
     bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
-    metrics_file = run_dir / "metrics.jsonl"
     while state.step < total_steps:
         tic = time.perf_counter()
         window = [next(stream) for _ in range(t.grad_accum)]
@@ -175,13 +191,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             with accelerator.accumulate(model):
                 loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
                 if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
-                    raise NonFiniteLossError(
+                    raise NonFiniteError(
                         f"non-finite loss at step {state.step + 1} (sources {batch['sources']}); stopping. "
                         f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
                     )
                 loss_sum += loss.detach()
                 accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
+        # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
+        # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+        if grad_norm is not None and not math.isfinite(float(grad_norm)):
+            raise NonFiniteError(
+                f"non-finite gradient norm ({float(grad_norm)}) at step {state.step + 1} with a finite loss "
+                f"{accelerator.reduce(loss_sum, 'sum').item():.4g}; stopping before the optimizer step. "
+                f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
+            )
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad()
@@ -202,11 +226,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
         bar.update(1)
         if state.step % t.save_every == 0 or state.step == total_steps:
-            state.data = report.totals()
-            save_checkpoint(accelerator, run_dir, state, t.keep_last)
+            state.data = report.state_dict()
+            save_checkpoint(accelerator, model, run_dir, state, t.keep_last)
     bar.close()
-    state.data = report.totals()
-    log.info("data: %s", state.data)
+    state.data = report.state_dict()
+    log.info("data: %s", report.totals())
     exported = None
     if cfg.export.enabled:
         def build_fresh():
@@ -216,4 +240,5 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         exported = export_model(accelerator, model, build_fresh, run_dir / "export",
                                 lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
     accelerator.end_training()
-    return {**asdict(state), "export": str(exported) if exported else None, "run_dir": str(run_dir)}
+    return {**asdict(state), "data": report.totals(), "export": str(exported) if exported else None,
+            "run_dir": str(run_dir)}
