@@ -83,7 +83,7 @@ def test_videorope_hand_values_and_delta_zero():
     assert got[2].tolist() == [0, 1] + [1, 2, 3] * 2 + [3, 4, 5] * 2 + [5, 6, 7]
     flat = VideoRoPE(delta=0.0).positions(torch.tensor([LAYOUT]), None, (2, 3))[:, 0]
     assert flat[0].tolist() == [0, 1] + [2] * 12 + [3, 4, 5]  # every frame at one temporal index
-    with pytest.raises(ValueError, match="delta must be >= 0"):
+    with pytest.raises(ValueError, match="rope.delta must be a finite number >= 0"):
         VideoRoPE(delta=-1.0)
 
 

@@ -4,6 +4,7 @@ LLM's attention, KV-cache generation, pooling, save/load and input errors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -256,12 +257,33 @@ def test_llava_next_qwen2_and_flex_forward(tiny_next, tiny_qwen2, static_compile
         assert (flex_or_next - sdpa)[real].abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("shape, frames, problems", [
+    ([8, 5, 5], 8, "its 5x5 spatial shape exceeds the 4x4 token grid of the vision tower (valid: H 1..4, W 1..4)"),
+    ([8, 2, 2], 4, "its T=8 exceeds the 4 frames given (valid: T 1..4, or use at least 8 frames)"),
+    ([8, 2, 5], 4, "its 2x5 spatial shape exceeds the 4x4 token grid of the vision tower (valid: H 1..4, W 1..4); "
+                   "its T=8 exceeds the 4 frames given (valid: T 1..4, or use at least 8 frames)"),
+], ids=["space", "time", "both"])
+def test_pooling_error_names_the_axis_at_fault(tiny_llama, shape, frames, problems):
+    model = load(tiny_llama, pooling=VideoPooling(shape))
+    with pytest.raises(ValueError) as error:
+        model.tokens_per_video(frames)
+    assert str(error.value) == f"projector.pooling_shape={shape} cannot be pooled: {problems}; pooling never upsamples"
+
+
+@pytest.mark.parametrize("shape", ["abc", [8, 5], [2.5, 2, 2], [True, 2, 2], [0, 2, 2], ["8", 2, 2]])
+def test_pooling_shape_must_be_three_positive_ints(shape):
+    message = f"projector.pooling_shape must be 3 integers >= 1 (T, H, W), got {shape!r}"
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        VideoPooling(shape)
+
+
 # --------------------------------------------------------------------------- save / load
 def test_save_and_load_rebuilds_the_same_model(tiny_llama, tmp_path):
     model = load(tiny_llama, TADRoPE(gamma=0.5), FrameBlockCausalMask(), pooling=VideoPooling([2, 2, 2]))
     model.save_pretrained(tmp_path / "ckpt")
     saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())["tc_llava"]
-    assert saved["rope"] == {"_target_": "tc_llava.model.rope.TADRoPE", "gamma": 0.5, "name": "tad"}
+    assert saved == {"rope": {"name": "tad", "gamma": 0.5}, "mask": {"name": "frame_block_causal"},
+                     "pooling_shape": [2, 2, 2]}
     again = TCLlava.from_pretrained(tmp_path / "ckpt").eval()
     assert again.rope == TADRoPE(gamma=0.5) and isinstance(again.mask, FrameBlockCausalMask)
     assert again.pooling.pooling_shape == (2, 2, 2) and again.tokenizer is not None
@@ -284,7 +306,7 @@ def test_clear_errors_on_bad_input(tiny_llama, tmp_path):
     with pytest.raises(ValueError, match="expected one video placeholder expanded to 32 tokens for 2 frames"):
         model(ids, mask, pixels[:, :2])
     pooled = load(tiny_llama, pooling=VideoPooling([8, 2, 2]))
-    with pytest.raises(ValueError, match=r"cannot pool 4 frames .* \(use at least 8 frames"):
+    with pytest.raises(ValueError, match=r"its T=8 exceeds the 4 frames given \(valid: T 1..4, or use at least 8"):
         pooled.tokens_per_video(4)
     with pytest.raises(FileNotFoundError, match="config.json not found: expected a llava-hf checkpoint"):
         TCLlava.from_pretrained(tmp_path)

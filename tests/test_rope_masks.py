@@ -1,11 +1,20 @@
-"""The public numerics: temporal positions and the dense frame-block-causal mask."""
+"""The public numerics: temporal positions and the dense frame-block-causal mask; the rules' checked parameters."""
 
 from __future__ import annotations
 
-import torch
+import re
 
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
+from omegaconf import ListConfig
+
+from tc_llava.model.build import model_from_config
 from tc_llava.model.masks import frame_block_causal_mask
-from tc_llava.model.rope import real_token_index, temporal_positions
+from tc_llava.model.rope import MRoPE, TADRoPE, VideoRoPE, real_token_index, temporal_positions
+
+from conftest import CONFIGS
 
 
 def reference_positions(frames: list[int], gamma: float) -> list[float]:
@@ -77,3 +86,52 @@ def test_mask_matches_pairwise_rule_with_padding():
         assert torch.equal(mask[b, 0], dense_reference(frames[b], real[b]))
     # a visual token sees the later tokens of its own frame, text never sees ahead
     assert mask[1, 0, 1, 3] and not mask[1, 0, 3, 4] and not mask[0, 0, 1, 2]
+
+
+# --------------------------------------------------------------------------- checked parameters
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: TADRoPE(gamma=NAN), "rope.gamma must be a finite number >= 0, got nan"),
+    (lambda: TADRoPE(gamma=INF), "rope.gamma must be a finite number >= 0, got inf"),
+    (lambda: TADRoPE(gamma=-0.5), "rope.gamma must be a finite number >= 0, got -0.5"),
+    (lambda: TADRoPE(gamma="0.5"), "rope.gamma must be a finite number >= 0, got '0.5'"),
+    (lambda: TADRoPE(gamma=True), "rope.gamma must be a finite number >= 0, got True"),
+    (lambda: VideoRoPE(delta=NAN), "rope.delta must be a finite number >= 0, got nan"),
+    (lambda: VideoRoPE(delta=-1.0), "rope.delta must be a finite number >= 0, got -1.0"),
+    (lambda: VideoRoPE(temporal_pairs=1.5), "rope.temporal_pairs must be an integer >= 0, got 1.5"),
+    (lambda: VideoRoPE(temporal_pairs=-1), "rope.temporal_pairs must be an integer >= 0, got -1"),
+    (lambda: MRoPE(mrope_section="abc"), "rope.mrope_section must be 3 integers >= 0 (t, h, w), got 'abc'"),
+    (lambda: MRoPE(mrope_section=[16, 24]), "rope.mrope_section must be 3 integers >= 0 (t, h, w), got [16, 24]"),
+    (lambda: MRoPE(mrope_section=[16.0, 24, 24]),
+     "rope.mrope_section must be 3 integers >= 0 (t, h, w), got [16.0, 24, 24]"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_rule_parameters_are_checked_where_the_rule_is_made(make, message):
+    with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+        make()
+
+
+def test_valid_parameters_keep_their_meaning():
+    assert TADRoPE(gamma=0).gamma == 0.0 and type(TADRoPE(gamma=2).gamma) is float
+    assert temporal_positions(torch.tensor([[-1, 0, 0, -1]]), TADRoPE(gamma=0).gamma)[0].tolist() == [0, 1, 2, 3]
+    assert MRoPE(mrope_section=ListConfig([2, 3, 3])).mrope_section == (2, 3, 3)
+    assert VideoRoPE(delta=0, temporal_pairs=0) == VideoRoPE(delta=0.0, temporal_pairs=0)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["rope=tad", "rope.gamma=nan"], "rope.gamma must be a finite number >= 0, got nan"),
+    (["rope=tad", "rope.gamma=abc"], "rope.gamma must be a finite number >= 0, got 'abc'"),
+    (["rope=tad", "rope.gamma=-0.5"], "rope.gamma must be a finite number >= 0, got -0.5"),
+    (["rope=videorope", "rope.delta=nan"], "rope.delta must be a finite number >= 0, got nan"),
+    (["rope=mrope", "rope.mrope_section=[a,b,c]"],
+     "rope.mrope_section must be 3 integers >= 0 (t, h, w), got ['a', 'b', 'c']"),
+    (["projector=pllava_pool", "projector.pooling_shape=abc"],
+     "projector.pooling_shape must be 3 integers >= 1 (T, H, W), got 'abc'"),
+], ids=lambda v: v[-1] if isinstance(v, list) else None)
+def test_command_line_values_are_checked_before_the_model_loads(tmp_path, overrides, message):
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("eval", overrides=[*overrides, f"paths.cache={tmp_path}"])
+    with pytest.raises(InstantiationException, match=re.escape(message)):
+        model_from_config(cfg)
+    assert not any(tmp_path.iterdir())  # refused before the tiny model was built

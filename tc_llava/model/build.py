@@ -30,7 +30,7 @@ def build_pooling(name: str, pooling_shape: list[int] | None, model_pooling_shap
     shape = pooling_shape or model_pooling_shape
     if shape is None:
         raise ValueError("projector=pllava_pool needs projector.pooling_shape (T, H, W): this model has no default")
-    return VideoPooling(list(shape))
+    return VideoPooling(shape)
 
 
 def build_model(
@@ -49,11 +49,11 @@ def build_model(
     ``rope``, ``mask`` or ``projector`` left as None come from the checkpoint's saved
     TC-LLaVA settings (vanilla / causal / mlp for a plain llava-hf checkpoint).
     """
-    path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
     pooling = None
     if projector is not None:
         projector = dict(projector)
         pooling = build_pooling(projector.get("name", "mlp"), projector.get("pooling_shape"), pllava_pooling_shape)
+    path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
     return TCLlava.from_pretrained(
         path, rope=rope, mask=mask, pooling=pooling,
         attn_implementation=attn_implementation, dtype=getattr(torch, dtype),

@@ -13,6 +13,7 @@ form; :func:`block_causal_mask` is the dense reference the tests compare against
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,8 +42,8 @@ def frame_block_causal_mask(frame_ids: torch.Tensor, attention_mask: torch.Tenso
 class CausalMask:
     """Plain causal attention (the HF model's own mask)."""
 
-    name: str = "causal"
-    is_causal: bool = True
+    name: ClassVar[str] = "causal"
+    is_causal: ClassVar[bool] = True
 
     def block_ids(self, frame_ids: torch.Tensor) -> torch.Tensor | None:
         return None
@@ -52,8 +53,8 @@ class CausalMask:
 class FrameBlockCausalMask:
     """Visual tokens see their whole frame and everything earlier; text stays causal."""
 
-    name: str = "frame_block_causal"
-    is_causal: bool = False
+    name: ClassVar[str] = "frame_block_causal"
+    is_causal: ClassVar[bool] = False
 
     def block_ids(self, frame_ids: torch.Tensor) -> torch.Tensor | None:
         return frame_ids
@@ -66,14 +67,19 @@ class BidirectionalVisualMask:
     One block holding every visual token: ``block = 0`` for visual tokens, -1 for text.
     """
 
-    name: str = "bidirectional_visual"
-    is_causal: bool = False
+    name: ClassVar[str] = "bidirectional_visual"
+    is_causal: ClassVar[bool] = False
 
     def block_ids(self, frame_ids: torch.Tensor) -> torch.Tensor | None:
         return torch.where(frame_ids >= 0, torch.zeros_like(frame_ids), torch.full_like(frame_ids, -1))
 
 
 MaskRule = CausalMask | FrameBlockCausalMask | BidirectionalVisualMask
+
+# Every mask rule under the name that configs and checkpoints know it by (see ROPE_RULES).
+MASK_RULES: dict[str, type[MaskRule]] = {
+    rule.name: rule for rule in (CausalMask, FrameBlockCausalMask, BidirectionalVisualMask)
+}
 
 
 def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:

@@ -11,30 +11,41 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from tc_llava.model.params import integers
+
 
 class VideoPooling(nn.Module):
     """Pool per-frame projected features ``[B, T, H*W, D]`` to ``[B, T'*H'*W', D]``."""
 
     def __init__(self, pooling_shape: tuple[int, int, int] | list[int] | None = None) -> None:
         super().__init__()
-        if pooling_shape is not None and (len(pooling_shape) != 3 or min(pooling_shape) < 1):
-            raise ValueError(f"projector.pooling_shape must be three positive ints (T, H, W), got {pooling_shape}")
-        self.pooling_shape = tuple(int(s) for s in pooling_shape) if pooling_shape is not None else None
+        self.pooling_shape = (
+            None if pooling_shape is None else integers("projector.pooling_shape", pooling_shape, ("T", "H", "W"), 1)
+        )
 
     @property
     def name(self) -> str:
         return "mlp" if self.pooling_shape is None else "pllava_pool"
 
     def output_grid(self, num_frames: int, grid: tuple[int, int]) -> tuple[int, int, int]:
-        """(frames, height, width) of the visual tokens for ``num_frames`` frames of a ``grid``."""
+        """(frames, height, width) of the visual tokens for ``num_frames`` frames of a ``grid``.
+
+        Pooling never upsamples; a shape it cannot reach is refused naming the axis at fault
+        (the vision tower's grid fixes H and W, the data's frame count fixes T).
+        """
         if self.pooling_shape is None:
             return num_frames, grid[0], grid[1]
         t, h, w = self.pooling_shape
-        if t > num_frames or h > grid[0] or w > grid[1]:
-            raise ValueError(
-                f"projector.pooling_shape={list(self.pooling_shape)} cannot pool {num_frames} frames of a "
-                f"{grid[0]}x{grid[1]} grid: pooling never upsamples (use at least {t} frames or a smaller shape)"
-            )
+        problems = []
+        if h > grid[0] or w > grid[1]:
+            problems.append(f"its {h}x{w} spatial shape exceeds the {grid[0]}x{grid[1]} token grid of the vision "
+                            f"tower (valid: H 1..{grid[0]}, W 1..{grid[1]})")
+        if t > num_frames:
+            problems.append(f"its T={t} exceeds the {num_frames} frames given "
+                            f"(valid: T 1..{num_frames}, or use at least {t} frames)")
+        if problems:
+            raise ValueError(f"projector.pooling_shape={list(self.pooling_shape)} cannot be pooled: "
+                             f"{'; '.join(problems)}; pooling never upsamples")
         return t, h, w
 
     def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -16,9 +16,12 @@ equals a full recompute.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
+
+from tc_llava.model.params import integer, integers, number
 
 # Qwen2-VL's split of 64 frequency pairs (head_dim 128) into t/h/w; scaled to other head dims.
 QWEN2VL_SECTION = (16, 24, 24)
@@ -127,7 +130,7 @@ def scaled_section(num_pairs: int, section: tuple[int, ...] = QWEN2VL_SECTION) -
 class VanillaRoPE:
     """Plain 1D RoPE: position ``m``, one step per token (the HF model's own behaviour)."""
 
-    name: str = "vanilla"
+    name: ClassVar[str] = "vanilla"
 
     def positions(self, frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -145,11 +148,17 @@ class TADRoPE:
     """Temporal-aware dual RoPE: ``p = m + gamma * tau`` (``gamma = 0`` is vanilla RoPE).
 
     Every generated (text) token advances both ``m`` and ``tau``, so decoding steps by
-    ``1 + gamma``.
+    ``1 + gamma``. ``gamma`` must be finite and >= 0. With ``-1 < gamma < 0`` a step across a
+    frame boundary or between text tokens (``1 + gamma``) would be shorter than a step inside a
+    frame (1), reversing the temporal emphasis the method adds; from ``gamma = -1`` on, text and
+    decoding positions would stand still or run backwards. No source uses a negative gamma.
     """
 
     gamma: float = 1.0
-    name: str = "tad"
+    name: ClassVar[str] = "tad"
+
+    def __post_init__(self) -> None:
+        self.gamma = number("rope.gamma", self.gamma)
 
     def positions(self, frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -176,11 +185,11 @@ class MRoPE:
     """
 
     mrope_section: tuple[int, int, int] | None = None
-    name: str = "mrope"
+    name: ClassVar[str] = "mrope"
 
     def __post_init__(self) -> None:
-        if self.mrope_section is not None:  # a Hydra ListConfig must not reach the saved checkpoint config
-            self.mrope_section = tuple(int(s) for s in self.mrope_section)
+        if self.mrope_section is not None:  # a tuple: a Hydra ListConfig must not reach the saved config
+            self.mrope_section = integers("rope.mrope_section", self.mrope_section, ("t", "h", "w"))
 
     def positions(self, frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -194,8 +203,8 @@ class MRoPE:
         return last.amax(0, keepdim=True).expand_as(last) + 1.0
 
     def pair_axes(self, num_pairs: int) -> torch.Tensor:
-        section = tuple(self.mrope_section) if self.mrope_section is not None else scaled_section(num_pairs)
-        if len(section) != 3 or min(section) < 0 or sum(section) != num_pairs:
+        section = self.mrope_section if self.mrope_section is not None else scaled_section(num_pairs)
+        if sum(section) != num_pairs:
             raise ValueError(
                 f"rope.mrope_section={list(section)} must be three counts (t, h, w) summing to the model's "
                 f"{num_pairs} frequency pairs (head_dim / 2); null scales Qwen2-VL's 16/24/24"
@@ -218,16 +227,18 @@ class VideoRoPE:
     Frequencies (``apply_m_modify_multimodal_rotary_pos_emb`` there): the
     ``temporal_pairs`` lowest-frequency pairs rotate by t (low-frequency temporal
     allocation, 16 of 64 there; ``None`` scales that); the higher ones alternate h, w.
-    ``delta = 0`` puts every frame at the same temporal index.
+    ``delta = 0`` puts every frame at the same temporal index; a negative or non-finite
+    spacing is refused.
     """
 
     delta: float = 2.0
     temporal_pairs: int | None = None
-    name: str = "videorope"
+    name: ClassVar[str] = "videorope"
 
     def __post_init__(self) -> None:
-        if self.delta < 0:
-            raise ValueError(f"rope.delta must be >= 0 (the temporal spacing of frames), got {self.delta}")
+        self.delta = number("rope.delta", self.delta)
+        if self.temporal_pairs is not None:
+            self.temporal_pairs = integer("rope.temporal_pairs", self.temporal_pairs)
 
     def positions(self, frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -242,7 +253,7 @@ class VideoRoPE:
 
     def pair_axes(self, num_pairs: int) -> torch.Tensor:
         temporal = self.temporal_pairs if self.temporal_pairs is not None else scaled_section(num_pairs)[0]
-        if not 0 <= temporal <= num_pairs:
+        if temporal > num_pairs:
             raise ValueError(
                 f"rope.temporal_pairs={temporal} must be between 0 and the model's {num_pairs} frequency pairs"
             )
@@ -251,6 +262,10 @@ class VideoRoPE:
 
 
 RopeRule = VanillaRoPE | TADRoPE | MRoPE | VideoRoPE
+
+# Every rope rule under the name that configs and checkpoints know it by: a checkpoint names a
+# rule, never a class or a callable.
+ROPE_RULES: dict[str, type[RopeRule]] = {rule.name: rule for rule in (VanillaRoPE, TADRoPE, MRoPE, VideoRoPE)}
 
 
 def multi_axis_cos_sin(

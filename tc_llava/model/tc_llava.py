@@ -13,13 +13,11 @@ is used as it is; this module only composes its parts for video:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import hydra.utils
 import torch
 from peft import PeftModel
 from torch import nn
@@ -35,6 +33,7 @@ from tc_llava.model.layout import check_visual_token_count, frame_ids_from_token
 from tc_llava.model.masks import CausalMask, MaskRule, check_backend
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
+from tc_llava.model.settings import check_adapter_config, read_settings, rule_settings
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -47,12 +46,6 @@ class TCLlavaOutput(ModelOutput):
     cache: Cache | None = None
     rope_positions: torch.Tensor | None = None
     frame_ids: torch.Tensor | None = None
-
-
-def _settings(obj: Any) -> dict[str, Any]:
-    """A rope/mask rule as a Hydra-instantiable dict, stored in the checkpoint's config."""
-    cls = type(obj)
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **dataclasses.asdict(obj)}
 
 
 class TCLlava(nn.Module):
@@ -250,8 +243,9 @@ class TCLlava(nn.Module):
 
     # ----------------------------------------------------------------- save / load
     def tc_settings(self) -> dict[str, Any]:
+        """What ``config.json`` records as ``tc_llava``: the rules by name, plain JSON values only."""
         pooling = list(self.pooling.pooling_shape) if self.pooling.pooling_shape else None
-        return {"rope": _settings(self.rope), "mask": _settings(self.mask), "pooling_shape": pooling}
+        return {"rope": rule_settings(self.rope), "mask": rule_settings(self.mask), "pooling_shape": pooling}
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         """An ordinary llava-hf directory whose config also records the TC-LLaVA settings."""
@@ -275,6 +269,9 @@ class TCLlava(nn.Module):
         """Load a llava-hf checkpoint; rules not given come from the checkpoint, else vanilla/causal/mlp.
 
         A directory holding a peft adapter beside the base weights loads with the adapter merged.
+        Nothing in the directory runs: the rules are read by name (:mod:`tc_llava.model.settings`),
+        ``auto_map`` entries are never trusted and ``.bin`` pickles load weights only; both are
+        fixed here, so ``hf_kwargs`` cannot turn them on (a second value is a TypeError).
         """
         path = Path(path)
         config_file = path / "config.json"
@@ -282,26 +279,29 @@ class TCLlava(nn.Module):
             raise FileNotFoundError(f"{config_file} not found: expected a llava-hf checkpoint directory")
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise FileNotFoundError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
-        model_type = json.loads(config_file.read_text()).get("model_type")
+        config = json.loads(config_file.read_text())
+        model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        saved_rope, saved_mask, saved_pooling = read_settings(config, config_file)
+        adapter_file = path / "adapter_config.json"  # an export with the LoRA adapter kept apart
+        has_adapter = adapter_file.is_file()
+        if has_adapter:  # before transformers, which loads an adapter it finds by itself
+            check_adapter_config(adapter_file)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         attn_implementation = block_attention.resolve_attention(attn_implementation)
         hf = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
-            **hf_kwargs,
+            **hf_kwargs, trust_remote_code=False, weights_only=True,
         )
-        if (path / "adapter_config.json").is_file():  # an export with the LoRA adapter kept apart
+        if has_adapter:
             hf = PeftModel.from_pretrained(hf, path).merge_and_unload()
-        saved = getattr(hf.config, "tc_llava", None) or {}
-        rope = rope or (hydra.utils.instantiate(saved["rope"]) if "rope" in saved else None)
-        mask = mask or (hydra.utils.instantiate(saved["mask"]) if "mask" in saved else None)
-        pooling = pooling or VideoPooling(saved.get("pooling_shape"))
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         has_processor = (path / "preprocessor_config.json").is_file()
         return cls(
-            hf, rope, mask, pooling,
-            tokenizer=AutoTokenizer.from_pretrained(path) if has_tokenizer else None,
-            image_processor=AutoImageProcessor.from_pretrained(path) if has_processor else None,
+            hf, rope or saved_rope, mask or saved_mask, pooling or saved_pooling,
+            tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None,
+            image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
+                             if has_processor else None),
         )
