@@ -18,6 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tc_llava.data.datasets import check_sources
+from tc_llava.model.masks import MASK_RULES
+from tc_llava.model.rope import ROPE_RULES
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")  # what torchrun/accelerate set
@@ -25,6 +27,20 @@ LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"
 
 class SettingsError(ValueError):
     """A setting of the wrong type or out of range, named by its full key."""
+
+
+_RULE_NAMES = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in {**ROPE_RULES, **MASK_RULES}.items()}
+
+
+def rule_name(target: str | None) -> str:
+    """The registered name of the rule a ``rope``/``mask`` config builds (``tad``); ``saved`` when the
+    group is null (the checkpoint's rule). Resolver ``${rule_name:...}``: run directories are named by it."""
+    if target is None:
+        return "saved"
+    return _RULE_NAMES.get(target, target.rsplit(".", 1)[-1])
+
+
+OmegaConf.register_new_resolver("rule_name", rule_name, replace=True)
 
 
 @dataclass
@@ -105,7 +121,10 @@ def check_data(data: DictConfig) -> None:
     dataset = data.dataset
     corpora = OmegaConf.to_container(dataset.corpora, resolve=True)
     select = dataset.get("select")
-    check_sources(corpora, dataset.num_frames, None if select is None else list(select))
+    try:
+        check_sources(corpora, dataset.num_frames, None if select is None else list(select))
+    except (ValueError, FileNotFoundError) as e:
+        raise SettingsError(str(e)) from None
 
 
 def check_train_config(cfg: DictConfig) -> TrainerSettings:
@@ -118,5 +137,5 @@ def check_train_config(cfg: DictConfig) -> TrainerSettings:
             try:
                 instantiate(cfg[group])
             except InstantiationException as e:
-                raise SettingsError(f"{group}: {e.__cause__ or e}") from None
+                raise SettingsError(str(e.__cause__ or e)) from None
     return trainer
