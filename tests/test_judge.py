@@ -48,7 +48,7 @@ from tc_llava.eval.scoring import (
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "configs" / "judge" / "prompts"
 KEY_ENV = "TC_LLAVA_TEST_JUDGE_KEY"
-SERVED = ("judge-test", "judge-other", "judge-a", "judge-b")  # what the test server's GET /v1/models lists
+SERVED = ("judge-test", "judge-other", "judge-a", "judge-b")  # the test server's GET /v1/models
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -177,8 +177,8 @@ class ChatServer:
                 server.gets.append(self.path)
                 if self.path != "/v1/models" or server.models is None:
                     return self._send(404, b'{"error": "not found"}')
-                listing = {"object": "list", "data": [{"id": m, "object": "model"} for m in server.models]}
-                self._send(200, json.dumps(listing).encode())
+                models = [{"id": m, "object": "model"} for m in server.models]
+                self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -436,7 +436,8 @@ def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_s
         judge.score_items(items, prompt, cache)
     # without the breaker: 3 + 9 items x 6 attempts, each item's backoff slept in full
     assert server.count() == 3 + 5 and server.count("q3") == 5
-    assert {i: r.status for i, r in read_cache(cache).items()} == {f"v{i}_0": "ok" for i in range(3)}
+    statuses = {i: r.status for i, r in read_cache(cache).items()}
+    assert statuses == {f"v{i}_0": "ok" for i in range(3)}
 
     server.reset_counts()
     for k in keys[3:]:
@@ -453,7 +454,8 @@ def test_http_judge_dead_endpoint_stops_at_once(monkeypatch, tmp_path):
     judge = _judge(url, max_retries=5, backoff_base_s=0.1, backoff_jitter=0.0)
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
     t0 = time.monotonic()
-    with pytest.raises(JudgeError, match=rf"5 requests in a row could not reach {re.escape(url)} .*refused"):
+    stopped = rf"5 requests in a row could not reach {re.escape(url)} .*refused"
+    with pytest.raises(JudgeError, match=stopped):
         judge.score_items(_items([f"q{i}" for i in range(40)]), prompt, tmp_path / "c.jsonl")
     assert time.monotonic() - t0 < 2.0
     assert read_cache(tmp_path / "c.jsonl") == {}  # stopped items are not recorded as failed
@@ -507,11 +509,13 @@ def test_http_judge_preflight(chat_server, monkeypatch):
         _judge(server.base_url).preflight()
 
     server = chat_server({"": [("status", 400, {})]}, models=None)
-    with pytest.raises(JudgeError, match=r"judge\.model=judge-test: a one-line chat request was refused.*HTTP 400"):
+    refused = r"judge\.model=judge-test: a one-line chat request was refused.*HTTP 400"
+    with pytest.raises(JudgeError, match=refused):
         _judge(server.base_url).preflight()
 
     url = _dead_url()
-    with pytest.raises(JudgeError, match=rf"judge\.base_url={re.escape(url)}: cannot reach {re.escape(url)}/models"):
+    unreachable = rf"judge\.base_url={re.escape(url)}: cannot reach {re.escape(url)}/models"
+    with pytest.raises(JudgeError, match=unreachable):
         _judge(url).preflight()
 
     server = chat_server({})

@@ -461,7 +461,8 @@ def test_nothing_judged_fails_and_keeps_the_earlier_results(anet_root, tmp_path,
     for key in script:
         script[key] = [("close",)]
     t0 = time.monotonic()
-    with pytest.raises(JudgeError, match=rf"judge stopped: 5 requests in a row could not reach {re.escape(chat.base_url)}"):
+    stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(chat.base_url)} "
+    with pytest.raises(JudgeError, match=stopped):
         run(_compose(*args, "judge.model=judge-b", "judge.max_retries=5", "judge.backoff_base_s=1.0"))
     assert time.monotonic() - t0 < 5  # per-item retries alone would sleep 1 + 2 + 4 + 8 + 16 s
     assert {name: (run_dir / name).read_bytes() for name in outputs} == kept

@@ -245,7 +245,7 @@ class ItemJudgeError(Exception):
 
 
 class CircuitBreaker:
-    """Stops a judging run once ``limit`` requests in a row, over all threads, never reached the endpoint.
+    """Stops a judging run once ``limit`` requests in a row (all threads) never reached the server.
 
     Against a dead endpoint each item would spend its whole retry budget in backoff (about
     31 s with the defaults, 70 minutes per 1,000 items at concurrency 8). Any request that
@@ -272,9 +272,9 @@ class CircuitBreaker:
             self.count += 1
             if self.count >= self.limit:
                 self.reason = (
-                    f"judge stopped: {self.count} requests in a row could not reach {self.endpoint} "
-                    f"(judge.max_consecutive_failures={self.limit}); last error: {error}. Verdicts so far "
-                    "are cached: re-run once the endpoint answers"
+                    f"judge stopped: {self.count} requests in a row could not reach "
+                    f"{self.endpoint} (judge.max_consecutive_failures={self.limit}); last error: "
+                    f"{error}. Verdicts so far are cached: re-run once the endpoint answers"
                 )
                 self._open.set()
 
@@ -284,7 +284,7 @@ class CircuitBreaker:
             raise JudgeError(self.reason)
 
     def wait(self, seconds: float) -> None:
-        """Sleep before a retry, waking (and raising) at once if another thread opens the breaker."""
+        """Sleep before a retry; wake (and raise) at once if another thread opens the breaker."""
         self._open.wait(seconds)
         self.check()
 
@@ -385,7 +385,8 @@ class Judge:
     def breaker(self) -> CircuitBreaker:
         """A fresh breaker for one run of :meth:`score_items`, named by the judge's endpoint."""
         where = self.describe()
-        return CircuitBreaker(self.max_consecutive_failures, where.get("base_url") or where["model"])
+        endpoint = where.get("base_url") or where["model"]
+        return CircuitBreaker(self.max_consecutive_failures, endpoint)
 
     def judge_one(
         self,
@@ -468,7 +469,8 @@ class Judge:
 
                 breaker = self.breaker()
                 futures = [
-                    pool.submit(self.judge_one, i, messages[i], prompt.schema, breaker) for i in todo
+                    pool.submit(self.judge_one, i, messages[i], prompt.schema, breaker)
+                    for i in todo
                 ]
                 try:
                     for future in as_completed(futures):
@@ -477,8 +479,9 @@ class Judge:
                     pool.shutdown(wait=True, cancel_futures=True)
                     for future in futures:
                         finished = future.done() and not future.cancelled()
-                        if finished and future.exception() is None and future.result().id not in done:
-                            keep(future.result())
+                        if finished and future.exception() is None:
+                            if future.result().id not in done:
+                                keep(future.result())
                     raise
         results = [done[item_id] for item_id in items]
         failed = sum(not r.ok for r in results)
@@ -493,7 +496,7 @@ _NO_CONNECTION = (urllib.error.URLError, ConnectionError)
 
 
 def _served_models(payload: bytes) -> set[str]:
-    """Model ids of a ``GET /models`` answer (``{"data": [{"id": ...}]}``); empty if it is not one."""
+    """Model ids of a ``GET /models`` answer (``{"data": [{"id": ...}]}``); empty if not one."""
     try:
         return {str(m["id"]) for m in json.loads(payload)["data"]}
     except (ValueError, KeyError, TypeError):

@@ -45,7 +45,8 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
     q_path = root / spec.questions
     questions = read_json_list(q_path, f"{cfg.dataset} questions ({field}.questions)", root_field)
     a_path = root / spec.answers if spec.answers else q_path
-    answers = read_json_list(a_path, f"{cfg.dataset} answers ({field}.answers)", root_field) if spec.answers else questions
+    answers = (read_json_list(a_path, f"{cfg.dataset} answers ({field}.answers)", root_field)
+               if spec.answers else questions)
     if len(answers) != len(questions):
         raise ValueError(f"{a_path}: {len(answers)} answers for the {len(questions)} questions of {q_path}; "
                          "the two lists pair by position")
