@@ -427,8 +427,7 @@ def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_s
     keys = [f"q{i}" for i in range(12)]
     script = {k: [("reply", "{'score': 4}")] if i < 3 else [("close",)] for i, k in enumerate(keys)}
     server = chat_server(script)
-    judge = _judge(server.base_url, concurrency=1, max_retries=5)
-    assert judge.max_consecutive_failures == 5  # configs/judge/openai.yaml
+    judge = _judge(server.base_url, concurrency=1, max_retries=5)  # N from configs/judge/openai.yaml
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
     items, cache = _items(keys), tmp_path / "c.jsonl"
     stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(server.base_url)} "
@@ -436,6 +435,7 @@ def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_s
         judge.score_items(items, prompt, cache)
     # without the breaker: 3 + 9 items x 6 attempts, each item's backoff slept in full
     assert server.count() == 3 + 5 and server.count("q3") == 5
+    assert judge.max_consecutive_failures == 5
     statuses = {i: r.status for i, r in read_cache(cache).items()}
     assert statuses == {f"v{i}_0": "ok" for i in range(3)}
 
