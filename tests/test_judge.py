@@ -2,8 +2,9 @@
 
 The server is a real ``http.server`` on 127.0.0.1 (port 0) speaking chat completions,
 scripted per item: good, malformed, 429 with Retry-After, 500, 400, slow (past the
-client timeout). Requests are counted on the server, so resume is checked by what the
-server actually saw.
+client timeout), a connection closed without a reply. Requests are counted on the server,
+so resume is checked by what the server actually saw. A dead endpoint is a port nothing
+listens on.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from tc_llava.eval.scoring import (
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "configs" / "judge" / "prompts"
 KEY_ENV = "TC_LLAVA_TEST_JUDGE_KEY"
+SERVED = ("judge-test", "judge-other", "judge-a", "judge-b")  # the test server's GET /v1/models
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -155,13 +157,14 @@ class ChatServer:
 
     ``script[key]`` is a list of actions used one per request (the last one repeats):
     ``("reply", text)``, ``("status", code, headers)``, ``("slow", seconds, text)``,
-    ``("body", raw_bytes)``.
+    ``("body", raw_bytes)``, ``("close",)`` (hang up without a reply). ``GET /v1/models``
+    lists ``models`` (None: 404, a server without that route); GETs are not counted.
     """
 
-    def __init__(self, script, key_of):
-        self.script, self.key_of = script, key_of
+    def __init__(self, script, key_of, models=SERVED):
+        self.script, self.key_of, self.models = script, key_of, models
         self.requests = defaultdict(list)  # key -> [arrival time]
-        self.bodies, self.auth = [], []
+        self.bodies, self.auth, self.gets = [], [], []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
         server = self
@@ -169,6 +172,13 @@ class ChatServer:
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, *args):
                 pass
+
+            def do_GET(self):
+                server.gets.append(self.path)
+                if self.path != "/v1/models" or server.models is None:
+                    return self._send(404, b'{"error": "not found"}')
+                models = [{"id": m, "object": "model"} for m in server.models]
+                self._send(200, json.dumps({"object": "list", "data": models}).encode())
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -206,6 +216,8 @@ class ChatServer:
                     return self._send(action[1], b'{"error": {"message": "scripted"}}', action[2])
                 if kind == "body":
                     return self._send(200, action[1])
+                if kind == "close":
+                    return  # HTTP/1.0: the connection closes with nothing sent
                 if kind == "slow":
                     time.sleep(action[1])
                 text = action[-1]
@@ -238,8 +250,8 @@ def chat_server(monkeypatch):
     monkeypatch.setenv(KEY_ENV, "test-key")
     servers = []
 
-    def start(script, key_of=_question_of):
-        server = ChatServer(script, key_of)
+    def start(script, key_of=_question_of, models=SERVED):
+        server = ChatServer(script, key_of, models)
         server.thread.start()
         servers.append(server)
         return server
@@ -401,6 +413,116 @@ def test_http_judge_connection_refused_is_bounded(monkeypatch, tmp_path):
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["TU"]
     (result,) = judge.score_items(_items(["q"]), prompt, tmp_path / "c.jsonl")
     assert result.status == "failed" and result.attempts == 3 and "127.0.0.1" in result.error
+
+
+def _dead_url() -> str:
+    """A base URL on a loopback port nothing listens on: every connection is refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_server, tmp_path):
+    """The endpoint starts hanging up mid-run: exactly N requests fail, then the run stops."""
+    keys = [f"q{i}" for i in range(12)]
+    script = {k: [("reply", "{'score': 4}")] if i < 3 else [("close",)] for i, k in enumerate(keys)}
+    server = chat_server(script)
+    judge = _judge(server.base_url, concurrency=1, max_retries=5)  # N from configs/judge/openai.yaml
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    items, cache = _items(keys), tmp_path / "c.jsonl"
+    stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(server.base_url)} "
+    with pytest.raises(JudgeError, match=stopped + r".*RemoteDisconnected"):
+        judge.score_items(items, prompt, cache)
+    # without the breaker: 3 + 9 items x 6 attempts, each item's backoff slept in full
+    assert server.count() == 3 + 5 and server.count("q3") == 5
+    assert judge.max_consecutive_failures == 5
+    statuses = {i: r.status for i, r in read_cache(cache).items()}
+    assert statuses == {f"v{i}_0": "ok" for i in range(3)}
+
+    server.reset_counts()
+    for k in keys[3:]:
+        script[k] = [("reply", "{'score': 2}")]
+    results = judge.score_items(items, prompt, cache)
+    assert server.count() == 9 and all(r.ok for r in results)
+    assert [r.cached for r in results] == [True] * 3 + [False] * 9
+
+
+def test_http_judge_dead_endpoint_stops_at_once(monkeypatch, tmp_path):
+    monkeypatch.setenv(KEY_ENV, "k")
+    url = _dead_url()
+    # per item, retries would sleep 0.1 * (1 + 2 + 4 + 8 + 16) = 3.1 s: 40 items on 4 threads, 31 s
+    judge = _judge(url, max_retries=5, backoff_base_s=0.1, backoff_jitter=0.0)
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    t0 = time.monotonic()
+    stopped = rf"5 requests in a row could not reach {re.escape(url)} .*refused"
+    with pytest.raises(JudgeError, match=stopped):
+        judge.score_items(_items([f"q{i}" for i in range(40)]), prompt, tmp_path / "c.jsonl")
+    assert time.monotonic() - t0 < 2.0
+    assert read_cache(tmp_path / "c.jsonl") == {}  # stopped items are not recorded as failed
+
+
+def test_http_judge_breaker_keeps_verdicts_finished_meanwhile(chat_server, tmp_path):
+    """A verdict in flight on another thread when the breaker opens is still cached."""
+    script = {
+        "slow": [("slow", 0.6, "{'score': 5}")],
+        "gone": [("close",)],
+        "later": [("reply", "{'score': 1}")],
+    }
+    server = chat_server(script)
+    judge = _judge(server.base_url, concurrency=2, max_retries=5, timeout_s=5)
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    cache = tmp_path / "c.jsonl"
+    with pytest.raises(JudgeError, match="5 requests in a row"):
+        judge.score_items(_items(["slow", "gone", "later"]), prompt, cache)
+    assert (server.count("slow"), server.count("gone"), server.count("later")) == (1, 5, 0)
+    cached = read_cache(cache)
+    assert list(cached) == ["v0_0"] and cached["v0_0"].parsed == {"score": 5}
+
+
+def test_http_judge_404_names_url_and_model(chat_server, tmp_path):
+    server = chat_server({"q": [("status", 404, {})]})
+    judge = _judge(server.base_url, api_key_env=None)
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    with pytest.raises(JudgeError) as info:
+        judge.score_items(_items(["q"]), prompt, tmp_path / "c.jsonl")
+    message = str(info.value)
+    assert f"HTTP 404 from {server.base_url}/chat/completions" in message
+    assert "judge.model=judge-test" in message and "None" not in message
+
+
+def test_http_judge_preflight(chat_server, monkeypatch):
+    """GET /models settles it when it lists the model; otherwise one chat request decides."""
+    server = chat_server({})
+    _judge(server.base_url).preflight()
+    assert server.gets == ["/v1/models"] and server.count() == 0  # nothing billed
+
+    server = chat_server({"": [("reply", "ok")]}, models=None)  # no /models route: not fatal
+    _judge(server.base_url).preflight()
+    assert server.gets == ["/v1/models"] and server.count() == 1
+
+    server = chat_server({"": [("status", 503, {})]}, models=None)  # up, but busy: going on
+    _judge(server.base_url).preflight()
+
+    server = chat_server({"": [("status", 404, {})]}, models=("another-model",))
+    chat_url = re.escape(f"{server.base_url}/chat/completions")
+    with pytest.raises(JudgeError, match=rf"HTTP 404 from {chat_url}.*judge\.model=judge-test"):
+        _judge(server.base_url).preflight()
+
+    server = chat_server({"": [("status", 400, {})]}, models=None)
+    refused = r"judge\.model=judge-test: a one-line chat request was refused.*HTTP 400"
+    with pytest.raises(JudgeError, match=refused):
+        _judge(server.base_url).preflight()
+
+    url = _dead_url()
+    unreachable = rf"judge\.base_url={re.escape(url)}: cannot reach {re.escape(url)}/models"
+    with pytest.raises(JudgeError, match=unreachable):
+        _judge(url).preflight()
+
+    server = chat_server({})
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(JudgeError, match=rf"environment variable {KEY_ENV} is not set"):
+        _judge(server.base_url).preflight()
+    assert server.gets == [] and server.count() == 0
 
 
 def test_http_judge_auth_errors_abort(chat_server, tmp_path):
@@ -568,6 +690,14 @@ def test_local_judge_garbage_is_failed_not_hung(tiny_judge_path, tmp_path):
     assert judge.prompt_text(
         [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
     ) == ("system: S\nuser: U\nassistant:")
+
+
+def test_local_judge_checks_its_path_and_loads_on_first_use(tiny_judge_path, tmp_path):
+    """The eval app builds the judge before generating: that must cost no weights."""
+    judge = LocalJudge(str(tiny_judge_path))
+    assert "lm" not in vars(judge) and "tokenizer" not in vars(judge)
+    with pytest.raises(JudgeError, match=rf"judge\.model_path={tmp_path}: no config\.json there"):
+        LocalJudge(str(tmp_path))
 
 
 def test_local_judge_scripted_generation_is_parsed(tiny_judge_path, tmp_path, monkeypatch):

@@ -5,13 +5,15 @@ frame folder with bounds, a corrupt mp4 and a missing file) under the official t
 table's json names and prefixes. The model is the tiny Llama LLaVA with its LLM re-drawn
 at a larger scale, so that greedy outputs differ from video to video and prompt to prompt
 (a plain random init answers every item with the same token, which would make the
-batch/process/resume equalities vacuous).
+batch/process/resume equalities vacuous). Wrong paths must fail before the model builder
+runs, and a run that answers nothing must leave the results of an earlier run in place.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from hydra import compose, initialize_config_dir
 from PIL import Image
 
 from tc_llava.data import video
+from tc_llava.eval import __main__ as app
 from tc_llava.eval import mvbench, runner
 from tc_llava.eval.__main__ import run
 from tc_llava.model.tc_llava import TCLlava
@@ -361,3 +364,51 @@ def test_scores_follow_the_cached_outputs(bench, lively, single, tmp_path, monke
     assert results["Avg"]["total"] == len(expected) == NUM_ITEMS - 2
     for task, counts in results["tasks"].items():
         assert counts["correct"] == sum(ok for i, ok in expected.items() if i.startswith(task + "/"))
+
+
+# --------------------------------------------------------------------------- checks before the model
+
+PATH_CASES = [  # (what is removed, relative to the root ("": the root), extra overrides, what the error expects)
+    ("", (), "the MVBench directory holding json/ and video/"),
+    ("json/action_antonym.json", (), r"the questions of task 'Action Antonym' \(benchmark\.json_dir=json\)"),
+    ("video/perception/videos", (),
+     r"the media of task 'Object Shuffle' \(benchmark\.video_dir=video, then its prefix\)"),
+    ("tasks.json", ("benchmark.task_table=from_root",), r"the task table \(benchmark\.task_table=from_root\)"),
+]
+
+
+@pytest.mark.parametrize(("removed", "extra", "expected"), PATH_CASES)
+def test_paths_checked_before_the_model_loads(removed, extra, expected, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("the model was built before the check"))
+    root = tmp_path / "MVBench"
+    table = {name: row for name, row in _official_table().items() if name in TASKS}
+    for json_file, prefix, *_ in table.values():
+        (root / "json").mkdir(parents=True, exist_ok=True)
+        (root / "json" / json_file).write_text("[]")
+        (root / "video" / prefix).mkdir(parents=True, exist_ok=True)
+    (root / "tasks.json").write_text(json.dumps(table))
+    missing = root / removed
+    shutil.rmtree(missing) if missing.is_dir() else missing.unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        _evaluate(root, Path("unused"), tmp_path / "run", *extra)
+    assert re.fullmatch(rf"benchmark\.root={re.escape(str(root))}: {re.escape(str(missing))} not found; "
+                        rf"expected {expected}", str(info.value)), str(info.value)
+
+
+def test_a_run_that_answers_nothing_keeps_the_earlier_results(bench, lively, tmp_path):
+    run_dir = tmp_path / "run"
+    common = ("benchmark.limit=1", "benchmark.decode.num_workers=0")
+    assert _evaluate(bench, lively, run_dir, *common)["Avg"]["total"] == len(TASKS)
+    outputs = ("results.json", "results.md", "results.png", "predictions.jsonl")
+    kept = {name: (run_dir / name).read_bytes() for name in outputs}
+
+    # the same questions over a tree whose media folders exist but are empty: every item fails
+    empty = tmp_path / "empty"
+    shutil.copytree(bench / "json", empty / "json")
+    for name, row in _official_table().items():
+        if name in TASKS:
+            (empty / "video" / row[1]).mkdir(parents=True)
+    with pytest.raises(RuntimeError, match=r"mvbench: no question could be answered, 4 failed \(e\.g\. .*seq0\.mp4: "
+                                           r".*\); the results in .* were left as they were"):
+        _evaluate(empty, lively, run_dir, *common)
+    assert {name: (run_dir / name).read_bytes() for name in outputs} == kept

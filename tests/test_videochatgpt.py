@@ -6,12 +6,18 @@ is re-drawn at a larger scale (so answers depend on the input), and scores throu
 chat-completions server on 127.0.0.1 (``ChatServer`` of test_judge) scripted per
 dimension and question. Scores are checked against hand computation from the script;
 resume is checked by counting ``TCLlava.generate`` calls and the requests the server saw.
+What fails without a model (paths, the judge's key, endpoint and model) must fail before the
+model builder runs, and a scoring that judges nothing must fail without touching earlier results.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import av
@@ -22,10 +28,11 @@ from hydra import compose, initialize_config_dir
 from tc_llava.eval import __main__ as app
 from tc_llava.eval import videochatgpt, zeroshot_qa
 from tc_llava.eval.__main__ import run
+from tc_llava.eval.judge import JudgeError
 from tc_llava.model.tc_llava import TCLlava
 
-from conftest import CONFIGS
-from test_judge import chat_server  # noqa: F401  (the scripted 127.0.0.1 server fixture)
+from conftest import CONFIGS, REPO
+from test_judge import KEY_ENV, _dead_url, chat_server  # noqa: F401  (the scripted 127.0.0.1 server fixture)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -73,8 +80,8 @@ def generated(monkeypatch) -> list[int]:
     return calls
 
 
-def _evaluate(benchmark: str, root: Path, model: Path, run_dir: Path, base_url: str, *extra: str):
-    overrides = [
+def _overrides(benchmark: str, root: Path, model: Path, run_dir: Path, base_url: str, *extra: str) -> list[str]:
+    return [
         f"benchmark={benchmark}", f"benchmark.root={root}", f"run_dir={run_dir}",
         "model=pretrained", f"model.checkpoint={model}", "model.dtype=float32",
         "benchmark.num_frames=4", "benchmark.max_new_tokens=6", "benchmark.batch_size=3",
@@ -82,9 +89,21 @@ def _evaluate(benchmark: str, root: Path, model: Path, run_dir: Path, base_url: 
         f"judge.base_url={base_url}", "judge.api_key_env=null", "judge.model=judge-a", "judge.max_retries=1",
         "judge.backoff_base_s=0.01", "judge.timeout_s=10", "judge.concurrency=4", *extra,
     ]
+
+
+def _compose(*overrides: str):
     with initialize_config_dir(str(CONFIGS), version_base=None):
-        cfg = compose("eval", overrides=overrides)
-    return run(cfg)
+        return compose("eval", overrides=list(overrides))
+
+
+def _evaluate(benchmark: str, root: Path, model: Path, run_dir: Path, base_url: str, *extra: str):
+    return run(_compose(*_overrides(benchmark, root, model, run_dir, base_url, *extra)))
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """The model builder fails the test: the checks under test must come before it."""
+    monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("the model was built before the check"))
 
 
 # --------------------------------------------------------------------------- VideoChatGPT
@@ -328,3 +347,130 @@ def test_zeroshot_qa_pairs_questions_and_answers_by_position(anet_root, tmp_path
     cfg.dataset = "kinetics"
     with pytest.raises(ValueError, match=r"benchmark\.dataset 'kinetics' is not one of"):
         zeroshot_qa.load_entries(cfg)
+
+
+# --------------------------------------------------------------------------- checks before the model
+
+
+@pytest.mark.parametrize("case", ["missing key", "dead endpoint", "model not served", "no local judge"])
+def test_judge_checked_before_the_model_loads(case, vcg_root, tmp_path, chat_server, no_model, monkeypatch):
+    server = chat_server({"?:": [("status", 404, {})]}, _key, models=("another-model",))
+    judge = [f"judge.base_url={server.base_url}", "judge.api_key_env=null", "judge.model=judge-a"]
+    if case == "missing key":
+        monkeypatch.delenv(KEY_ENV)
+        judge[1] = f"judge.api_key_env={KEY_ENV}"
+        expected = rf"judge\.api_key_env: environment variable {KEY_ENV} is not set"
+    elif case == "dead endpoint":
+        url = _dead_url()
+        judge[0] = f"judge.base_url={url}"
+        expected = rf"judge\.base_url={re.escape(url)}: cannot reach {re.escape(url)}/models"
+    elif case == "model not served":
+        expected = rf"HTTP 404 from {re.escape(server.base_url)}/chat/completions.*judge\.model=judge-a"
+    else:
+        judge = ["judge=local", f"judge.model_path={tmp_path / 'no-judge'}"]
+        expected = rf"judge\.model_path={re.escape(str(tmp_path / 'no-judge'))}: no config\.json there"
+    cfg = _compose("benchmark=videochatgpt", f"benchmark.root={vcg_root}", f"run_dir={tmp_path / 'run'}", *judge)
+    with pytest.raises(JudgeError, match=expected):
+        run(cfg)
+    assert not (tmp_path / "run" / "predictions").exists()
+
+
+def test_score_stage_checks_the_judge_before_judging(tmp_path, no_model):
+    run_dir = tmp_path / "run"
+    records = {"generic": [{"video_name": "v", "Q": "q", "A": "a", "pred": "p"}],
+               "temporal": [{"video_name": "v", "Q": "q", "A": "a", "pred": "p"}],
+               "consistency": [{"video_name": "v", "Q1": "q", "Q2": "q", "A": "a", "pred1": "p", "pred2": "p"}]}
+    for split, rows in records.items():
+        videochatgpt.write_json(run_dir / "predictions" / f"{split}.json", rows)
+    url = _dead_url()
+    with pytest.raises(JudgeError, match=rf"cannot reach {re.escape(url)}/models"):
+        _evaluate("videochatgpt", tmp_path, Path("unused"), run_dir, url, "benchmark.stage=score")
+    assert not (run_dir / "judge").exists() and not (run_dir / "results.json").exists()
+
+
+def _benchmark_tree(root: Path) -> None:
+    """VCGBench's and ActivityNet-QA's question files, one record each, and their (empty) video folders."""
+    qa = [{"video_name": "v", "Q": "q", "A": "a"}]
+    files = {
+        "Benchmarking_QA/generic_qa.json": qa, "Benchmarking_QA/temporal_qa.json": qa,
+        "Benchmarking_QA/consistency_qa.json": [{"video_name": "v", "Q1": "q", "Q2": "q", "A": "a"}],
+        "ActivityNet/test_q.json": [{"video_name": "v", "question": "q", "question_id": 0}],
+        "ActivityNet/test_a.json": [{"answer": "a", "question_id": 0}],
+    }
+    for name, records in files.items():
+        videochatgpt.write_json(root / name, records)
+    (root / "Test_Videos").mkdir()
+    (root / "ActivityNet" / "all_test").mkdir()
+
+
+PATH_CASES = [  # (benchmark, what is removed, relative to the root ("": the root), what the error expects there)
+    ("videochatgpt", "", "the VideoChatGPT benchmark directory"),
+    ("videochatgpt", "Benchmarking_QA/temporal_qa.json",
+     r"the temporal question records \(benchmark\.json_dir, benchmark\.splits\.temporal\)"),
+    ("videochatgpt", "Test_Videos", r"the videos \(benchmark\.video_dir=Test_Videos\)"),
+    ("zeroshot_qa", "", "the directory holding the datasets' folders"),
+    ("zeroshot_qa", "ActivityNet/test_a.json",
+     r"the activitynet answers \(benchmark\.datasets\.activitynet\.answers\)"),
+    ("zeroshot_qa", "ActivityNet/all_test",
+     r"the videos \(benchmark\.datasets\.activitynet\.video_dir=ActivityNet/all_test\)"),
+]
+
+
+@pytest.mark.parametrize(("benchmark", "removed", "expected"), PATH_CASES)
+def test_benchmark_paths_checked_before_the_model_loads(benchmark, removed, expected, tmp_path, no_model):
+    root = tmp_path / "bench"
+    _benchmark_tree(root)
+    missing = root / removed
+    shutil.rmtree(missing) if missing.is_dir() else missing.unlink()
+    dataset = ["benchmark.dataset=activitynet"] if benchmark == "zeroshot_qa" else []
+    cfg = _compose(f"benchmark={benchmark}", *dataset, f"benchmark.root={root}", "benchmark.stage=generate",
+                   f"run_dir={tmp_path / 'run'}")
+    with pytest.raises(FileNotFoundError) as info:
+        run(cfg)
+    assert re.fullmatch(rf"benchmark\.root={re.escape(str(root))}: {re.escape(str(missing))} not found; "
+                        rf"expected {expected}", str(info.value)), str(info.value)
+
+
+# --------------------------------------------------------------------------- a scoring that judges nothing
+
+
+def test_nothing_judged_fails_and_keeps_the_earlier_results(anet_root, tmp_path, chat_server):
+    script = {f"qa:{q}": [("reply", reply)] for _, q, _, reply in QA[:3]}
+    chat = chat_server(script, _key)
+    run_dir = tmp_path / "anet"
+    videochatgpt.write_json(run_dir / "predictions" / "activitynet.json", [
+        {"id": k, "video_name": v, "Q": q, "A": a, "pred": f"pred {k}"} for k, (v, q, a, _) in enumerate(QA[:3])])
+    args = _overrides("zeroshot_qa", anet_root, Path("unused"), run_dir, chat.base_url,
+                      "benchmark.dataset=activitynet", "benchmark.stage=score")
+    assert run(_compose(*args))["judged"] == 3  # judge-a's results, to be kept
+    outputs = ("results.json", "results.md")
+    kept = {name: (run_dir / name).read_bytes() for name in outputs}
+
+    # judge-b replies garbage throughout: the app exits non-zero and leaves judge-a's results alone
+    chat.reset_counts()
+    for key in script:
+        script[key] = [("reply", MALFORMED)]
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.eval", *args, "judge.model=judge-b"],
+                          cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "zeroshot_qa_activitynet: nothing judged (0 of 3 items got a score)" in proc.stderr, proc.stderr[-4000:]
+    assert chat.count() == 3 * 2  # every item got its attempts: nothing was cut short
+    assert {name: (run_dir / name).read_bytes() for name in outputs} == kept
+
+    # judge-b's endpoint now hangs up on every request: the breaker stops the stage, results untouched
+    for key in script:
+        script[key] = [("close",)]
+    t0 = time.monotonic()
+    stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(chat.base_url)} "
+    with pytest.raises(JudgeError, match=stopped):
+        run(_compose(*args, "judge.model=judge-b", "judge.max_retries=5", "judge.backoff_base_s=1.0"))
+    assert time.monotonic() - t0 < 5  # per-item retries alone would sleep 1 + 2 + 4 + 8 + 16 s
+    assert {name: (run_dir / name).read_bytes() for name in outputs} == kept
+
+    # partly judged: written, and the markdown says how much
+    script["qa:qa0"] = [("reply", "{'pred': 'yes', 'score': 4}")]
+    for key in ("qa:qa1", "qa:qa2"):
+        script[key] = [("reply", MALFORMED)]
+    partial = run(_compose(*args, "judge.model=judge-b"))
+    assert (partial["judged"], partial["failed"]) == (1, 2)
+    assert "**Partial**: 1 of 3 items judged, 2 failed" in (run_dir / "results.md").read_text()

@@ -2,6 +2,8 @@
 
 Works as one process or under ``accelerate launch`` / ``torchrun`` (each rank runs this;
 the benchmark shards its items). On a machine without CUDA the ranks talk over gloo.
+Everything that can fail without the model (benchmark paths, saved predictions, the judge)
+is checked before the model loads, which takes minutes at 7B.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-from tc_llava.eval import videochatgpt, zeroshot_qa
+from tc_llava.eval import mvbench, videochatgpt, zeroshot_qa
 from tc_llava.eval.mvbench import run_mvbench
 from tc_llava.model.build import model_from_config
 
@@ -31,6 +33,12 @@ BENCHMARKS: dict[str, Callable[..., Any]] = {
     "videochatgpt": videochatgpt.evaluate,
     "zeroshot_qa": zeroshot_qa.evaluate,
 }
+# benchmark.protocol -> fn(benchmark config, run_dir, state): raises on what would fail without the model
+CHECKS: dict[str, Callable[..., None]] = {
+    "mvbench": mvbench.check_inputs,
+    "videochatgpt": videochatgpt.check_inputs,
+    "zeroshot_qa": zeroshot_qa.check_inputs,
+}
 
 
 def run(cfg: DictConfig) -> Any:
@@ -42,6 +50,7 @@ def run(cfg: DictConfig) -> Any:
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     torch.manual_seed(cfg.seed)
+    CHECKS[protocol](cfg.benchmark, cfg.run_dir, state)
     if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
         return BENCHMARKS[protocol](None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()

@@ -13,7 +13,10 @@ Two judges share one interface, :meth:`Judge.score_items`:
 - :class:`LocalJudge` runs any Hugging Face causal LM from a local path, greedily.
 
 Every judged item is appended to a JSONL cache as soon as it is done, so an interrupted
-or repeated run only asks for what is missing. The cache file name carries the judge
+or repeated run only asks for what is missing. A dead endpoint stops the run early
+(:class:`CircuitBreaker`) instead of costing every remaining item its full retry budget,
+and :meth:`Judge.preflight` lets the eval app find a missing key, an unreachable server or
+a model the server lacks before it generates anything. The cache file name carries the judge
 model and the prompt hash (:meth:`Judge.cache_path`): another judge or another prompt
 never reuses these judgements.
 """
@@ -29,6 +32,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,6 +40,7 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -229,8 +234,59 @@ class TransientJudgeError(Exception):
         self.retry_after = retry_after
 
 
+class UnreachableError(TransientJudgeError):
+    """A request that never reached the endpoint: connection refused, DNS, connect timeout, or
+    the connection closed without a reply. Retried like any transient error, and counted by the
+    :class:`CircuitBreaker`."""
+
+
 class ItemJudgeError(Exception):
     """A request this item will never get through (e.g. HTTP 400): fail it, no retry."""
+
+
+class CircuitBreaker:
+    """Stops a judging run once ``limit`` requests in a row (all threads) never reached the server.
+
+    Against a dead endpoint each item would spend its whole retry budget in backoff (about
+    31 s with the defaults, 70 minutes per 1,000 items at concurrency 8). Any request that
+    reaches the server, whatever it answers, resets the count. Once open, every thread
+    raises :class:`JudgeError` at its next attempt or as soon as its backoff is woken; a
+    reply already received is still returned, so no finished verdict is lost.
+    """
+
+    def __init__(self, limit: int, endpoint: str):
+        self.limit, self.endpoint = max(1, int(limit)), endpoint
+        self.count = 0
+        self.reason = ""
+        self._lock = threading.Lock()
+        self._open = threading.Event()
+
+    def record(self, error: Exception | None) -> None:
+        """Count an :class:`UnreachableError`; anything else (None: a reply) resets the count."""
+        with self._lock:
+            if self._open.is_set():
+                return
+            if not isinstance(error, UnreachableError):
+                self.count = 0
+                return
+            self.count += 1
+            if self.count >= self.limit:
+                self.reason = (
+                    f"judge stopped: {self.count} requests in a row could not reach "
+                    f"{self.endpoint} (judge.max_consecutive_failures={self.limit}); last error: "
+                    f"{error}. Verdicts so far are cached: re-run once the endpoint answers"
+                )
+                self._open.set()
+
+    def check(self) -> None:
+        """Raise :class:`JudgeError` if the breaker is open."""
+        if self._open.is_set():
+            raise JudgeError(self.reason)
+
+    def wait(self, seconds: float) -> None:
+        """Sleep before a retry; wake (and raise) at once if another thread opens the breaker."""
+        self._open.wait(seconds)
+        self.check()
 
 
 @dataclass
@@ -297,12 +353,14 @@ class Judge:
     Retry policy: each item gets ``1 + max_retries`` attempts in total. A transient error
     waits :meth:`retry_delay`; an unparseable reply is re-asked at once; an
     :class:`ItemJudgeError` fails the item immediately; a :class:`JudgeError` aborts the
-    run (items judged so far stay in the cache).
+    run (items judged so far stay in the cache), as does ``max_consecutive_failures``
+    requests in a row that never reach the endpoint (:class:`CircuitBreaker`).
     """
 
     model: str
     max_retries: int = 0
     concurrency: int = 1
+    max_consecutive_failures: int = 5
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         raise NotImplementedError
@@ -314,27 +372,49 @@ class Judge:
     def retry_delay(self, attempt: int, retry_after: float | None) -> float:
         return 0.0
 
+    def preflight(self) -> None:
+        """Raise :class:`JudgeError` now on what would fail every item, before any generation.
+
+        Nothing by default: a judge whose constructor checks its inputs is ready once built.
+        """
+
     def cache_path(self, cache_dir: str | os.PathLike, task: str, prompt: PromptTemplate) -> Path:
         """``{cache_dir}/{task}.{judge model}.{prompt hash}.jsonl``."""
         return Path(cache_dir) / f"{_slug(task)}.{_slug(self.model)}.{prompt.sha}.jsonl"
 
+    def breaker(self) -> CircuitBreaker:
+        """A fresh breaker for one run of :meth:`score_items`, named by the judge's endpoint."""
+        where = self.describe()
+        endpoint = where.get("base_url") or where["model"]
+        return CircuitBreaker(self.max_consecutive_failures, endpoint)
+
     def judge_one(
-        self, item_id: str, messages: list[dict[str, str]], schema: Sequence[str]
+        self,
+        item_id: str,
+        messages: list[dict[str, str]],
+        schema: Sequence[str],
+        breaker: CircuitBreaker | None = None,
     ) -> JudgeResult:
-        """Ask until the reply parses or the attempt budget is spent."""
+        """Ask until the reply parses or the attempt budget is spent; an open ``breaker`` raises."""
+        breaker = breaker or self.breaker()
         sha = _messages_sha(messages)
         raw = error = None
         attempts = 1 + max(0, self.max_retries)
         for attempt in range(1, attempts + 1):
+            breaker.check()
             try:
                 reply = self.complete(messages)
             except TransientJudgeError as exc:
+                breaker.record(exc)
+                breaker.check()
                 error = str(exc)
                 if attempt < attempts:
-                    time.sleep(self.retry_delay(attempt, exc.retry_after))
+                    breaker.wait(self.retry_delay(attempt, exc.retry_after))
                 continue
             except ItemJudgeError as exc:
+                breaker.record(exc)
                 return JudgeResult(item_id, "failed", None, raw, str(exc), attempt, sha)
+            breaker.record(None)
             parsed = parse_judge_reply(reply, schema)
             if parsed is not None:
                 return JudgeResult(item_id, "ok", parsed, reply, None, attempt, sha)
@@ -351,7 +431,9 @@ class Judge:
 
         An item whose cache record is ``ok`` for the same rendered messages is not asked
         again; failed items, and items whose prediction changed since, are. Results come
-        back in item order. Only this thread writes the cache, one line per finished item.
+        back in item order. Only this thread writes the cache, one line per finished item;
+        when the run aborts (:class:`JudgeError`, an open breaker, Ctrl-C), items finished by
+        other threads meanwhile are written before the error propagates.
         """
         messages = {item_id: prompt.render(rec, item_id) for item_id, rec in items.items()}
         cache = read_cache(cache_path)
@@ -379,20 +461,46 @@ class Judge:
             ):
                 if torn:
                     out.write("\n")
-                futures = [pool.submit(self.judge_one, i, messages[i], prompt.schema) for i in todo]
+
+                def keep(result: JudgeResult) -> None:
+                    out.write(result.to_json() + "\n")
+                    out.flush()
+                    done[result.id] = result
+
+                breaker = self.breaker()
+                futures = [
+                    pool.submit(self.judge_one, i, messages[i], prompt.schema, breaker)
+                    for i in todo
+                ]
                 try:
                     for future in as_completed(futures):
-                        result = future.result()
-                        out.write(result.to_json() + "\n")
-                        out.flush()
-                        done[result.id] = result
+                        keep(future.result())
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
+                    for future in futures:
+                        finished = future.done() and not future.cancelled()
+                        if finished and future.exception() is None:
+                            if future.result().id not in done:
+                                keep(future.result())
                     raise
         results = [done[item_id] for item_id in items]
         failed = sum(not r.ok for r in results)
         log.info("%s: %d judged, %d failed", Path(cache_path).name, len(results) - failed, failed)
         return results
+
+
+# Exceptions of a request that never reached the server (urllib wraps connect-phase errors,
+# DNS and connect timeouts included, in URLError; a connection closed without a reply is a
+# ConnectionError). Catch HTTPError, a URLError, before these.
+_NO_CONNECTION = (urllib.error.URLError, ConnectionError)
+
+
+def _served_models(payload: bytes) -> set[str]:
+    """Model ids of a ``GET /models`` answer (``{"data": [{"id": ...}]}``); empty if not one."""
+    try:
+        return {str(m["id"]) for m in json.loads(payload)["data"]}
+    except (ValueError, KeyError, TypeError):
+        return set()
 
 
 def _retry_after_seconds(headers: Mapping[str, str] | None) -> float | None:
@@ -429,7 +537,8 @@ class OpenAIJudge(Judge):
     and each socket read. Delays: ``backoff_base_s * 2**(k-1)``
     capped at ``backoff_max_s``, times ``1 + backoff_jitter * U(0,1)``, and at least the
     server's ``Retry-After`` (itself capped at ``backoff_max_s`` so that no header can
-    stall a run).
+    stall a run). ``max_consecutive_failures`` requests in a row that cannot reach the
+    server stop the run (:class:`CircuitBreaker`).
     """
 
     def __init__(
@@ -445,6 +554,7 @@ class OpenAIJudge(Judge):
         backoff_base_s: float = 1.0,
         backoff_max_s: float = 60.0,
         backoff_jitter: float = 0.25,
+        max_consecutive_failures: int = 5,
     ):
         self.model = model
         self.base_url = base_url.rstrip("/")
@@ -457,6 +567,7 @@ class OpenAIJudge(Judge):
         self.backoff_base_s = float(backoff_base_s)
         self.backoff_max_s = float(backoff_max_s)
         self.backoff_jitter = float(backoff_jitter)
+        self.max_consecutive_failures = int(max_consecutive_failures)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -474,14 +585,8 @@ class OpenAIJudge(Judge):
             delay = max(delay, min(retry_after, self.backoff_max_s))
         return delay
 
-    def complete(self, messages: list[dict[str, str]]) -> str:
-        url = f"{self.base_url}/chat/completions"
-        body = {
-            "model": self.model,
-            "messages": messages,
-            "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
-        }
+    def _headers(self) -> dict[str, str]:
+        """JSON headers with the bearer key; :class:`JudgeError` if its variable is unset."""
         headers = {"Content-Type": "application/json"}
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
@@ -491,7 +596,71 @@ class OpenAIJudge(Judge):
                     f"(set it, or api_key_env=null for a server without authentication)"
                 )
             headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+        return headers
+
+    def _refused(self, message: str, code: int) -> JudgeError:
+        """401/403/404 fail every item alike: say which key, URL and model were used."""
+        if code == 404:
+            hint = f"no such URL, or the server does not serve judge.model={self.model}"
+        elif self.api_key_env:
+            hint = f"the key in {self.api_key_env} was refused for judge.model={self.model}"
+        else:
+            hint = "the server wants a key: set judge.api_key_env to the variable holding it"
+        return JudgeError(f"{message} ({hint})")
+
+    def preflight(self) -> None:
+        """Find a missing key, a dead server or a model it lacks in one or two requests.
+
+        ``GET {base_url}/models`` (served by OpenAI, vLLM and llama.cpp) settles it when it
+        lists ``model``. When it does not (a 404 from a server without that route, a listing
+        under other names, an answer in another format), one chat request with the judge's
+        own settings decides. Fatal are only answers no retry changes: no connection, 401,
+        403, 404 and 400; a 429, 5xx or timeout means the server is up, and the per-item
+        retries deal with it.
+        """
+        headers = self._headers()
+        url = f"{self.base_url}/models"
+        payload = b""
+        try:
+            with urllib.request.urlopen(
+                urllib.request.Request(url, headers=headers), timeout=self.timeout_s
+            ) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):
+                raise self._refused(f"HTTP {exc.code} from {url}", exc.code) from exc
+        except _NO_CONNECTION as exc:
+            raise JudgeError(
+                f"judge.base_url={self.base_url}: cannot reach {url} ({exc}); "
+                "start the server or correct the URL"
+            ) from exc
+        except (OSError, http.client.HTTPException):
+            pass  # a slow or garbled answer is still an answer: the chat request decides
+        if self.model in _served_models(payload):
+            return
+        try:
+            self.complete([{"role": "user", "content": "Reply with {'score': 0}"}])
+        except UnreachableError as exc:
+            raise JudgeError(f"judge.base_url={self.base_url}: cannot reach it ({exc})") from exc
+        except ItemJudgeError as exc:
+            raise JudgeError(
+                f"judge.model={self.model}: a one-line chat request was refused, as every item "
+                f"would be: {exc}"
+            ) from exc
+        except TransientJudgeError as exc:
+            log.warning("judge preflight: %s; going on (items retry with backoff)", exc)
+
+    def complete(self, messages: list[dict[str, str]]) -> str:
+        url = f"{self.base_url}/chat/completions"
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_tokens": self.max_tokens,
+        }
+        request = urllib.request.Request(
+            url, json.dumps(body).encode(), self._headers(), method="POST"
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 payload = response.read()
@@ -501,11 +670,11 @@ class OpenAIJudge(Judge):
             if exc.code in (408, 409, 429) or exc.code >= 500:
                 raise TransientJudgeError(message, _retry_after_seconds(exc.headers)) from exc
             if exc.code in (401, 403, 404):
-                raise JudgeError(
-                    f"{message} (check {self.api_key_env}, model and base_url)"
-                ) from exc
+                raise self._refused(message, exc.code) from exc
             raise ItemJudgeError(message) from exc
-        except (OSError, http.client.HTTPException) as exc:  # URLError, timeouts, resets
+        except _NO_CONNECTION as exc:
+            raise UnreachableError(f"{type(exc).__name__} from {url}: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # read timeouts, malformed answers
             raise TransientJudgeError(f"{type(exc).__name__} from {url}: {exc}") from exc
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
@@ -522,7 +691,9 @@ class LocalJudge(Judge):
 
     The tokenizer's chat template is used when it has one; otherwise the prompt is
     ``"system: {system}\\nuser: {user}\\nassistant:"``. Greedy decoding repeats itself,
-    so re-asking is pointless and ``max_retries`` defaults to 0.
+    so re-asking is pointless and ``max_retries`` defaults to 0. Building it only checks
+    the path: the eval app builds the judge before generating to find a wrong path early,
+    and the weights load on first use (a fully cached re-score never loads them).
     """
 
     def __init__(
@@ -533,20 +704,32 @@ class LocalJudge(Judge):
         max_new_tokens: int = 64,
         max_retries: int = 0,
     ):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if not Path(model_path).is_dir():
-            raise JudgeError(f"judge.model_path: {model_path} is not a local model directory")
+        if not (Path(model_path) / "config.json").is_file():
+            raise JudgeError(
+                f"judge.model_path={model_path}: no config.json there; expected a local "
+                "Hugging Face model directory (config, weights and tokenizer)"
+            )
         self.model_path = str(model_path)
         self.model = Path(model_path).resolve().name
         self.device = device
+        self.dtype = dtype
         self.max_new_tokens = int(max_new_tokens)
         self.max_retries = int(max_retries)
         self.concurrency = 1
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.lm = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
-        self.lm.to(device).eval()
+
+    @cached_property
+    def tokenizer(self) -> Any:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.model_path)
+
+    @cached_property
+    def lm(self) -> Any:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        return lm.to(self.device).eval()
 
     def describe(self) -> dict[str, Any]:
         return {

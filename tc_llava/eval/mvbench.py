@@ -7,7 +7,8 @@ Each question becomes the official prompt (system text, ``Question/Options`` blo
 ``Only give the best option.``, assistant primed with ``Best option:(``), is generated
 greedily by :mod:`tc_llava.eval.runner`, and is scored by :func:`check_answer` on the
 first line of the output with ``(`` prepended. Items whose media fail are reported as
-failed and excluded from both correct and total.
+failed and excluded from both correct and total; a run that answers no question at all
+stops with an error and leaves the results of an earlier run in place.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.data.video import frame_indices
-from tc_llava.eval.runner import DATA_TYPES, GenerationSettings, Item, generate_predictions, git_commit, model_settings
+from tc_llava.eval.runner import (
+    DATA_TYPES, GenerationSettings, Item, generate_predictions, git_commit, model_settings, require_path,
+)
 
 __all__ = [
     "Task", "Question", "frame_indices", "check_answer", "prediction", "question_block",
-    "load_task_table", "load_questions", "score", "run_mvbench",
+    "load_task_table", "load_questions", "check_inputs", "score", "run_mvbench",
 ]
 
 log = logging.getLogger(__name__)
@@ -101,8 +104,7 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
         tasks = _parse_table(OmegaConf.to_container(cfg.table), "benchmark.table")
     elif cfg.task_table == "from_root":
         path = Path(cfg.root) / "tasks.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: benchmark.task_table=from_root reads the table from the root")
+        require_path(path, "file", f"benchmark.root={cfg.root}", "the task table (benchmark.task_table=from_root)")
         tasks = _parse_table(json.loads(path.read_text()), str(path))
     else:
         raise ValueError(f"benchmark.task_table must be one of {TASK_TABLES}, got {cfg.task_table!r}")
@@ -112,6 +114,21 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
             raise ValueError(f"benchmark.tasks {unknown} not in the task table; it has {list(tasks)}")
         tasks = {t: tasks[t] for t in cfg.tasks}
     return tasks
+
+
+def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
+    """The root, the task table, every task's question file and media folder, before the model loads.
+
+    The eval app calls this first (every benchmark's check takes ``run_dir`` and ``state``;
+    MVBench needs neither). A single unreadable video stays a failed item, not an error.
+    """
+    root, where = Path(cfg.root), f"benchmark.root={cfg.root}"
+    require_path(root, "directory", where, f"the MVBench directory holding {cfg.json_dir}/ and {cfg.video_dir}/")
+    for task in load_task_table(cfg).values():
+        require_path(root / cfg.json_dir / task.json, "file", where,
+                     f"the questions of task {task.name!r} (benchmark.json_dir={cfg.json_dir})")
+        require_path(root / cfg.video_dir / task.prefix, "directory", where,
+                     f"the media of task {task.name!r} (benchmark.video_dir={cfg.video_dir}, then its prefix)")
 
 
 def question_block(question: str, candidates: Sequence[str], prompt: DictConfig) -> str:
@@ -148,8 +165,7 @@ def load_questions(cfg: DictConfig, tasks: Mapping[str, Task], tokenizer: Any) -
     questions = []
     for task in tasks.values():
         path = root / cfg.json_dir / task.json
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: task {task.name!r} expects its questions there")
+        require_path(path, "file", f"benchmark.root={cfg.root}", f"the questions of task {task.name!r}")
         records = json.loads(path.read_text(encoding="utf-8"))
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of question records")
@@ -246,6 +262,10 @@ def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: Partial
     if not state.is_main_process:
         return None
     summary, rows = score(questions, records, cfg.prompt.pred_prefix, list(tasks))
+    if not summary["Avg"]["total"]:
+        reason = next((f" (e.g. {r['video']}: {r['failed']})" for r in rows), "")
+        raise RuntimeError(f"{cfg.name}: no question could be answered, {len(rows)} failed{reason}; "
+                           f"the results in {run_dir} were left as they were")
     results = {
         "benchmark": cfg.name,
         "tasks": {t: summary[t] for t in tasks},

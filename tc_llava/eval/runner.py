@@ -126,6 +126,17 @@ class _LeftPad:
         return batch
 
 
+def require_path(path: Path, kind: str, where: str, expected: str) -> None:
+    """Raise one line naming the config field, the path and what belongs there, unless ``path`` is a ``kind``.
+
+    ``kind`` is "file" or "directory". Benchmarks call it on their inputs before the model
+    loads, so that a wrong path costs seconds rather than a 7B load.
+    """
+    if not (path.is_dir() if kind == "directory" else path.is_file()):
+        problem = f"is not a {kind}" if path.exists() else "not found"
+        raise FileNotFoundError(f"{where}: {path} {problem}; expected {expected}")
+
+
 def model_settings(model: Any) -> dict[str, Any]:
     """What identifies a model's outputs: checkpoint, TC-LLaVA rules, dtype, attention backend."""
     return {

@@ -12,6 +12,9 @@ are cached per item.
 ``stage`` separates the halves because they need different machines: ``generate`` on
 GPUs, ``score`` later (or with another judge) from the saved predictions without loading
 the model, ``all`` both. Re-running either half only does what its cache lacks.
+:func:`check_inputs` runs before the model loads: the benchmark's files for generation,
+the saved predictions for ``score``, and the judge (key, endpoint, model) for scoring. A
+scoring that judges no item at all stops with an error and keeps the earlier results.
 
 A record whose video is missing (every path tried is reported) or cannot be decoded is
 left out of the prediction file and counted in ``meta.json`` and the results; it never
@@ -28,13 +31,16 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.eval import scoring
-from tc_llava.eval.judge import Judge
-from tc_llava.eval.runner import GenerationSettings, Item, generate_predictions, git_commit, model_settings
+from tc_llava.eval.judge import Judge, JudgeError
+from tc_llava.eval.runner import (
+    GenerationSettings, Item, generate_predictions, git_commit, model_settings, require_path,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +92,9 @@ def text_field(record: Any, key: str, where: str, numbers: bool = False) -> str:
     return str(value)
 
 
-def read_json_list(path: Path, what: str) -> list[Any]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: expected the {what} there")
+def read_json_list(path: Path, what: str, where: str) -> list[Any]:
+    """The JSON list at ``path``; ``where`` names the config field the path comes from."""
+    require_path(path, "file", where, f"the {what}")
     records = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of {what}, got {type(records).__name__}")
@@ -106,11 +112,13 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
     unknown = sorted(set(cfg.splits) - set(QUESTION_FIELDS))
     if unknown:
         raise ValueError(f"benchmark.splits: unknown split(s) {unknown}; expected {list(QUESTION_FIELDS)}")
-    root = Path(cfg.root)
+    root, root_field = Path(cfg.root), f"benchmark.root={cfg.root}"
+    require_path(root, "directory", root_field, "the VideoChatGPT benchmark directory")
     entries = []
     for split, filename in cfg.splits.items():
         path = root / cfg.json_dir / filename
-        for k, record in enumerate(read_json_list(path, f"{split} question records")[: cfg.limit]):
+        what = f"{split} question records (benchmark.json_dir, benchmark.splits.{split})"
+        for k, record in enumerate(read_json_list(path, what, root_field)[: cfg.limit]):
             where = f"{path} record {k}"
             name = text_field(record, "video_name", where, numbers=True)
             text_field(record, "A", where)
@@ -213,17 +221,61 @@ def predictions_stage(model: Any, cfg: DictConfig, files: Mapping[str, Path], ru
         return _generate(model, entries(cfg), cfg, files, run_dir, state)
     if not state.is_main_process:
         return None
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{missing[0]} not found: benchmark.stage=score judges saved predictions; run stage=generate or all first")
+    require_predictions(files)
     meta = run_dir / PREDICTIONS / "meta.json"
     return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
 
 
+def require_predictions(files: Mapping[str, Path]) -> None:
+    """stage=score judges saved prediction files: each must exist."""
+    missing = [str(p) for p in files.values() if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"{missing[0]} not found: benchmark.stage=score judges saved predictions; run stage=generate or all first")
+
+
+def check_benchmark(cfg: DictConfig) -> None:
+    """The root, the question files and their records (:func:`load_entries`), and the video folder."""
+    load_entries(cfg)
+    require_path(Path(cfg.root) / cfg.video_dir, "directory", f"benchmark.root={cfg.root}",
+                 f"the videos (benchmark.video_dir={cfg.video_dir})")
+
+
+def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState,
+                 benchmark: Callable[[DictConfig], None] = check_benchmark,
+                 splits: Sequence[str] | None = None) -> None:
+    """Everything that can fail without the model, checked before it loads (minutes at 7B).
+
+    Generation (stage generate/all): ``benchmark`` checks the benchmark's files, records and
+    video folder, on every rank (each reads them). On the main process, which alone scores:
+    the saved predictions of ``splits`` (default ``cfg.splits``; stage score), then the judge
+    (stage score/all): its key is set, its endpoint answers and serves the model
+    (:meth:`Judge.preflight`), or its local model exists. Zero-shot QA passes its own
+    ``benchmark`` and ``splits``.
+    """
+    stage = check_stage(cfg)
+    if stage != "score":
+        benchmark(cfg)
+    if not state.is_main_process:
+        return
+    if stage == "score":
+        require_predictions(prediction_files(Path(run_dir), list(splits or cfg.splits)))
+    if stage != "generate":
+        make_judge(cfg).preflight()
+
+
 def make_judge(cfg: DictConfig) -> Judge:
-    """The judge of the eval app's ``judge`` group (interpolated into the benchmark as ``judge``)."""
-    judge = instantiate(cfg.judge)
+    """The judge of the eval app's ``judge`` group (interpolated into the benchmark as ``judge``).
+
+    A :class:`JudgeError` from the judge's constructor (e.g. no model at ``model_path``) is
+    raised as itself rather than inside Hydra's multi-line instantiation error.
+    """
+    try:
+        judge = instantiate(cfg.judge)
+    except InstantiationException as exc:
+        if isinstance(exc.__cause__, JudgeError):
+            raise exc.__cause__ from None
+        raise
     if not isinstance(judge, Judge):
         raise TypeError(f"judge: expected a tc_llava.eval.judge.Judge _target_, got {type(judge).__name__}")
     return judge
@@ -262,6 +314,18 @@ def markdown_table(results: Mapping[str, Any]) -> str:
 
 
 def write_results(run_dir: Path, title: str, results: Mapping[str, Any], table: str) -> None:
+    """``results.json`` and ``results.md``, unless no item has a score: then an error, and the
+    files of an earlier run stay as they were. A partial run says so in the markdown."""
+    judged, failed = results["judged"], results["failed"]
+    if not judged:
+        raise RuntimeError(
+            f"{title}: nothing judged (0 of {failed} items got a score); results.json and results.md in {run_dir} "
+            f"were left as they were. The failed verdicts and their errors are in {run_dir / 'judge'}")
+    if failed:
+        note = (f"**Partial**: {judged} of {judged + failed} items judged, {failed} failed and left out of the scores; "
+                "re-running asks the judge again for the failed ones only.")
+        log.warning("%s: %s", title, note.replace("**", ""))
+        table = f"{table}\n{note}\n"
     write_json(run_dir / "results.json", results)
     (run_dir / "results.md").write_text(f"# {title}\n\n{table}", encoding="utf-8")
     print(table, flush=True)

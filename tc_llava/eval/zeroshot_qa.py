@@ -6,7 +6,8 @@ greedily through the shared generation half of :mod:`tc_llava.eval.videochatgpt`
 as ``[{id, video_name, Q, A, pred, type?}]`` (what Video-ChatGPT's
 ``evaluate_activitynet_qa.py`` reads), and judged by
 :func:`tc_llava.eval.scoring.run_zeroshot_qa`: accuracy = yes / (yes + no), mean score,
-failed counts. ``stage`` and the caches behave as for VideoChatGPT.
+failed counts. ``stage``, the caches and the checks before the model loads
+(:func:`check_inputs`) behave as for VideoChatGPT.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from typing import Any
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-from tc_llava.eval import scoring
+from tc_llava.eval import scoring, videochatgpt
+from tc_llava.eval.runner import require_path
 from tc_llava.eval.videochatgpt import (
     Entry,
     generation_line,
@@ -37,11 +39,14 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
     if cfg.dataset not in cfg.datasets:
         raise ValueError(f"benchmark.dataset {cfg.dataset!r} is not one of {list(cfg.datasets)}")
     spec = cfg.datasets[cfg.dataset]
-    root = Path(cfg.root)
+    root, root_field = Path(cfg.root), f"benchmark.root={cfg.root}"
+    field = f"benchmark.datasets.{cfg.dataset}"
+    require_path(root, "directory", root_field, "the directory holding the datasets' folders")
     q_path = root / spec.questions
-    questions = read_json_list(q_path, f"{cfg.dataset} questions")
+    questions = read_json_list(q_path, f"{cfg.dataset} questions ({field}.questions)", root_field)
     a_path = root / spec.answers if spec.answers else q_path
-    answers = read_json_list(a_path, f"{cfg.dataset} answers") if spec.answers else questions
+    answers = (read_json_list(a_path, f"{cfg.dataset} answers ({field}.answers)", root_field)
+               if spec.answers else questions)
     if len(answers) != len(questions):
         raise ValueError(f"{a_path}: {len(answers)} answers for the {len(questions)} questions of {q_path}; "
                          "the two lists pair by position")
@@ -61,6 +66,19 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
         video, tried = locate_video(root / spec.video_dir, f"{spec.video_prefix}{name}", spec.video_extensions)
         entries.append(Entry(cfg.dataset, k, record, video, tried, {"pred": text}))
     return entries
+
+
+def check_benchmark(cfg: DictConfig) -> None:
+    """The root, the question and answer files and their records (:func:`load_entries`), and the video folder."""
+    load_entries(cfg)
+    video_dir = cfg.datasets[cfg.dataset].video_dir
+    require_path(Path(cfg.root) / video_dir, "directory", f"benchmark.root={cfg.root}",
+                 f"the videos (benchmark.datasets.{cfg.dataset}.video_dir={video_dir})")
+
+
+def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
+    """:func:`tc_llava.eval.videochatgpt.check_inputs` for ``cfg.dataset``: what fails without the model."""
+    videochatgpt.check_inputs(cfg, run_dir, state, check_benchmark, [cfg.dataset])
 
 
 def markdown_table(results: dict[str, Any]) -> str:
