@@ -22,6 +22,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
@@ -341,6 +342,26 @@ def test_interrupted_run_resumes(bench, lively, single, tmp_path, monkeypatch):
     generated.clear()
     _evaluate(bench, lively, run_dir, *common, "benchmark.prompt.instruction=' Answer with the letter.'")
     assert sum(generated) == NUM_ITEMS - 2  # a changed prompt never reuses old outputs
+
+
+def test_a_model_re_exported_to_the_same_path_is_not_served_from_the_cache(bench, lively, single, tmp_path):
+    """Another model saved over the evaluated checkpoint: the re-run generates again, as a fresh run would."""
+    checkpoint, run_dir = tmp_path / "export", tmp_path / "eval"
+    shutil.copytree(lively, checkpoint)
+    common = ("benchmark.task_table=from_root", "benchmark.batch_size=4", "benchmark.decode.num_workers=0")
+    _evaluate(bench, checkpoint, run_dir, *common)
+    assert _outputs(run_dir) == _outputs(single)
+    other = TCLlava.from_pretrained(lively)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in other.language_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.3, generator=generator)
+    other.save_pretrained(checkpoint)
+    _evaluate(bench, checkpoint, run_dir, *common)
+    fresh = tmp_path / "fresh"
+    _evaluate(bench, checkpoint, fresh, *common)
+    assert _outputs(run_dir) == _outputs(fresh) != _outputs(single)
 
 
 def test_scores_follow_the_cached_outputs(bench, lively, single, tmp_path, monkeypatch):

@@ -721,14 +721,15 @@ class LocalJudge(Judge):
     def tokenizer(self) -> Any:
         from transformers import AutoTokenizer
 
-        return AutoTokenizer.from_pretrained(self.model_path)
+        return AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=False)  # a download is data, never code
 
     @cached_property
     def lm(self) -> Any:
         import torch
         from transformers import AutoModelForCausalLM
 
-        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype))
+        lm = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.dtype),
+                                                  trust_remote_code=False)
         return lm.to(self.device).eval()
 
     def describe(self) -> dict[str, Any]:

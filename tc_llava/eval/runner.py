@@ -137,10 +137,26 @@ def require_path(path: Path, kind: str, where: str, expected: str) -> None:
         raise FileNotFoundError(f"{where}: {path} {problem}; expected {expected}")
 
 
+def weights_fingerprint(checkpoint: str) -> str | None:
+    """Names, sizes and modification times of a checkpoint directory's weight files (None: not a directory).
+
+    A model re-exported to the same path (``overwrite=true``, another run) is another model:
+    its predictions must not be served from the cache of the one it replaced.
+    """
+    root = Path(checkpoint)
+    if not root.is_dir():
+        return None
+    stats = [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(root.iterdir())
+             if p.suffix in (".safetensors", ".bin")]
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:12]
+
+
 def model_settings(model: Any) -> dict[str, Any]:
-    """What identifies a model's outputs: checkpoint, TC-LLaVA rules, dtype, attention backend."""
+    """What identifies a model's outputs: checkpoint and its weight files, TC-LLaVA rules, dtype, attention backend."""
+    checkpoint = str(getattr(model.config, "_name_or_path", ""))
     return {
-        "checkpoint": str(getattr(model.config, "_name_or_path", "")),
+        "checkpoint": checkpoint,
+        "weights": weights_fingerprint(checkpoint) if checkpoint else None,
         "tc_llava": model.tc_settings(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": model.language_model.config._attn_implementation,
