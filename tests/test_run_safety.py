@@ -206,3 +206,12 @@ def test_worker_media_error_is_one_line(synthetic, tmp_path):
     assert proc.returncode == 1
     assert f"SampleError: {broken}: " in output and "record 0 of" in output
     assert "Traceback" not in output
+
+
+def test_ablation_benchmark_is_checked_before_training(tmp_path):
+    from tc_llava.train.ablation import check_benchmark
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=ablation", f"paths.data={tmp_path}", f"run_dir={tmp_path}/job"])
+    with pytest.raises(SettingsError, match=f"ablation.benchmark.root={tmp_path}/ablation/mvbench: .* not found"):
+        check_benchmark(cfg)

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 from tc_llava.data.datasets import DataError
-from tc_llava.train.ablation import evaluate_run
+from tc_llava.train.ablation import check_benchmark, evaluate_run
 from tc_llava.train.checkpoint import NonFiniteError, RunDirError
 from tc_llava.train.loop import train
 from tc_llava.train.settings import SettingsError
@@ -32,6 +32,8 @@ USER_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
 def main(cfg: DictConfig) -> None:
     tic = time.perf_counter()
     try:
+        if cfg.get("ablation", {}).get("evaluate"):
+            check_benchmark(cfg)
         result = train(cfg)
     except USER_ERRORS as e:
         log.debug("traceback", exc_info=True)

@@ -24,8 +24,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tc_llava.eval.mvbench import run_mvbench
+from tc_llava.eval.mvbench import check_inputs, run_mvbench
 from tc_llava.model.tc_llava import TCLlava
+from tc_llava.train.settings import SettingsError
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ def rule_choice(cfg: DictConfig, group: str) -> str:
         if choice:
             return str(choice)
     return str(instantiate(cfg[group]).name)
+
+
+def check_benchmark(cfg: DictConfig) -> None:
+    """The ablation benchmark's files, checked before training (they are read only after it)."""
+    try:
+        check_inputs(cfg.ablation.benchmark, cfg.run_dir, None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SettingsError(f"ablation.{e}") from None
 
 
 def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) -> dict[str, Any] | None:
