@@ -389,6 +389,17 @@ def test_scores_follow_the_cached_outputs(bench, lively, single, tmp_path, monke
 
 # --------------------------------------------------------------------------- checks before the model
 
+
+@pytest.mark.parametrize(("override", "expected"), [
+    ("benchmark.num_frames=0", "benchmark.num_frames=0: expected an integer >= 1"),
+    ("benchmark.decode.num_workers=-1", "benchmark.decode.num_workers=-1: expected an integer >= 0"),
+    ("benchmark.decode.frame_fps=0", r"benchmark.decode.frame_fps=0: expected a number > 0"),
+])
+def test_generation_settings_checked_before_the_model_loads(bench, override, expected, tmp_path, monkeypatch):
+    monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("the model was built before the check"))
+    with pytest.raises(ValueError, match=expected):
+        _evaluate(bench, Path("unused"), tmp_path / "run", override)
+
 PATH_CASES = [  # (what is removed, relative to the root ("": the root), extra overrides, what the error expects)
     ("", (), "the MVBench directory holding json/ and video/"),
     ("json/action_antonym.json", (), r"the questions of task 'Action Antonym' \(benchmark\.json_dir=json\)"),

@@ -117,11 +117,13 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
 
 
 def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
-    """The root, the task table, every task's question file and media folder, before the model loads.
+    """The generation settings, the root, the task table, every task's question file and media folder,
+    before the model loads.
 
     The eval app calls this first (every benchmark's check takes ``run_dir`` and ``state``;
     MVBench needs neither). A single unreadable video stays a failed item, not an error.
     """
+    GenerationSettings.from_benchmark(cfg)
     root, where = Path(cfg.root), f"benchmark.root={cfg.root}"
     require_path(root, "directory", where, f"the MVBench directory holding {cfg.json_dir}/ and {cfg.video_dir}/")
     for task in load_task_table(cfg).values():
@@ -253,11 +255,7 @@ def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: Partial
     run_dir = Path(run_dir)
     tasks = load_task_table(cfg)
     questions = load_questions(cfg, tasks, model.tokenizer)
-    settings = GenerationSettings(
-        num_frames=cfg.num_frames, max_new_tokens=cfg.max_new_tokens, template=cfg.template,
-        frame_fps=cfg.decode.frame_fps, batch_size=cfg.batch_size, backend=cfg.decode.backend,
-        decode_threads=cfg.decode.threads, num_workers=cfg.decode.num_workers,
-    )
+    settings = GenerationSettings.from_benchmark(cfg)
     records = generate_predictions(model, [q.item for q in questions], run_dir / "cache", settings, state)
     if not state.is_main_process:
         return None

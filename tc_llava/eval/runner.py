@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -55,6 +56,11 @@ class Item:
     data_type: str = "video"  # video | gif | frame (a folder of 00001.jpg, ...)
 
 
+# GenerationSettings field -> its key in a benchmark config
+CONFIG_KEYS = {"frame_fps": "decode.frame_fps", "backend": "decode.backend", "decode_threads": "decode.threads",
+               "num_workers": "decode.num_workers"}
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """How items become frames, tokens and outputs; everything but the throughput knobs is hashed."""
@@ -67,6 +73,22 @@ class GenerationSettings:
     backend: str = "decord"
     decode_threads: int = 1
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        for name, low in (("num_frames", 1), ("max_new_tokens", 1), ("batch_size", 1), ("decode_threads", 1),
+                          ("num_workers", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"benchmark.{CONFIG_KEYS.get(name, name)}={value!r}: expected an integer >= {low}")
+        if isinstance(self.frame_fps, bool) or not isinstance(self.frame_fps, (int, float)) or not self.frame_fps > 0:
+            raise ValueError(f"benchmark.decode.frame_fps={self.frame_fps!r}: expected a number > 0 (frames per second)")
+
+    @classmethod
+    def from_benchmark(cls, cfg: DictConfig) -> "GenerationSettings":
+        """The settings a benchmark config names (``num_frames``, ..., ``decode.*``), checked."""
+        values = {name: OmegaConf.select(cfg, key) for name, key in
+                  ((name, CONFIG_KEYS.get(name, name)) for name in cls.__dataclass_fields__)}
+        return cls(**values)
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields outputs depend on (batch size and decoders are checked to not matter)."""

@@ -134,14 +134,6 @@ def prompt_text(cfg: DictConfig, question: str, image_token: str) -> str:
     return build_prompt(cfg.template, cfg.prompt.system, user, cfg.prompt.answer_prefix, image_token)
 
 
-def generation_settings(cfg: DictConfig) -> GenerationSettings:
-    return GenerationSettings(
-        num_frames=cfg.num_frames, max_new_tokens=cfg.max_new_tokens, template=cfg.template,
-        frame_fps=cfg.decode.frame_fps, batch_size=cfg.batch_size, backend=cfg.decode.backend,
-        decode_threads=cfg.decode.threads, num_workers=cfg.decode.num_workers,
-    )
-
-
 def config_record(cfg: DictConfig) -> dict[str, Any]:
     """The benchmark config of the generation, without ``stage`` and ``judge`` (the scoring records its judge)."""
     out = {}
@@ -171,7 +163,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
     image_token = image_token_of(model.tokenizer)
     items = [Item(e.item_id(field), str(e.video), prompt_text(cfg, question, image_token))
              for e in entries if e.video is not None for field, question in e.questions.items()]
-    outputs = generate_predictions(model, items, run_dir / "cache", generation_settings(cfg), state)
+    outputs = generate_predictions(model, items, run_dir / "cache", GenerationSettings.from_benchmark(cfg), state)
     if not state.is_main_process:
         return None
     predictions: dict[str, list[dict[str, Any]]] = {split: [] for split in files}
@@ -255,6 +247,7 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState,
     """
     stage = check_stage(cfg)
     if stage != "score":
+        GenerationSettings.from_benchmark(cfg)
         benchmark(cfg)
     if not state.is_main_process:
         return
