@@ -71,14 +71,19 @@ def lively(tiny_llama, tmp_path_factory) -> Path:
     A plain random init answers every prompt with the same token, which would make
     batch/process/resume equalities of the evaluators vacuous.
     """
+    out = tmp_path_factory.mktemp("lively")
+    save_lively(tiny_llama, out, seed=0)
+    return out
+
+
+def save_lively(checkpoint: Path, out: Path, seed: int) -> None:
+    """``checkpoint`` with its LLM matrices redrawn at std 0.3 from ``seed``, saved to ``out``."""
     from tc_llava.model.tc_llava import TCLlava
 
-    model = TCLlava.from_pretrained(tiny_llama)
-    generator = torch.Generator().manual_seed(0)
+    model = TCLlava.from_pretrained(checkpoint)
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in model.language_model.parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 0.3, generator=generator)
-    out = tmp_path_factory.mktemp("lively")
     model.save_pretrained(out)
-    return out
