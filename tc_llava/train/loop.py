@@ -196,6 +196,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                         f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
                     )
                 loss_sum += loss.detach()
+                # The loss is normalised by the whole window's label tokens on all ranks; accelerate
+                # divides by grad_accum and DDP averages over ranks, so both are multiplied back.
                 accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
         # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
         # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.

@@ -81,8 +81,8 @@ def _require(ok: bool, key: str, value: object, expected: str) -> None:
         raise SettingsError(f"{key}={value!r}: expected {expected}")
 
 
-def check_trainer(trainer: DictConfig) -> TrainerSettings:
-    """``cfg.trainer`` with its types and ranges checked."""
+def check_trainer(trainer: DictConfig) -> None:
+    """``cfg.trainer``'s types and ranges."""
     t = _typed_trainer(trainer)
     positive = {"lr": t.lr, "max_grad_norm": t.max_grad_norm}
     if t.projector_lr is not None:
@@ -109,7 +109,6 @@ def check_trainer(trainer: DictConfig) -> TrainerSettings:
                 f"trainer={t.name} runs DeepSpeed, which needs a launcher: accelerate launch --config_file "
                 f"scripts/accelerate/{t.name}.yaml -m tc_llava.train trainer={t.name} ... (or torchrun); "
                 "without one, use trainer=cpu or trainer=ddp")
-    return t
 
 
 def check_data(data: DictConfig) -> None:
@@ -127,10 +126,10 @@ def check_data(data: DictConfig) -> None:
         raise SettingsError(str(e)) from None
 
 
-def check_train_config(cfg: DictConfig) -> TrainerSettings:
-    """Every check above, plus the run-dir switches; call before any model or data loads."""
+def check_train_config(cfg: DictConfig) -> None:
+    """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
-    trainer = check_trainer(cfg.trainer)
+    check_trainer(cfg.trainer)
     check_data(cfg.data)
     for group in ("rope", "mask"):  # the rules check their own parameters when built
         if cfg.get(group) is not None:
@@ -138,4 +137,3 @@ def check_train_config(cfg: DictConfig) -> TrainerSettings:
                 instantiate(cfg[group])
             except InstantiationException as e:
                 raise SettingsError(str(e.__cause__ or e)) from None
-    return trainer
