@@ -10,13 +10,15 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
+from tc_llava.configs import CONFIG_DIR
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(2)
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in Triton's interpreter; it
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is first imported
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
+CONFIGS = CONFIG_DIR
 
 # Small enough that every model test runs in seconds on two cores.
 TINY = dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)

@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from PIL import Image
 
+from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import MODEL_KEYS, DataReport, SFTCollator
 from tc_llava.data.datasets import RecordError, SampleError, SFTDataset
 from tc_llava.data.synthetic import generate
@@ -23,7 +24,7 @@ from tc_llava.data.templates import IGNORE_INDEX
 from tc_llava.data.video import sample_frames
 from tc_llava.model.tiny import build_image_processor, build_tokenizer
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = CONFIG_DIR / "data"
 T = 4
 N_VISUAL = T * 16
 FPS = 8

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from tc_llava.configs import CONFIG_DIR
 from tc_llava.eval.judge import (
     QA_SCHEMA,
     VCG_SCHEMA,
@@ -45,8 +46,7 @@ from tc_llava.eval.scoring import (
     summarize_zeroshot_qa,
 )
 
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = REPO / "configs" / "judge" / "prompts"
+PROMPTS = CONFIG_DIR / "judge" / "prompts"
 KEY_ENV = "TC_LLAVA_TEST_JUDGE_KEY"
 SERVED = ("judge-test", "judge-other", "judge-a", "judge-b")  # the test server's GET /v1/models
 
@@ -263,7 +263,7 @@ def chat_server(monkeypatch):
 
 
 def _judge(base_url, **overrides) -> OpenAIJudge:
-    cfg = OmegaConf.load(REPO / "configs" / "judge" / "openai.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "judge" / "openai.yaml")
     cfg.merge_with(
         dict(
             base_url=base_url,
@@ -658,7 +658,7 @@ def tiny_judge_path(tmp_path_factory) -> Path:
 def test_local_judge_garbage_is_failed_not_hung(tiny_judge_path, tmp_path):
     from hydra.utils import instantiate
 
-    cfg = OmegaConf.load(REPO / "configs" / "judge" / "local.yaml")
+    cfg = OmegaConf.load(CONFIG_DIR / "judge" / "local.yaml")
     cfg.merge_with({"model_path": str(tiny_judge_path), "max_new_tokens": 8})
     judge = instantiate(cfg)
     assert isinstance(judge, LocalJudge) and judge.describe()["model"] == tiny_judge_path.name

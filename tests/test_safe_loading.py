@@ -116,7 +116,7 @@ NAN = float("nan")
      " must be 3 integers >= 0 (t, h, w), got ['16', 24, 24]"),
     ({"rope": ["tad"]}, "rope", " must be an object {\"name\": ..., parameters}, got ['tad']"),
     ({"pooling_shape": [8, 0, 2]}, "pooling_shape", " must be 3 integers >= 1 (T, H, W), got [8, 0, 2]"),
-    ({"pooling": [8, 2, 2]}, "pooling", " is not a TC-LLaVA setting (known: rope, mask, pooling_shape)"),
+    ({"pooling": [8, 2, 2]}, "pooling", " is not a TC-LLaVA setting (known: rope, mask, pooling_shape, template)"),
     ({"rope": {"_target_": "tc_llava.model.rope.TADRoPE", "name": "vanilla", "gamma": 1.0}}, "rope.name",
      "='vanilla' contradicts _target_='tc_llava.model.rope.TADRoPE'"),
     ({"mask": {"_target_": "tc_llava.model.masks.FrameBlockCausalMask", "name": "frame_block_causal",

@@ -108,10 +108,13 @@ TEMPLATES: dict[str, Template] = {
 }
 
 
-def get_template(template: str | Template) -> Template:
+def get_template(template: str | Template | None) -> Template:
     """The template of that name (or the template itself)."""
     if isinstance(template, Template):
         return template
+    if template is None:
+        raise ValueError(f"no chat template: set model.template (one of {sorted(TEMPLATES)}); a checkpoint "
+                         "exported by tc-llava records the one it was trained with")
     if template not in TEMPLATES:
         raise ValueError(f"unknown conversation template {template!r}; expected one of {sorted(TEMPLATES)}")
     return TEMPLATES[template]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -25,7 +24,6 @@ from tc_llava.model.build import model_from_config
 
 log = logging.getLogger(__name__)
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 
 # benchmark.protocol -> fn(model, benchmark config, run_dir, state) -> results on the main process
 BENCHMARKS: dict[str, Callable[..., Any]] = {
@@ -58,7 +56,7 @@ def run(cfg: DictConfig) -> Any:
     return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
 
 
-@hydra.main(config_path=CONFIG_DIR, config_name="eval", version_base=None)
+@hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
     run(cfg)
 

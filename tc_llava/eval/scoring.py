@@ -19,9 +19,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tc_llava.configs import CONFIG_DIR
 from tc_llava.eval.judge import Judge, JudgeResult, PromptTemplate, load_prompts
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "configs" / "judge" / "prompts"
+PROMPTS_DIR = CONFIG_DIR / "judge" / "prompts"
 VCG_PROMPTS = PROMPTS_DIR / "videochatgpt.yaml"
 QA_PROMPTS = PROMPTS_DIR / "zeroshot_qa.yaml"
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -14,49 +15,31 @@ from tc_llava.model.rope import RopeRule
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiny import tiny_checkpoint
 
-PROJECTORS = ("mlp", "pllava_pool")
-
-
-def build_pooling(name: str, pooling_shape: list[int] | None, model_pooling_shape: list[int] | None) -> VideoPooling:
-    """``mlp``: the checkpoint's projector as is; ``pllava_pool``: MLP then adaptive 3D pooling.
-
-    ``pllava_pool`` without an explicit shape takes the model's own PLLaVA shape
-    (16x12x12 for CLIP ViT-L/336 towers), so every model/projector pair composes.
-    """
-    if name not in PROJECTORS:
-        raise ValueError(f"projector.name must be one of {PROJECTORS}, got {name!r}")
-    if name == "mlp":
-        return VideoPooling(None)
-    shape = pooling_shape or model_pooling_shape
-    if shape is None:
-        raise ValueError("projector=pllava_pool needs projector.pooling_shape (T, H, W): this model has no default")
-    return VideoPooling(shape)
-
 
 def build_model(
     checkpoint: str | None = None,
     tiny: dict[str, Any] | None = None,
     rope: RopeRule | None = None,
     mask: MaskRule | None = None,
-    projector: dict[str, Any] | None = None,
+    projector: Callable[..., VideoPooling] | None = None,
     pllava_pooling_shape: list[int] | None = None,
     attn_implementation: str = "auto",
     dtype: str = "float32",
     cache_dir: str | None = None,
+    template: str | None = None,
 ) -> TCLlava:
     """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``.
 
-    ``rope``, ``mask`` or ``projector`` left as None come from the checkpoint's saved
-    TC-LLaVA settings (vanilla / causal / mlp for a plain llava-hf checkpoint).
+    ``rope``, ``mask``, ``projector`` (a ``projector`` group's factory, completed with the
+    model's ``pllava_pooling_shape``) or ``template`` (the chat template) left as None come
+    from the checkpoint's saved TC-LLaVA settings (vanilla / causal / mlp / none for a plain
+    llava-hf checkpoint).
     """
-    pooling = None
-    if projector is not None:
-        projector = dict(projector)
-        pooling = build_pooling(projector.get("name", "mlp"), projector.get("pooling_shape"), pllava_pooling_shape)
+    pooling = None if projector is None else projector(model_pooling_shape=pllava_pooling_shape)
     path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
     return TCLlava.from_pretrained(
         path, rope=rope, mask=mask, pooling=pooling,
-        attn_implementation=attn_implementation, dtype=getattr(torch, dtype),
+        attn_implementation=attn_implementation, dtype=getattr(torch, dtype), template=template,
     )
 
 

@@ -55,3 +55,18 @@ class VideoPooling(nn.Module):
         x = rearrange(features, "b t (h w) d -> b d t h w", h=grid[0], w=grid[1])
         x = nn.functional.adaptive_avg_pool3d(x, self.pooling_shape)
         return rearrange(x, "b d t h w -> b (t h w) d")
+
+
+def mlp_projector(model_pooling_shape: list[int] | None = None) -> VideoPooling:
+    """``projector=mlp``: the checkpoint's MLP projector as it is (``model_pooling_shape`` unused)."""
+    return VideoPooling(None)
+
+
+def pllava_projector(pooling_shape: list[int] | None = None,
+                     model_pooling_shape: list[int] | None = None) -> VideoPooling:
+    """``projector=pllava_pool``: MLP, then adaptive 3D pooling to ``pooling_shape``, by default the
+    model's own PLLaVA shape (16x12x12 for CLIP ViT-L/336 towers), so every model/projector pair composes."""
+    shape = pooling_shape if pooling_shape is not None else model_pooling_shape
+    if shape is None:
+        raise ValueError("projector=pllava_pool needs projector.pooling_shape (T, H, W): this model has no default")
+    return VideoPooling(shape)

@@ -1,7 +1,7 @@
 """The TC-LLaVA settings a checkpoint records, written and read by rule name.
 
 ``config.json`` holds ``"tc_llava": {"rope": {"name": "tad", "gamma": 1.0}, "mask": {"name":
-"frame_block_causal"}, "pooling_shape": [16, 12, 12] | null}``. Reading resolves each name
+"frame_block_causal"}, "pooling_shape": [16, 12, 12] | null, "template": "vicuna_v1"}``. Reading resolves each name
 in the project's own registries (``ROPE_RULES``, ``MASK_RULES``) and hands the other entries
 to the rule as parameters, which the rule checks. Nothing read from a checkpoint is ever
 imported or called: a downloaded checkpoint is data. Anything else is an error naming the
@@ -20,7 +20,7 @@ from tc_llava.model.params import ParamError
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import ROPE_RULES, RopeRule
 
-SETTINGS = ("rope", "mask", "pooling_shape")
+SETTINGS = ("rope", "mask", "pooling_shape", "template")
 
 # The previous format stored a rule as ``{"_target_": dotted class path, "name": ..., **fields}``
 # (and masks their ``is_causal``). These exact strings, and no other ``_target_``, still load,
@@ -41,8 +41,9 @@ def rule_settings(rule: RopeRule | MaskRule) -> dict[str, Any]:
     return {"name": rule.name, **dataclasses.asdict(rule)}
 
 
-def read_settings(config: dict[str, Any], config_file: Path) -> tuple[RopeRule | None, MaskRule | None, VideoPooling]:
-    """The rope rule, mask rule (None where not recorded) and pooling a checkpoint's config records."""
+def read_settings(config: dict[str, Any], config_file: Path) -> tuple[
+        RopeRule | None, MaskRule | None, VideoPooling, str | None]:
+    """The rope rule, mask rule (None where not recorded), pooling and chat template a checkpoint's config records."""
     saved = config.get("tc_llava", {})
     if not isinstance(saved, dict):
         raise ValueError(f"{config_file}: tc_llava must be an object with {', '.join(SETTINGS)}, got {saved!r}")
@@ -55,7 +56,10 @@ def read_settings(config: dict[str, Any], config_file: Path) -> tuple[RopeRule |
         pooling = VideoPooling(saved.get("pooling_shape"))
     except ParamError as e:
         raise ValueError(e.at(f"{config_file}: tc_llava.pooling_shape")) from None
-    return rope, mask, pooling
+    template = saved.get("template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config_file}: tc_llava.template must be a chat template's name, got {template!r}")
+    return rope, mask, pooling, template
 
 
 def _rule(entry: Any, key: str, registry: dict[str, type], config_file: Path) -> RopeRule | MaskRule:

@@ -14,6 +14,7 @@ is used as it is; this module only composes its parts for video:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,8 @@ from tc_llava.model.masks import CausalMask, MaskRule, check_backend
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
 from tc_llava.model.settings import check_adapter_config, read_settings, rule_settings
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -59,6 +62,7 @@ class TCLlava(nn.Module):
         pooling: VideoPooling | None = None,
         tokenizer: Any = None,
         image_processor: Any = None,
+        template: str | None = None,
     ) -> None:
         super().__init__()
         if hf_model.config.model_type not in SUPPORTED_MODEL_TYPES:
@@ -68,6 +72,7 @@ class TCLlava(nn.Module):
         self.mask = mask or CausalMask()
         self.pooling = pooling or VideoPooling()
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.template = template  # the chat template's name (data.templates): how prompts are written for it
         lm = self.language_model
         check_backend(lm.config._attn_implementation, self.mask)
         if not self.mask.is_causal and "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
@@ -245,7 +250,8 @@ class TCLlava(nn.Module):
     def tc_settings(self) -> dict[str, Any]:
         """What ``config.json`` records as ``tc_llava``: the rules by name, plain JSON values only."""
         pooling = list(self.pooling.pooling_shape) if self.pooling.pooling_shape else None
-        return {"rope": rule_settings(self.rope), "mask": rule_settings(self.mask), "pooling_shape": pooling}
+        settings = {"rope": rule_settings(self.rope), "mask": rule_settings(self.mask), "pooling_shape": pooling}
+        return settings if self.template is None else {**settings, "template": self.template}
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
         """An ordinary llava-hf directory whose config also records the TC-LLaVA settings."""
@@ -264,9 +270,11 @@ class TCLlava(nn.Module):
         pooling: VideoPooling | None = None,
         attn_implementation: str = "auto",
         dtype: torch.dtype | str = torch.float32,
+        template: str | None = None,
         **hf_kwargs: Any,
     ) -> "TCLlava":
-        """Load a llava-hf checkpoint; rules not given come from the checkpoint, else vanilla/causal/mlp.
+        """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
+        vanilla/causal/mlp and no template.
 
         A directory holding a peft adapter beside the base weights loads with the adapter merged.
         Nothing in the directory runs: the rules are read by name (:mod:`tc_llava.model.settings`),
@@ -283,7 +291,9 @@ class TCLlava(nn.Module):
         model_type = config.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
-        saved_rope, saved_mask, saved_pooling = read_settings(config, config_file)
+        saved_rope, saved_mask, saved_pooling, saved_template = read_settings(config, config_file)
+        if template and saved_template and template != saved_template:
+            log.warning("%s records chat template %r; using the given %r", config_file, saved_template, template)
         adapter_file = path / "adapter_config.json"  # an export with the LoRA adapter kept apart
         has_adapter = adapter_file.is_file()
         if has_adapter:  # before transformers, which loads an adapter it finds by itself
@@ -304,4 +314,5 @@ class TCLlava(nn.Module):
             tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None,
             image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
                              if has_processor else None),
+            template=template or saved_template,
         )

@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 USER_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
 
 
-@hydra.main(config_path="../../configs", config_name="train", version_base="1.3")
+@hydra.main(config_path="../configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     tic = time.perf_counter()
     try:

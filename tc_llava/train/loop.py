@@ -46,10 +46,6 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
     """Accelerator for ``cfg.trainer``; the DeepSpeed JSON comes from the trainer config."""
     t = cfg.trainer
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    launcher_ds = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
-    if launcher_ds and not t.deepspeed:
-        raise ValueError(f"launched with a DeepSpeed accelerate config but trainer={t.name} has no deepspeed JSON; "
-                         "use trainer=zero2|zero3|zero3_offload")
     plugin = None
     if t.deepspeed:
         plugin = DeepSpeedPlugin(hf_ds_config=str(t.deepspeed), gradient_clipping=t.max_grad_norm,

@@ -17,6 +17,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.datasets import check_sources
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.rope import ROPE_RULES
@@ -102,12 +103,21 @@ def check_trainer(trainer: DictConfig) -> None:
         _require(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "an integer >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "null or an integer >= 1")
     _require(t.keep_last >= 0, "trainer.keep_last", t.keep_last, "an integer >= 0 (0 keeps every checkpoint)")
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
+    if launched and not t.deepspeed:
+        raise SettingsError(f"launched with a DeepSpeed accelerate config but trainer={t.name} runs no DeepSpeed; "
+                            "use trainer=zero2|zero3|zero3_offload")
     if t.deepspeed:
-        _require(Path(t.deepspeed).is_file(), "trainer.deepspeed", t.deepspeed, "an existing DeepSpeed JSON file")
+        path = Path(t.deepspeed)
+        _require(path.is_file(), "trainer.deepspeed", t.deepspeed, "an existing DeepSpeed JSON file")
+        named = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if launched and named and Path(named).resolve() != path.resolve():
+            raise SettingsError(f"the accelerate config names DeepSpeed file {named} but trainer={t.name} uses {path}; "
+                                f"launch with --config_file {CONFIG_DIR / 'trainer' / (t.name + '.accelerate.json')}")
         if not all(key in os.environ for key in LAUNCHER_ENV):  # else DeepSpeed looks for its ranks through MPI
             raise SettingsError(
                 f"trainer={t.name} runs DeepSpeed, which needs a launcher: accelerate launch --config_file "
-                f"scripts/accelerate/{t.name}.yaml -m tc_llava.train trainer={t.name} ... (or torchrun); "
+                f"tc_llava/configs/trainer/{t.name}.accelerate.json -m tc_llava.train trainer={t.name} ... (or torchrun); "
                 "without one, use trainer=cpu or trainer=ddp")
 
 
