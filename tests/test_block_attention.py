@@ -10,10 +10,8 @@ import pytest
 import torch
 from torch.nn.functional import scaled_dot_product_attention as sdpa
 
-from tc_llava.model.block_attention import (
-    AUTO, NAME, block_merge_attention, block_merge_backward_op, block_merge_op, block_spans, resolve_attention,
-    uses_flex,
-)
+from tc_llava.model.attention import BLOCK_AUTO as AUTO, BLOCK_MERGE as NAME, resolve_attention, uses_flex
+from tc_llava.model.block_attention import block_merge_attention, block_merge_backward_op, block_merge_op, block_spans
 from tc_llava.model.hf_compat import cache_kwargs
 from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
@@ -163,7 +161,7 @@ def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
     from transformers import LlamaConfig
     from transformers.masking_utils import create_causal_mask
 
-    import tc_llava.model.block_attention as backend
+    import tc_llava.model.attention as backend
 
     built = []
     monkeypatch.setattr(backend, "uses_flex", lambda *args: True)  # as on a GPU

@@ -76,7 +76,7 @@ def test_block_backends_match_sdpa_logits():
     """
     from shapes import random_tc_llava, video_prompts
 
-    from tc_llava.model.block_attention import AUTO, NAME, resolve_attention
+    from tc_llava.model.attention import BLOCK_AUTO as AUTO, BLOCK_MERGE as NAME, resolve_attention
 
     assert resolve_attention("auto") == AUTO
     model = random_tc_llava(num_layers=2, attn="sdpa")

@@ -12,7 +12,8 @@ from transformers import AutoModelForImageTextToText
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
-from tc_llava.model.masks import CausalMask, FrameBlockCausalMask, check_backend, frame_block_causal_mask
+from tc_llava.model.attention import check_backend
+from tc_llava.model.masks import CausalMask, FrameBlockCausalMask, frame_block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import TADRoPE, VanillaRoPE
 from tc_llava.model.tc_llava import TCLlava

@@ -27,8 +27,7 @@ from transformers import LlamaConfig, LlamaModel
 
 from timing import cuda_times_ms
 
-from tc_llava.model.block_attention import NAME as BLOCK_MERGE, block_spans
-from tc_llava.model.hf_compat import cache_kwargs
+from tc_llava.model.attention import BLOCK_MERGE, llm_attention
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
 
@@ -49,27 +48,13 @@ def frame_layout(length: int, text: int = 256, per_frame: int = 144) -> torch.Te
     return torch.tensor([ids], device="cuda")
 
 
-def build_mask(lm: LlamaModel, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor) -> dict:
-    """The LLM call's mask arguments as TCLlava.forward builds them: block layout, backend mask, or none."""
-    from transformers.masking_utils import create_causal_mask
-
-    attention_mask = torch.ones_like(frame_ids)
-    position_ids = real_token_index(frame_ids, attention_mask)
-    block_ids = rule_mask.block_ids(frame_ids)
-    if block_ids is None:
-        return {"attention_mask": None, "position_ids": position_ids}
-    if lm.config._attn_implementation == BLOCK_MERGE:
-        return {"attention_mask": None, "position_ids": None, "block_spans": block_spans(block_ids, attention_mask)}
-    mask = create_causal_mask(config=lm.config, inputs_embeds=embeds, attention_mask=attention_mask,
-                              position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(None))
-    return {"attention_mask": mask, "position_ids": position_ids}
-
-
 def layout_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, embeds: torch.Tensor):
     """What the step builds once for all layers: the rotary positions and the LLM call's mask arguments."""
     def build() -> tuple[torch.Tensor, dict]:
-        positions = rule_rope.positions(frame_ids, torch.ones_like(frame_ids))
-        return positions, build_mask(lm, rule_mask, frame_ids, embeds)
+        attention_mask = torch.ones_like(frame_ids)
+        positions = rule_rope.positions(frame_ids, attention_mask)
+        position_ids = real_token_index(frame_ids, attention_mask)
+        return positions, llm_attention(lm.config, rule_mask, frame_ids, attention_mask, position_ids, embeds).kwargs()
 
     return build
 

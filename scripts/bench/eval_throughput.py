@@ -20,7 +20,7 @@ import transformers
 
 from shapes import random_tc_llava, video_prompts
 
-from tc_llava.model.block_attention import resolve_attention
+from tc_llava.model.attention import resolve_attention
 
 
 def timed(fn) -> tuple[float, object]:

@@ -24,7 +24,7 @@ import transformers
 
 from shapes import random_tc_llava, video_prompts
 from timing import cuda_times_ms
-from tc_llava.model.block_attention import AUTO as BLOCK_AUTO, NAME as BLOCK_MERGE
+from tc_llava.model.attention import BLOCK_AUTO, BLOCK_MERGE, llm_attention
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.model.rope import real_token_index
 from tc_llava.train.loop import compile_layers
@@ -48,7 +48,8 @@ def layout_ms(model, ids: torch.Tensor, mask: torch.Tensor, frames: int, reps: i
     def build():
         frame_ids = model.frame_ids(ids, frames)
         model.rope.positions(frame_ids, mask, model.token_grid(frames))
-        model._prefill_mask(embeds, mask, frame_ids, None, real_token_index(frame_ids, mask))
+        llm_attention(model.language_model.config, model.mask, frame_ids, mask, real_token_index(frame_ids, mask),
+                      embeds)
 
     return statistics.median(cuda_times_ms(build, reps, warmup=2))
 

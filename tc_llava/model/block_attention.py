@@ -18,37 +18,17 @@ about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``. Forward and backward
 custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
 ``torch.compile``, and an autograd.Function over the same two functions in eager mode.
 
-Two attention backends are registered in transformers' ``AttentionInterface``:
-
-- ``block_merge``: the decomposition wherever it applies; :func:`block_spans` gives the
-  layout to the layers as a keyword argument. Where it does not (left padding, a filled KV
-  cache, fp32 on CUDA, blocks of unequal size) the model builds transformers' SDPA mask and
-  the backend runs plain SDPA.
-- ``block_auto``: the fastest path measured on the H100 (README, *Performance*): the
-  decomposition wherever it applies; a GPU prefill it cannot take (a left-padded
-  evaluation batch) gets flex attention with transformers' BlockMask rather than a dense
-  mask; decoding steps SDPA.
-
-``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
-and SDPA on CPU.
+The attention backends built on it (``block_merge``, ``block_auto``) and the choice of when it
+applies live in :mod:`tc_llava.model.attention`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend
-from torch.nn.attention.flex_attention import BlockMask
-from transformers import AttentionInterface
-from transformers.integrations.flex_attention import flex_attention_forward
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, causal_mask_function, flex_attention_mask, sdpa_mask
-
-NAME = "block_merge"
-AUTO = "block_auto"
 
 
 @dataclass(frozen=True)
@@ -299,61 +279,3 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     merge = block_merge_op if torch.compiler.is_compiling() else _BlockMerge.apply
     return merge(q, k, v, spans.starts, spans.size, scale)[0].transpose(1, 2)
-
-
-def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
-    """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU prefill."""
-    return attn_implementation == AUTO and device.type == "cuda" and q_length > 1
-
-
-def _block_mask(*args: Any, **kwargs: Any):
-    """Mask interface of both backends: flex's BlockMask where ``block_auto`` uses flex for a block rule,
-    else SDPA's mask.
-
-    A plain causal request (a causal rule, or transformers' own call while the layers take
-    ``block_spans``) gets SDPA's, which is no mask at all where SDPA's causal kernel applies.
-    """
-    q_length = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
-    config = kwargs.get("config")
-    impl = config._attn_implementation if config is not None else NAME
-    block_rule = kwargs.get("mask_function") is not causal_mask_function
-    if block_rule and uses_flex(impl, torch.device(kwargs.get("device") or "cpu"), q_length):
-        return flex_attention_mask(*args, **kwargs)
-    return sdpa_mask(*args, **kwargs)
-
-
-def block_merge_attention_forward(
-    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
-    block_spans: BlockSpans | None = None, **kwargs: Any,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers attention function: the decomposition with ``block_spans``, flex with a
-    BlockMask, else SDPA with HF's mask."""
-    if block_spans is None and not isinstance(attention_mask, BlockMask):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    device = query.device.type
-    if torch.is_autocast_enabled(device):  # as SDPA does under autocast (HF's rotary leaves q, k in fp32)
-        dtype = torch.get_autocast_dtype(device)
-        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    if block_spans is None:
-        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    if dropout:
-        raise ValueError(f"{NAME} attention has no dropout; got attention dropout {dropout}")
-    if key.shape[2] != query.shape[2]:
-        raise ValueError(f"{NAME}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
-    groups = query.shape[1] // key.shape[1]
-    out = block_merge_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), block_spans, scaling)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def resolve_attention(name: str) -> str:
-    """``auto`` -> ``block_auto`` on a GPU with flash attention, else ``sdpa``; other names unchanged."""
-    if name != "auto":
-        return name
-    gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
-    return AUTO if gpu else "sdpa"
-
-
-for _name in (NAME, AUTO):
-    AttentionInterface.register(_name, block_merge_attention_forward)
-    AttentionMaskInterface.register(_name, _block_mask)

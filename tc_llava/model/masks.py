@@ -4,10 +4,15 @@ Every non-causal rule is a block rule: it gives each token a block id (-1: no bl
 query ``i`` may attend key ``j`` iff ``j <= i`` or (``block[i] == block[j]`` and
 ``block[i] >= 0``), and never a padding key. Frame-block-causal uses the frame id as the
 block (a visual token sees its whole frame); bidirectional-visual puts all visual tokens
-of a sample in one block (every visual token sees the whole video). The model builds the
-mask through transformers' own ``create_causal_mask(block_sequence_ids=...)``, so every
-attention backend (sdpa bool mask, eager additive mask, flex BlockMask) gets its native
-form; :func:`block_causal_mask` is the dense reference the tests compare against.
+of a sample in one block (every visual token sees the whole video).
+
+A rule only gives the block ids; :func:`tc_llava.model.attention.llm_attention` decides what
+each backend receives. ``block_merge`` and ``block_auto`` build no mask where their
+decomposition applies (the layers get the block layout). Otherwise transformers'
+``create_causal_mask(block_sequence_ids=...)`` builds the backend's native form: a BlockMask
+for flex and for ``block_auto``'s GPU prefills, an additive float mask for eager, a 4D bool
+mask for sdpa and the other ``block_merge``/``block_auto`` calls. :func:`block_causal_mask`
+is the dense reference the tests compare them all against; the model never builds it.
 """
 
 from __future__ import annotations
@@ -16,9 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-
-# Backends that drop any custom mask: refusing them beats silently training the wrong model.
-MASK_DROPPING_BACKENDS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
 
 
 def block_causal_mask(block_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,12 +82,3 @@ MaskRule = CausalMask | FrameBlockCausalMask | BidirectionalVisualMask
 MASK_RULES: dict[str, type[MaskRule]] = {
     rule.name: rule for rule in (CausalMask, FrameBlockCausalMask, BidirectionalVisualMask)
 }
-
-
-def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
-    """Refuse attention backends that would silently ignore a non-causal mask."""
-    if not mask_rule.is_causal and attn_implementation in MASK_DROPPING_BACKENDS:
-        raise ValueError(
-            f"attn_implementation={attn_implementation!r} ignores custom attention masks, so mask="
-            f"{mask_rule.name!r} would silently become causal. Use 'sdpa', 'flex_attention' or 'eager'."
-        )

@@ -6,8 +6,8 @@ is used as it is; this module only composes its parts for video:
 1. frames ``[B, T, C, H, W]`` -> vision tower per frame -> the checkpoint's MLP projector
    -> optional PLLaVA pooling -> visual tokens scattered into the prompt's placeholder run;
 2. the frame-id vector of that layout and each frame's (pooled) token grid -> rotary
-   positions (rope rule) and the attention mask (mask rule, built by transformers' own
-   ``create_causal_mask``);
+   positions (rope rule) and what the LLM attends with (mask rule and backend, decided by
+   :func:`tc_llava.model.attention.llm_attention`);
 3. the LLM runs with those positions fed to its rotary module only.
 """
 
@@ -24,14 +24,13 @@ from peft import PeftModel
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
-from transformers.masking_utils import create_causal_mask
 from transformers.utils import ModelOutput
 
-from tc_llava.model import block_attention
+from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, output_cache
 from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
-from tc_llava.model.masks import CausalMask, MaskRule, check_backend
+from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
 from tc_llava.model.settings import check_adapter_config, read_settings, rule_settings
@@ -165,11 +164,10 @@ class TCLlava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
-        frame_ids, layers_kwargs = None, {}
+        frame_ids = num_frames = None  # a decode step: its new tokens are text
         if cache is not None and cache.get_seq_length() > 0:
             if rope_positions is None:
                 raise ValueError("a decode step (a filled cache) needs rope_positions")
-            mask = attention_mask
         else:
             if pixel_values is not None and pixel_values.ndim != 5:
                 raise ValueError(
@@ -177,21 +175,17 @@ class TCLlava(nn.Module):
                 )
             num_frames = None if pixel_values is None else pixel_values.shape[1]
             frame_ids = self.frame_ids(input_ids, num_frames)
-            # Positions and mask before the vision tower: the layout's host sync then waits for
-            # little, and the tower's kernels keep the GPU busy while the host goes on.
             rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
             position_ids = real_token_index(frame_ids, attention_mask)
-            mask, position_ids, layers_kwargs = self._prefill_mask(
-                embeds, attention_mask, frame_ids, cache, position_ids)
-            if pixel_values is not None:
-                visual = self.encode_video(pixel_values).to(embeds.dtype)
-                embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
+        # Positions and mask before the vision tower: the layout's host sync then waits for
+        # little, and the tower's kernels keep the GPU busy while the host goes on.
+        attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache)
+        if num_frames is not None:
+            visual = self.encode_video(pixel_values).to(embeds.dtype)
+            embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
         pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
         with lm.rotary_emb.use(rope_positions, pair_axes):
-            out = lm(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                use_cache=use_cache, **cache_kwargs(cache), **layers_kwargs,
-            )
+            out = lm(inputs_embeds=embeds, use_cache=use_cache, **cache_kwargs(cache), **attention.kwargs())
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None:
@@ -202,33 +196,6 @@ class TCLlava(nn.Module):
             loss=loss, logits=logits, cache=output_cache(out),
             rope_positions=rope_positions, frame_ids=frame_ids,
         )
-
-    def _prefill_mask(self, embeds, attention_mask, frame_ids, cache, position_ids):
-        """(mask, position_ids, extra layer kwargs) for the LLM call.
-
-        Causal rules: the 2D padding mask (HF builds the rest). Block rules: the block
-        layout for the ``block_merge``/``block_auto`` decomposition where it applies (no
-        mask is built; the rotary positions are ours, so no ``position_ids`` either), else
-        the backend's own block mask from transformers' ``create_causal_mask``.
-        """
-        block_ids = self.mask.block_ids(frame_ids)
-        if block_ids is None:
-            return attention_mask, position_ids, {}
-        config = self.language_model.config
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        device = embeds.device.type
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else embeds.dtype
-        impl = config._attn_implementation
-        if (impl in (block_attention.NAME, block_attention.AUTO)
-                and block_attention.flash_available(embeds.device, dtype, head_dim)):
-            spans = block_attention.block_spans(block_ids, attention_mask)
-            if spans is not None:
-                return None, None, {"block_spans": spans}
-        mask = create_causal_mask(
-            config=config, inputs_embeds=embeds, attention_mask=attention_mask,
-            position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(cache),
-        )
-        return mask, position_ids, {}
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         targets = labels[:, 1:]
@@ -300,7 +267,7 @@ class TCLlava(nn.Module):
             check_adapter_config(adapter_file)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
-        attn_implementation = block_attention.resolve_attention(attn_implementation)
+        attn_implementation = resolve_attention(attn_implementation)
         hf = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
             **hf_kwargs, trust_remote_code=False, weights_only=True,
