@@ -9,5 +9,5 @@ if [[ ! -f data_cache/ablation/train.json ]]; then
     $PY -m tc_llava.data.synthetic --out data_cache/ablation --num-train 4000 --num-eval-per-task 100 --seed 0
 fi
 stamp=$(date +%Y-%m-%d_%H-%M-%S)
-$PY -m tc_llava.train experiment=ablation "hydra.sweep.dir=outputs/multirun/ablation/$stamp" "$@"
-$PY -m tc_llava.eval.collect_ablation "outputs/multirun/ablation/$stamp"
+$PY -m tc_llava.ablation "hydra.sweep.dir=outputs/multirun/ablation/$stamp" "$@"
+$PY -m tc_llava.ablation.collect "outputs/multirun/ablation/$stamp"

@@ -14,12 +14,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from tc_llava.data.synthetic import TASKS, VOCABULARY, generate, make_sample
-from tc_llava.eval.collect_ablation import load_runs, summarize, write_report
+from tc_llava.ablation.collect import load_runs, summarize, write_report
 from tc_llava.model.masks import BidirectionalVisualMask, block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import MRoPE, RotaryPositions, TADRoPE, VanillaRoPE, VideoRoPE, scaled_section
 from tc_llava.model.tc_llava import TCLlava
-from tc_llava.train.ablation import evaluate_run
+from tc_llava.ablation.job import evaluate_run
 from tc_llava.train.loop import train
 
 from conftest import CONFIGS, TINY

@@ -209,7 +209,7 @@ def test_worker_media_error_is_one_line(synthetic, tmp_path):
 
 
 def test_ablation_benchmark_is_checked_before_training(tmp_path):
-    from tc_llava.train.ablation import check_benchmark
+    from tc_llava.ablation.job import check_benchmark
 
     with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=ablation", f"paths.data={tmp_path}", f"run_dir={tmp_path}/job"])

@@ -30,16 +30,21 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from tc_llava.data.collate import MODEL_KEYS, DataReport
+from tc_llava.data.datasets import DataError
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.train.checkpoint import (
-    NonFiniteError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint, save_checkpoint,
+    NonFiniteError, RunDirError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint,
+    save_checkpoint,
 )
 from tc_llava.train.optim import cosine_with_warmup, param_groups
-from tc_llava.train.settings import check_train_config
+from tc_llava.train.settings import SettingsError, check_train_config
 from tc_llava.train.tuning import apply_tuning, trainable_summary
 
 log = logging.getLogger(__name__)
+
+# What train() raises for a mistake in what it was given, or to stop before its state is poisoned.
+TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:

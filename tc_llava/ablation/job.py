@@ -1,12 +1,11 @@
 """The evaluation half of an ablation job: score the fresh export, leave ``ablation.json``.
 
-``experiment=ablation`` sets ``ablation.evaluate=true`` and composes a benchmark into
-``ablation.benchmark``; after training, the train app calls :func:`evaluate_run` in the
-same process. It evaluates the exported model (what a user would load) on that benchmark
+``experiment=ablation`` composes a benchmark into ``ablation.benchmark``; after training,
+``python -m tc_llava.ablation`` calls :func:`evaluate_run` in the same process. It evaluates the exported model (what a user would load) on that benchmark
 under ``${run_dir}/eval`` and writes ``${run_dir}/ablation.json``: the job's rope, mask
 and seed, its timings, and per task the family (the 5th entry of the benchmark's
 ``tasks.json`` row), the accuracy and the chance level (mean of 1 / number of options).
-:mod:`tc_llava.eval.collect_ablation` turns a sweep's files into one table.
+:mod:`tc_llava.ablation.collect` turns a sweep's files into one table.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def check_benchmark(cfg: DictConfig) -> None:
 def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) -> dict[str, Any] | None:
     """Evaluate ``result['export']`` on ``cfg.ablation.benchmark``; the main process writes ``ablation.json``."""
     if not result.get("export"):
-        raise ValueError("ablation.evaluate=true needs the exported model: set export.enabled=true")
+        raise ValueError("an ablation job evaluates its exported model: set export.enabled=true")
     tic = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     state = PartialState()

@@ -1,4 +1,4 @@
-"""``python -m tc_llava.eval.collect_ablation <multirun dir>``: one table for a rope x mask x seed sweep.
+"""``python -m tc_llava.ablation.collect <multirun dir>``: one table for a rope x mask x seed sweep.
 
 Each job of ``experiment=ablation`` leaves an ``ablation.json`` (rope, mask, seed, timings,
 and per task its family, accuracy and chance level). Per job, a family's score is the
@@ -144,7 +144,7 @@ def write_report(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tc_llava.eval.collect_ablation", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m tc_llava.ablation.collect", description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir", type=Path, help="the sweep's directory (holds one folder per job)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: multirun_dir)")
     args = parser.parse_args(argv)
