@@ -1,4 +1,5 @@
-"""The SFT loop: one screen of Accelerate code that runs on CPU, DDP and DeepSpeed ZeRO.
+"""The SFT loop, one recipe of Accelerate code for CPU, DDP and DeepSpeed ZeRO: :func:`train` runs
+:func:`setup`, then :func:`step` until ``max_steps`` (checkpointing as it goes), then :func:`finish`.
 
 Gradient accumulation is exact: a window of ``k`` micro-batches is normalised by the label
 tokens of the whole window on every rank (``num_items_in_batch``), so its update equals
@@ -16,7 +17,7 @@ import resource
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # What train() raises for a mistake in what it was given, or to stop before its state is poisoned.
 TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
+METRICS = "metrics.jsonl"  # one row per optimizer step, in run_dir
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -94,6 +96,15 @@ def run_meta() -> dict[str, Any]:
     return {"git_commit": commit, "torch": torch.__version__, "argv": sys.argv}
 
 
+def cast_trainable_to_bf16(model: nn.Module) -> None:
+    """The ZeRO bf16 cast: DeepSpeed flattens the trainable parameters of one dtype only, and under
+    ZeRO-3 the base weights are built in bf16 already while peft's new adapters are fp32 (its fp32
+    master copy of them stays in the optimizer)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+
+
 def compile_layers(model: nn.Module) -> None:
     """Regional compilation: each LLM decoder layer compiled in place (one graph serves all layers).
 
@@ -126,10 +137,48 @@ def keep_metrics_until(path: Path, step: int) -> None:
     tmp.replace(path)
 
 
+@dataclass
+class Run:
+    """What the steps of one training run share; built by :func:`setup`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    state: TrainState
+    report: DataReport
+    stream: Iterator[dict[str, Any]]
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Train per ``cfg``; returns the final state (losses, data counts) and export path."""
-    check_train_config(cfg)
+    """Train per ``cfg``; returns the final state (losses, data counts) and the export's path.
+
+    The recipe: set up (checks, run dir, model, data, optimizer, resume), then optimizer
+    steps with a checkpoint every ``trainer.save_every`` and at the end, then the export.
+    """
+    run = setup(cfg)
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not run.accelerator.is_main_process,
+               desc="train")
+    while run.state.step < run.total_steps:
+        row = step(run)
+        log_step(run, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if run.state.step % cfg.trainer.save_every == 0 or run.state.step == run.total_steps:
+            run.state.data = run.report.state_dict()
+            save_checkpoint(run.accelerator, run.model, run.run_dir, run.state, cfg.trainer.keep_last)
+    bar.close()
+    return finish(run)
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Everything before the first step, cheapest checks first: nothing loads before the settings and
+    the run dir are known to be right, and a resumed run continues its state and its records."""
     t = cfg.trainer
+    check_train_config(cfg)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg)
     resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))
@@ -146,16 +195,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
     apply_tuning(model, **cfg.tuning)
     if t.deepspeed and t.mixed_precision == "bf16":
-        # ZeRO-3 builds the base weights in bf16 already; peft's new adapters are fp32, and
-        # DeepSpeed flattens trainable parameters of one dtype only (its fp32 master copy stays).
-        for param in model.parameters():
-            if param.requires_grad and param.dtype == torch.float32:
-                param.data = param.data.to(torch.bfloat16)
+        cast_trainable_to_bf16(model)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(model.hf)
     if t.compile:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))
+
     dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.image_processor,
                           num_visual_tokens=model.tokens_per_video(cfg.data.num_frames))
     loader = torch.utils.data.DataLoader(
@@ -172,76 +218,86 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     accelerator.init_trackers(cfg.logging.project, config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
 
-    state = TrainState()
-    report = DataReport(dataset.load_skips)
+    state, report = TrainState(), DataReport(dataset.load_skips)
     if resume_from is not None:
         state = load_checkpoint(accelerator, resume_from, run_dir)
         report.load_state_dict(state.data)
         log.info("resumed from %s at step %d", resume_from, state.step)
-    metrics_file = run_dir / "metrics.jsonl"
     if accelerator.is_main_process:
-        keep_metrics_until(metrics_file, state.step)
-    stream = micro_batches(loader, dataset, accelerator, state, report)
-    bar = tqdm(total=total_steps, initial=state.step, disable=not accelerator.is_main_process, desc="train")
-    while state.step < total_steps:
-        tic = time.perf_counter()
-        window = [next(stream) for _ in range(t.grad_accum)]
-        n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
-        loss_sum = torch.zeros((), device=accelerator.device)
-        for batch in window:
-            with accelerator.accumulate(model):
-                loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
-                if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
-                    raise NonFiniteError(
-                        f"non-finite loss at step {state.step + 1} (sources {batch['sources']}); stopping. "
-                        f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
-                    )
-                loss_sum += loss.detach()
-                # The loss is normalised by the whole window's label tokens on all ranks; accelerate
-                # divides by grad_accum and DDP averages over ranks, so both are multiplied back.
-                accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
-        # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
-        # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteError(
-                f"non-finite gradient norm ({float(grad_norm)}) at step {state.step + 1} with a finite loss "
-                f"{accelerator.reduce(loss_sum, 'sum').item():.4g}; stopping before the optimizer step. "
-                f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}"
-            )
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        state.step += 1
-        step_loss = accelerator.reduce(loss_sum, "sum").item()
-        state.losses.append(step_loss)
-        elapsed = time.perf_counter() - tic
-        tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(accelerator.device)).item()
-        samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
-        row = {"step": state.step, "loss": step_loss, "lr": scheduler.get_last_lr()[0],
-               "grad_norm": float(grad_norm) if grad_norm is not None else None,
-               "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "peak_mem_gb": peak_memory_gb(),
-               "compiled_graphs": compiled_graphs()}
-        accelerator.log(row, step=state.step)
-        if accelerator.is_main_process:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
-        bar.update(1)
-        if state.step % t.save_every == 0 or state.step == total_steps:
-            state.data = report.state_dict()
-            save_checkpoint(accelerator, model, run_dir, state, t.keep_last)
-    bar.close()
-    state.data = report.state_dict()
-    log.info("data: %s", report.totals())
+        keep_metrics_until(run_dir / METRICS, state.step)
+    return Run(cfg, run_dir, accelerator, model, optimizer, scheduler, total_steps, state, report,
+               micro_batches(loader, dataset, accelerator, state, report))
+
+
+def step(run: Run) -> dict[str, Any]:
+    """One optimizer step over ``trainer.grad_accum`` micro-batches; returns its metrics row.
+
+    A NaN/inf loss, or a NaN/inf gradient norm behind a finite loss, stops the run before the
+    optimizer moves a weight (:class:`NonFiniteError`): the last checkpoint stays the last good one.
+    """
+    t, accelerator, model = run.cfg.trainer, run.accelerator, run.model
+    checkpoints = run.run_dir / "checkpoints"
+    tic = time.perf_counter()
+    window = [next(run.stream) for _ in range(t.grad_accum)]
+    n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in window:
+        with accelerator.accumulate(model):
+            loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
+            if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
+                raise NonFiniteError(
+                    f"non-finite loss at step {run.state.step + 1} (sources {batch['sources']}); stopping. "
+                    f"The last good checkpoint is untouched under {checkpoints}"
+                )
+            loss_sum += loss.detach()
+            # The loss is normalised by the whole window's label tokens on all ranks; accelerate
+            # divides by grad_accum and DDP averages over ranks, so both are multiplied back.
+            accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
+    # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
+    # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        raise NonFiniteError(
+            f"non-finite gradient norm ({float(grad_norm)}) at step {run.state.step + 1} with a finite loss "
+            f"{accelerator.reduce(loss_sum, 'sum').item():.4g}; stopping before the optimizer step. "
+            f"The last good checkpoint is untouched under {checkpoints}"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    run.state.step += 1
+    step_loss = accelerator.reduce(loss_sum, "sum").item()
+    run.state.losses.append(step_loss)
+    elapsed = time.perf_counter() - tic
+    tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(accelerator.device)).item()
+    samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
+    return {"step": run.state.step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "peak_mem_gb": peak_memory_gb(),
+            "compiled_graphs": compiled_graphs()}
+
+
+def log_step(run: Run, row: dict[str, Any]) -> None:
+    """A step's metrics to the trackers (wandb when on) and one line of ``metrics.jsonl``."""
+    run.accelerator.log(row, step=row["step"])
+    if run.accelerator.is_main_process:
+        with (run.run_dir / METRICS).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The data report and, with ``export.enabled``, the model exported to ``run_dir/export``."""
+    cfg = run.cfg
+    run.state.data = run.report.state_dict()
+    log.info("data: %s", run.report.totals())
     exported = None
     if cfg.export.enabled:
         def build_fresh():
             fresh = model_from_config(cfg)
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
-        exported = export_model(accelerator, model, build_fresh, run_dir / "export",
+        exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",
                                 lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
-    accelerator.end_training()
-    return {**asdict(state), "data": report.totals(), "export": str(exported) if exported else None,
-            "run_dir": str(run_dir)}
+    run.accelerator.end_training()
+    return {**asdict(run.state), "data": run.report.totals(), "export": str(exported) if exported else None,
+            "run_dir": str(run.run_dir)}
