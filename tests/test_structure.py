@@ -1,0 +1,67 @@
+"""The package's rooms import downwards only: stages are siblings that never import each other."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import tc_llava
+
+PACKAGE = Path(tc_llava.__file__).parent
+# room -> rooms it must never import (top-level modules such as configs, cli, provenance are shared)
+FORBIDDEN = {
+    "model": {"data", "train", "eval", "ablation"},
+    "data": {"model", "train", "eval", "ablation"},
+    "train": {"eval", "ablation"},
+    "eval": {"train", "ablation"},
+}
+
+
+def imported_rooms(path: Path) -> set[str]:
+    """The ``tc_llava`` subpackages/modules a file imports (absolute or relative imports)."""
+    here = path.relative_to(PACKAGE.parent).with_suffix("").parts  # ("tc_llava", room, ...)
+    rooms = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = here[: len(here) - node.level] if node.level else ()
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names = [module] + ([f"{module}.{alias.name}" for alias in node.names] if node.level else [])
+        else:
+            continue
+        rooms |= {name.split(".")[1] for name in names if name.startswith("tc_llava.")}
+    return rooms
+
+
+def test_rooms_import_only_what_they_may():
+    crossings = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        room = path.relative_to(PACKAGE).parts[0]
+        for target in imported_rooms(path) & FORBIDDEN.get(room, set()):
+            crossings.append(f"{path.relative_to(PACKAGE.parent)} imports tc_llava.{target}")
+    assert crossings == []
+    assert {"model", "data", "train", "eval"} <= {p.name for p in PACKAGE.iterdir() if p.is_dir()}
+
+
+def test_the_check_sees_an_import_across_rooms(tmp_path):
+    """The walker finds absolute, dotted and relative imports (or the test above could pass vacuously)."""
+    fake = PACKAGE / "train" / "_probe_for_test.py"
+    try:
+        fake.write_text("import tc_llava.eval.runner\nfrom ..eval import mvbench\nfrom tc_llava.model import rope\n")
+        assert imported_rooms(fake) == {"eval", "model"}
+    finally:
+        fake.unlink()
+
+
+def test_public_api_resolves_lazily():
+    probe = "import sys, tc_llava; assert 'torch' not in sys.modules; print(sorted(tc_llava.__all__))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert "TCLlava" in out and "VideoPooling" in out
+    from tc_llava import MASK_RULES, ROPE_RULES, TCLlava, VideoPooling
+
+    assert TCLlava.__module__ == "tc_llava.model.tc_llava" and VideoPooling().name == "mlp"
+    assert all(getattr(tc_llava, name) is not None for name in tc_llava.__all__)
+    assert {"tad", "vanilla"} <= set(ROPE_RULES) and "frame_block_causal" in MASK_RULES
