@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,3 +66,20 @@ def test_public_api_resolves_lazily():
     assert TCLlava.__module__ == "tc_llava.model.tc_llava" and VideoPooling().name == "mlp"
     assert all(getattr(tc_llava, name) is not None for name in tc_llava.__all__)
     assert {"tad", "vanilla"} <= set(ROPE_RULES) and "frame_block_causal" in MASK_RULES
+
+
+def test_a_regular_install_finds_its_configs(tmp_path):
+    """``pip install .`` (a built wheel, not the source tree): the console scripts compose from the
+    configs shipped in the package, from another directory."""
+    repo = PACKAGE.parent
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(tmp_path / "site"), str(repo)], check=True, capture_output=True, cwd=tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    script = tmp_path / "site" / "bin" / "tc-llava-train"
+    shown = subprocess.run([str(script), "trainer=zero3", "--cfg", "job", "--resolve"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, check=True).stdout
+    assert f"deepspeed: {tmp_path / 'site' / 'tc_llava' / 'configs' / 'trainer' / 'zero3.deepspeed.json'}" in shown
+    for app in ("tc-llava-train", "tc-llava-eval"):
+        help_text = subprocess.run([str(tmp_path / "site" / "bin" / app), "--help"], env=env, cwd=tmp_path,
+                                   capture_output=True, text=True, check=True).stdout
+        assert "model: llava-1.5-7b, llava-v1.6-vicuna-7b, pretrained, tiny" in help_text

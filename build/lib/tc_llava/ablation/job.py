@@ -1,0 +1,97 @@
+"""The evaluation half of an ablation job: score the fresh export, leave ``ablation.json``.
+
+``experiment=ablation`` composes a benchmark into ``ablation.benchmark``; after training,
+``python -m tc_llava.ablation`` calls :func:`evaluate_run` in the same process. It evaluates the exported model (what a user would load) on that benchmark
+under ``${run_dir}/eval`` and writes ``${run_dir}/ablation.json``: the job's rope, mask
+and seed, its timings, and per task the family (the 5th entry of the benchmark's
+``tasks.json`` row), the accuracy and the chance level (mean of 1 / number of options).
+:mod:`tc_llava.ablation.collect` turns a sweep's files into one table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import PartialState
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from tc_llava.eval.mvbench import check_inputs, run_mvbench
+from tc_llava.model.tc_llava import TCLlava
+from tc_llava.train.settings import SettingsError
+
+log = logging.getLogger(__name__)
+
+
+def task_families(benchmark_root: str | Path) -> dict[str, str]:
+    """Task name -> family from ``tasks.json`` (MVBench's row format plus a 5th entry)."""
+    path = Path(benchmark_root) / "tasks.json"
+    table = json.loads(path.read_text())
+    missing = [name for name, row in table.items() if len(row) < 5]
+    if missing:
+        raise ValueError(f"{path}: tasks {missing} have no family; expected rows [json, prefix, type, bound, family]")
+    return {name: row[4] for name, row in table.items()}
+
+
+def chance_levels(predictions: Path) -> dict[str, float]:
+    """Per task, the accuracy of uniform guessing in % (mean of 1 / number of candidates)."""
+    inverse: dict[str, list[float]] = {}
+    with predictions.open() as f:
+        for line in f:
+            row = json.loads(line)
+            inverse.setdefault(row["task"], []).append(100.0 / len(row["candidates"]))
+    return {task: statistics.fmean(v) for task, v in inverse.items()}
+
+
+def rule_choice(cfg: DictConfig, group: str) -> str:
+    """The config-group option a job ran with (``rope=tad`` -> ``tad``), else the rule's own name."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return str(choice)
+    return str(instantiate(cfg[group]).name)
+
+
+def check_benchmark(cfg: DictConfig) -> None:
+    """The ablation benchmark's files, checked before training (they are read only after it)."""
+    try:
+        check_inputs(cfg.ablation.benchmark, cfg.run_dir, None)
+    except (FileNotFoundError, ValueError) as e:
+        raise SettingsError(f"ablation.{e}") from None
+
+
+def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) -> dict[str, Any] | None:
+    """Evaluate ``result['export']`` on ``cfg.ablation.benchmark``; the main process writes ``ablation.json``."""
+    if not result.get("export"):
+        raise ValueError("an ablation job evaluates its exported model: set export.enabled=true")
+    tic = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    state = PartialState()
+    model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).to(state.device).eval()
+    results = run_mvbench(model, cfg.ablation.benchmark, run_dir / "eval", state)
+    if not state.is_main_process:
+        return None
+    unanswered = [task for task, r in results["tasks"].items() if r["accuracy"] is None]
+    if unanswered:
+        raise RuntimeError(f"ablation eval: no question of {unanswered} could be answered; see {run_dir / 'eval'}")
+    families = task_families(cfg.ablation.benchmark.root)
+    chance = chance_levels(run_dir / "eval" / "predictions.jsonl")
+    summary = {
+        "rope": rule_choice(cfg, "rope"), "mask": rule_choice(cfg, "mask"), "seed": int(cfg.seed),
+        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - tic,
+        "final_loss": result["losses"][-1] if result["losses"] else None,
+        "tasks": {task: {"family": families[task], "accuracy": r["accuracy"], "chance": chance[task],
+                         "total": r["total"]} for task, r in results["tasks"].items()},
+        "results": str(run_dir / "eval" / "results.json"),
+    }
+    (run_dir / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
+    log.info("ablation job %s/%s seed %d: %s", summary["rope"], summary["mask"], summary["seed"],
+             {t: round(v["accuracy"], 1) for t, v in summary["tasks"].items()})
+    return summary

@@ -1,0 +1,270 @@
+"""Conversation templates: how system, user and assistant turns become model text.
+
+A template is plain data. One renderer turns a conversation into text segments flagged
+learn / not-learn, and the generation prompt is the same rendering stopped after the
+assistant's role prefix, so training text and evaluation prompts cannot drift apart.
+
+Tokenization runs on the whole rendered text at once (what generation will see) and
+labels a token as learned iff its first character lies in a learned segment. Learned
+segments start right after a pre-tokenizer boundary (e.g. vicuna learns `` {answer}</s>``
+including the leading space, because the prompt ends at ``ASSISTANT:``), so each answer
+keeps the tokens it gets at generation time.
+
+The single video placeholder (the tokenizer's image token) is expanded here into
+``num_visual_tokens`` image-token ids, HF-processor style; the model checks that count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+@dataclass(frozen=True)
+class Template:
+    """A chat format. ``{content}`` / ``{system}`` mark where text goes in each format string."""
+
+    name: str
+    system: str  # default system prompt, used when the caller passes system=None
+    system_format: str  # rendered only for a non-empty system prompt
+    system_in_first_user: bool  # llama_2 / mistral put the system inside the first [INST]
+    user_format: str
+    assistant_prefix: str  # not learned; the generation prompt ends here
+    answer_format: str  # learned as a whole: the answer and its end-of-turn token
+    turn_separator: str = ""  # before every user turn but the first (llama_2's "<s>")
+    answer_suffix: str = ""  # not learned, after the end-of-turn (chatml's "\n")
+    add_bos: bool = True  # prepend the tokenizer's BOS id (if it has one)
+    keep_user_text: bool = True  # plain: a user turn keeps only its image placeholder
+
+    @property
+    def answer_lead(self) -> str:
+        """Text between the assistant prefix and the answer: where priming text goes."""
+        return self.answer_format.split("{content}")[0]
+
+
+TEMPLATES: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template(  # LLaVA conv_vicuna_v1
+            name="vicuna_v1",
+            system="A chat between a curious user and an artificial intelligence assistant. "
+            "The assistant gives helpful, detailed, and polite answers to the user's questions.",
+            system_format="{system} ",
+            system_in_first_user=False,
+            user_format="USER: {content} ",
+            assistant_prefix="ASSISTANT:",
+            answer_format=" {content}</s>",
+        ),
+        Template(  # LLaVA conv_llava_llama_2
+            name="llama_2",
+            system="You are a helpful language and vision assistant. You are able to understand the "
+            "visual content that the user provides, and assist the user with a variety of tasks "
+            "using natural language.",
+            system_format="<<SYS>>\n{system}\n<</SYS>>\n\n",
+            system_in_first_user=True,
+            user_format="[INST] {content} [/INST]",
+            assistant_prefix="",
+            answer_format=" {content} </s>",
+            turn_separator="<s>",
+        ),
+        Template(  # Mistral-Instruct's own format; a system prompt joins the first instruction
+            name="mistral_instruct",
+            system="",
+            system_format="{system}\n\n",
+            system_in_first_user=True,
+            user_format="[INST] {content} [/INST]",
+            assistant_prefix="",
+            answer_format=" {content}</s>",
+        ),
+        Template(  # Qwen2 ChatML
+            name="chatml",
+            system="You are a helpful assistant.",
+            system_format="<|im_start|>system\n{system}<|im_end|>\n",
+            system_in_first_user=False,
+            user_format="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            answer_format="{content}<|im_end|>",
+            answer_suffix="\n",
+            add_bos=False,
+        ),
+        Template(  # LLaVA pretraining: the placeholder, then the caption and "\n"
+            name="plain",
+            system="",
+            system_format="",
+            system_in_first_user=False,
+            user_format="{content}",
+            assistant_prefix="",
+            answer_format="{content}\n",
+            keep_user_text=False,
+        ),
+    )
+}
+
+
+def get_template(template: str | Template | None) -> Template:
+    """The template of that name (or the template itself)."""
+    if isinstance(template, Template):
+        return template
+    if template is None:
+        raise ValueError(f"no chat template: set model.template (one of {sorted(TEMPLATES)}); a checkpoint "
+                         "exported by tc-llava records the one it was trained with")
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown conversation template {template!r}; expected one of {sorted(TEMPLATES)}")
+    return TEMPLATES[template]
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    learn: bool
+
+
+def _render(
+    template: Template,
+    users: Sequence[str],
+    answers: Sequence[str],
+    system: str | None,
+    image_token: str,
+    assistant_prefix: str = "",
+) -> list[Segment]:
+    """Segments of ``users``/``answers``; one answer short means "stop at the assistant prefix"."""
+    if len(answers) not in (len(users), len(users) - 1) or not users:
+        raise ValueError(
+            f"a conversation needs user/assistant turns in pairs, got {len(users)} user, {len(answers)} assistant"
+        )
+    system = template.system if system is None else system
+    segments = []
+    if system and not template.system_in_first_user:
+        segments.append(Segment(template.system_format.format(system=system), False))
+    for k, user in enumerate(users):
+        content = user if template.keep_user_text else (image_token if image_token in user else "")
+        if k == 0 and system and template.system_in_first_user:
+            content = template.system_format.format(system=system) + content
+        head = (template.turn_separator if k else "") + template.user_format.format(content=content)
+        segments.append(Segment(head + template.assistant_prefix, False))
+        if k < len(answers):
+            segments.append(Segment(template.answer_format.format(content=answers[k]), True))
+            if template.answer_suffix:
+                segments.append(Segment(template.answer_suffix, False))
+        elif assistant_prefix:
+            segments.append(Segment(template.answer_lead + assistant_prefix, False))
+    return segments
+
+
+def render(
+    template: str | Template,
+    turns: Sequence[tuple[str, str]],
+    system: str | None = None,
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+) -> list[Segment]:
+    """Text segments of a conversation of (user, assistant) turns; only answers are learned.
+
+    ``system=None`` uses the template's default system prompt, ``""`` none at all.
+    """
+    return _render(get_template(template), [u for u, _ in turns], [a for _, a in turns], system, image_token)
+
+
+def build_prompt(
+    template: str | Template,
+    system: str | None,
+    user_text: str,
+    assistant_prefix: str = "",
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+) -> str:
+    """A one-turn generation prompt, ending at the assistant's role prefix plus ``assistant_prefix``.
+
+    The video placeholder is prepended to ``user_text`` (``"<image>\\n..."``) unless already in it.
+    """
+    if image_token not in user_text:
+        user_text = f"{image_token}\n{user_text}"
+    return "".join(s.text for s in _render(get_template(template), [user_text], [], system, image_token, assistant_prefix))
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # [L] long, the placeholder expanded
+    labels: torch.Tensor  # [L] long, IGNORE_INDEX except learned tokens
+    truncated: bool  # text tokens were dropped to fit max_txt_len
+
+
+def image_token_of(tokenizer: PreTrainedTokenizerBase) -> str:
+    """The checkpoint's image placeholder token (``tokenizer.image_token``, default ``<image>``)."""
+    token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no image token {token!r} in its vocabulary")
+    return token
+
+
+def encode_segments(
+    tokenizer: PreTrainedTokenizerBase,
+    segments: Sequence[Segment],
+    num_visual_tokens: int,
+    add_bos: bool = True,
+    max_txt_len: int | None = None,
+) -> Encoded:
+    """Tokenize segments as one text, label learned tokens, expand the one video placeholder.
+
+    ``max_txt_len`` caps the text tokens (BOS included, visual tokens excluded): tokens past
+    it are dropped from the end, the placeholder is always kept.
+    """
+    if not tokenizer.is_fast:
+        raise ValueError("conversation tokenization needs a fast tokenizer (for offset mappings)")
+    image_token = image_token_of(tokenizer)
+    image_id = tokenizer.convert_tokens_to_ids(image_token)
+    text = "".join(s.text for s in segments)
+    learn_char = np.zeros(len(text) + 1, dtype=bool)
+    start = 0
+    for seg in segments:
+        learn_char[start : start + len(seg.text)] = seg.learn
+        start += len(seg.text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    learned = [bool(learn_char[s]) and e > s for s, e in enc["offset_mapping"]]
+    if add_bos and tokenizer.bos_token_id is not None:
+        ids, learned = [tokenizer.bos_token_id] + ids, [False] + learned
+    places = [i for i, t in enumerate(ids) if t == image_id]
+    if len(places) != 1:
+        raise ValueError(f"expected exactly one video placeholder {image_token!r} in the text, found {len(places)}")
+    truncated = max_txt_len is not None and len(ids) - 1 > max_txt_len
+    if truncated:
+        text_positions = [i for i in range(len(ids)) if i != places[0]]
+        keep = sorted(text_positions[:max_txt_len] + places)
+        ids, learned = [ids[i] for i in keep], [learned[i] for i in keep]
+    p = ids.index(image_id)
+    input_ids = ids[:p] + [image_id] * num_visual_tokens + ids[p + 1 :]
+    labels = [t if lrn else IGNORE_INDEX for t, lrn in zip(ids, learned)]
+    labels = labels[:p] + [IGNORE_INDEX] * num_visual_tokens + labels[p + 1 :]
+    return Encoded(torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated)
+
+
+def tokenize_conversation(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | Template,
+    turns: Sequence[tuple[str, str]],
+    num_visual_tokens: int,
+    system: str | None = None,
+    max_txt_len: int | None = None,
+) -> Encoded:
+    """``input_ids``/``labels`` of a training conversation; the first user turn holds the placeholder."""
+    template = get_template(template)
+    segments = render(template, turns, system, image_token_of(tokenizer))
+    return encode_segments(tokenizer, segments, num_visual_tokens, template.add_bos, max_txt_len)
+
+
+def tokenize_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | Template,
+    prompt: str,
+    num_visual_tokens: int,
+) -> torch.Tensor:
+    """``input_ids`` [L] of a ``build_prompt`` text, the placeholder expanded (never truncated)."""
+    template = get_template(template)
+    return encode_segments(tokenizer, [Segment(prompt, False)], num_visual_tokens, template.add_bos).input_ids

@@ -1,0 +1,70 @@
+"""``python -m tc_llava.eval`` / ``tc-llava-eval``: build a model from Hydra config and run a benchmark.
+
+Works as one process or under ``accelerate launch`` / ``torchrun`` (each rank runs this;
+the benchmark shards its items). On a machine without CUDA the ranks talk over gloo.
+Everything that can fail without the model (benchmark paths, saved predictions, the judge)
+is checked before the model loads, which takes minutes at 7B.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import torch
+from accelerate import PartialState
+from omegaconf import DictConfig
+
+from tc_llava.eval import mvbench, videochatgpt, zeroshot_qa
+from tc_llava.eval.mvbench import run_mvbench
+from tc_llava.model.build import model_from_config
+
+log = logging.getLogger(__name__)
+
+
+# benchmark.protocol -> fn(model, benchmark config, run_dir, state) -> results on the main process
+BENCHMARKS: dict[str, Callable[..., Any]] = {
+    "mvbench": run_mvbench,
+    "videochatgpt": videochatgpt.evaluate,
+    "zeroshot_qa": zeroshot_qa.evaluate,
+}
+# benchmark.protocol -> fn(benchmark config, run_dir, state): raises on what would fail without the model
+CHECKS: dict[str, Callable[..., None]] = {
+    "mvbench": mvbench.check_inputs,
+    "videochatgpt": videochatgpt.check_inputs,
+    "zeroshot_qa": zeroshot_qa.check_inputs,
+}
+
+
+def run(cfg: DictConfig) -> Any:
+    """Evaluate ``cfg.model`` on ``cfg.benchmark``, writing into ``cfg.run_dir``."""
+    protocol = cfg.benchmark.protocol
+    if protocol not in BENCHMARKS:
+        raise ValueError(f"benchmark.protocol {protocol!r} is not one of {sorted(BENCHMARKS)}")
+    cpu = not torch.cuda.is_available()
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
+    state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
+    torch.manual_seed(cfg.seed)
+    CHECKS[protocol](cfg.benchmark, cfg.run_dir, state)
+    if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
+        return BENCHMARKS[protocol](None, cfg.benchmark, cfg.run_dir, state)
+    model = model_from_config(cfg).to(state.device).eval()
+    log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
+    return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
+
+
+@hydra.main(config_path="../configs", config_name="eval", version_base=None)
+def _app(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+def main() -> None:
+    """Console entry point (``tc-llava-eval``)."""
+    _app()
+
+
+if __name__ == "__main__":
+    main()

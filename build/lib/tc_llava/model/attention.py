@@ -1,0 +1,169 @@
+"""How the LLM attends: backend names, the automatic choice, and what each LLM call receives.
+
+Which backend runs, and what mask or layout it gets, is decided here and nowhere else:
+:mod:`tc_llava.model.block_attention` holds only the exact math it calls, and
+:mod:`tc_llava.model.masks` only the rules and the dense reference.
+
+Two backends are registered in transformers' ``AttentionInterface`` and
+``AttentionMaskInterface`` (so HF's own layers and ``create_causal_mask`` run them):
+
+- ``block_merge``: the decomposition of :mod:`tc_llava.model.block_attention` wherever it
+  applies, with :func:`~tc_llava.model.block_attention.block_spans` handed to the layers as
+  a keyword argument and no mask built. Where it does not apply (left padding, a filled KV
+  cache, fp32 on CUDA, blocks of unequal size) it gets transformers' SDPA mask and runs SDPA.
+- ``block_auto``: the fastest correct path measured on the H100 (README, *Performance*):
+  the decomposition wherever it applies; a GPU prefill it cannot take (a left-padded
+  evaluation batch) gets flex attention with transformers' BlockMask rather than a dense
+  mask; decoding steps SDPA.
+
+``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
+and SDPA on CPU. :func:`llm_attention` turns a call's layout into the LLM's arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
+from transformers import AttentionInterface, PreTrainedConfig
+from transformers.cache_utils import Cache
+from transformers.integrations.flex_attention import flex_attention_forward
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import (
+    AttentionMaskInterface, causal_mask_function, create_causal_mask, flex_attention_mask, sdpa_mask,
+)
+
+from tc_llava.model.block_attention import BlockSpans, block_merge_attention, block_spans, flash_available
+from tc_llava.model.hf_compat import cache_kwargs
+from tc_llava.model.masks import MaskRule
+
+BLOCK_MERGE = "block_merge"
+BLOCK_AUTO = "block_auto"
+
+# Backends that drop any custom mask: refusing them beats silently training the wrong model.
+MASK_DROPPING_BACKENDS = ("flash_attention_2", "flash_attention_3", "kernels-community/flash-attn")
+
+
+def resolve_attention(name: str) -> str:
+    """``auto`` -> ``block_auto`` on a GPU with flash attention, else ``sdpa``; other names unchanged."""
+    if name != "auto":
+        return name
+    gpu = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 0)
+    return BLOCK_AUTO if gpu else "sdpa"
+
+
+def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
+    """Refuse attention backends that would silently ignore a non-causal mask."""
+    if not mask_rule.is_causal and attn_implementation in MASK_DROPPING_BACKENDS:
+        raise ValueError(
+            f"attn_implementation={attn_implementation!r} ignores custom attention masks, so mask="
+            f"{mask_rule.name!r} would silently become causal. Use 'sdpa', 'flex_attention' or 'eager'."
+        )
+
+
+@dataclass(frozen=True)
+class LLMAttention:
+    """What one LLM call attends with: HF's ``attention_mask`` and ``position_ids``, and keyword
+    arguments every attention layer receives (``block_spans`` for the decomposition)."""
+
+    attention_mask: torch.Tensor | BlockMask | None
+    position_ids: torch.Tensor | None
+    layer_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The LLM call's keyword arguments: ``lm(inputs_embeds=..., **attention.kwargs())``."""
+        return {"attention_mask": self.attention_mask, "position_ids": self.position_ids, **self.layer_kwargs}
+
+
+def llm_attention(
+    config: PreTrainedConfig, mask_rule: MaskRule, frame_ids: torch.Tensor | None, attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None = None,
+) -> LLMAttention:
+    """The mask, position ids and layer arguments of one call of the LLM configured by ``config``.
+
+    ``frame_ids`` is the call's layout (-1 text, ``f`` frame ``f``), or None for a decode
+    step: its new tokens are text and see every earlier key, so decoding is plain causal.
+    ``attention_mask`` is the 2D padding mask, ``position_ids`` the real-token index HF's
+    mask code reads (the rotary positions go to the rotary module only), ``inputs_embeds``
+    gives the batch, length, device and dtype.
+
+    Causal rules and decode steps get the 2D padding mask (HF builds the rest). Block rules
+    get the block layout for the ``block_merge``/``block_auto`` decomposition where it
+    applies: no mask is built, and no ``position_ids`` either (the rotary positions are ours;
+    with no mask HF would read a right-padded, non-arange ``position_ids`` as packed sequences
+    and build a mask for nothing). Elsewhere they get the backend's own block mask from
+    transformers' ``create_causal_mask``.
+    """
+    block_ids = None if frame_ids is None else mask_rule.block_ids(frame_ids)
+    if block_ids is None:
+        return LLMAttention(attention_mask, position_ids)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    device = inputs_embeds.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
+    if (config._attn_implementation in (BLOCK_MERGE, BLOCK_AUTO)
+            and flash_available(inputs_embeds.device, dtype, head_dim)):
+        spans = block_spans(block_ids, attention_mask)
+        if spans is not None:
+            return LLMAttention(None, None, {"block_spans": spans})
+    mask = create_causal_mask(
+        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+        position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(cache),
+    )
+    return LLMAttention(mask, position_ids)
+
+
+def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
+    """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU prefill."""
+    # Measured on the H100 (README, Performance): flex with a BlockMask costs 1.04-1.14x of vanilla, SDPA with
+    # the dense mask 1.10-1.38x. A decoding step has one query and nothing after it to see: SDPA. On CPU torch
+    # has no flex backward, so SDPA there too.
+    return attn_implementation == BLOCK_AUTO and device.type == "cuda" and q_length > 1
+
+
+def _block_backend_mask(*args: Any, **kwargs: Any):
+    """Mask interface of both backends: flex's BlockMask where ``block_auto`` uses flex for a block rule,
+    else SDPA's mask.
+
+    A plain causal request (a causal rule, or transformers' own call while the layers take
+    ``block_spans``) gets SDPA's, which is no mask at all where SDPA's causal kernel applies.
+    """
+    q_length = kwargs["q_length"] if "q_length" in kwargs else len(kwargs["cache_position"])
+    config = kwargs.get("config")
+    impl = config._attn_implementation if config is not None else BLOCK_MERGE
+    block_rule = kwargs.get("mask_function") is not causal_mask_function
+    if block_rule and uses_flex(impl, torch.device(kwargs.get("device") or "cpu"), q_length):
+        return flex_attention_mask(*args, **kwargs)
+    return sdpa_mask(*args, **kwargs)
+
+
+def block_merge_attention_forward(
+    module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+    block_spans: BlockSpans | None = None, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """transformers attention function of both backends: the decomposition with ``block_spans``,
+    flex with a BlockMask, else SDPA with HF's mask."""
+    if block_spans is None and not isinstance(attention_mask, BlockMask):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA does under autocast (HF's rotary leaves q, k in fp32)
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    if block_spans is None:
+        return flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    if dropout:
+        raise ValueError(f"{BLOCK_MERGE} attention has no dropout; got attention dropout {dropout}")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"{BLOCK_MERGE}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
+    groups = query.shape[1] // key.shape[1]
+    out = block_merge_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), block_spans, scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+for _name in (BLOCK_MERGE, BLOCK_AUTO):
+    AttentionInterface.register(_name, block_merge_attention_forward)
+    AttentionMaskInterface.register(_name, _block_backend_mask)

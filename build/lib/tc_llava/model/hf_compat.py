@@ -1,0 +1,47 @@
+"""What differs across the supported transformers releases (5.17 to the newest 5.x), decided in one place.
+
+transformers 5.24 renamed the KV cache ``past_key_values`` to ``cache`` in model calls, in
+the mask builders and in every ``ModelOutput``. Newer releases still take the old name, with
+a deprecation warning; older ones do not know the new name, and a model's ``**kwargs``
+would swallow ``cache=`` without a word (decoding would then recompute nothing and attend
+to nothing cached). So every call site passes the name this release uses.
+
+5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the
+old name warns until v6).
+
+``transformers.AutoImageProcessor`` is a torchvision-requiring placeholder in 5.17 when
+torchvision is absent (our installs have none: PyPI's torchvision does not load beside the
+CPU torch build), though the class itself picks the PIL backend; its own module works in
+every release.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from transformers.masking_utils import create_causal_mask
+from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+__all__ = ["AutoImageProcessor", "CACHE_ARG", "cache_kwargs", "enable_activation_checkpointing", "output_cache"]
+
+CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` under the KV-cache keyword of the installed transformers."""
+    return {CACHE_ARG: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The KV cache a transformers model returned, read under the installed release's name."""
+    return getattr(output, CACHE_ARG)
+
+
+def enable_activation_checkpointing(model: Any) -> None:
+    """Non-reentrant activation (gradient) checkpointing of a transformers model's layers."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

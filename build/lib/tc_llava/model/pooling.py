@@ -1,0 +1,72 @@
+"""PLLaVA's adaptive pooling projector: the MLP output pooled over (T, H, W).
+
+PLLaVA runs the checkpoint's 2-layer MLP projector per frame, then ``AdaptiveAvgPool3d``
+over the frame axis and the spatial grid, e.g. 16 x 24 x 24 -> 16 x 12 x 12 = 2,304
+visual tokens. ``pooling_shape=None`` keeps the MLP output as it is.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from tc_llava.model.params import integers
+
+
+class VideoPooling(nn.Module):
+    """Pool per-frame projected features ``[B, T, H*W, D]`` to ``[B, T'*H'*W', D]``."""
+
+    def __init__(self, pooling_shape: tuple[int, int, int] | list[int] | None = None) -> None:
+        super().__init__()
+        self.pooling_shape = (
+            None if pooling_shape is None else integers("projector.pooling_shape", pooling_shape, ("T", "H", "W"), 1)
+        )
+
+    @property
+    def name(self) -> str:
+        return "mlp" if self.pooling_shape is None else "pllava_pool"
+
+    def output_grid(self, num_frames: int, grid: tuple[int, int]) -> tuple[int, int, int]:
+        """(frames, height, width) of the visual tokens for ``num_frames`` frames of a ``grid``.
+
+        Pooling never upsamples; a shape it cannot reach is refused naming the axis at fault
+        (the vision tower's grid fixes H and W, the data's frame count fixes T).
+        """
+        if self.pooling_shape is None:
+            return num_frames, grid[0], grid[1]
+        t, h, w = self.pooling_shape
+        problems = []
+        if h > grid[0] or w > grid[1]:
+            problems.append(f"its {h}x{w} spatial shape exceeds the {grid[0]}x{grid[1]} token grid of the vision "
+                            f"tower (valid: H 1..{grid[0]}, W 1..{grid[1]})")
+        if t > num_frames:
+            problems.append(f"its T={t} exceeds the {num_frames} frames given "
+                            f"(valid: T 1..{num_frames}, or use at least {t} frames)")
+        if problems:
+            raise ValueError(f"projector.pooling_shape={list(self.pooling_shape)} cannot be pooled: "
+                             f"{'; '.join(problems)}; pooling never upsamples")
+        return t, h, w
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self.pooling_shape is None:
+            return rearrange(features, "b t n d -> b (t n) d")
+        self.output_grid(features.shape[1], grid)
+        x = rearrange(features, "b t (h w) d -> b d t h w", h=grid[0], w=grid[1])
+        x = nn.functional.adaptive_avg_pool3d(x, self.pooling_shape)
+        return rearrange(x, "b d t h w -> b (t h w) d")
+
+
+def mlp_projector(model_pooling_shape: list[int] | None = None) -> VideoPooling:
+    """``projector=mlp``: the checkpoint's MLP projector as it is (``model_pooling_shape`` unused)."""
+    return VideoPooling(None)
+
+
+def pllava_projector(pooling_shape: list[int] | None = None,
+                     model_pooling_shape: list[int] | None = None) -> VideoPooling:
+    """``projector=pllava_pool``: MLP, then adaptive 3D pooling to ``pooling_shape``, by default the
+    model's own PLLaVA shape (16x12x12 for CLIP ViT-L/336 towers), so every model/projector pair composes."""
+    shape = pooling_shape if pooling_shape is not None else model_pooling_shape
+    if shape is None:
+        raise ValueError("projector=pllava_pool needs projector.pooling_shape (T, H, W): this model has no default")
+    return VideoPooling(shape)

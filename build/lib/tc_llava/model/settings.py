@@ -1,0 +1,114 @@
+"""The TC-LLaVA settings a checkpoint records, written and read by rule name.
+
+``config.json`` holds ``"tc_llava": {"rope": {"name": "tad", "gamma": 1.0}, "mask": {"name":
+"frame_block_causal"}, "pooling_shape": [16, 12, 12] | null, "template": "vicuna_v1"}``. Reading resolves each name
+in the project's own registries (``ROPE_RULES``, ``MASK_RULES``) and hands the other entries
+to the rule as parameters, which the rule checks. Nothing read from a checkpoint is ever
+imported or called: a downloaded checkpoint is data. Anything else is an error naming the
+file and the field, never a silent fallback to vanilla RoPE and the causal mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from tc_llava.model.masks import MASK_RULES, MaskRule
+from tc_llava.model.params import ParamError
+from tc_llava.model.pooling import VideoPooling
+from tc_llava.model.rope import ROPE_RULES, RopeRule
+
+SETTINGS = ("rope", "mask", "pooling_shape", "template")
+
+# The previous format stored a rule as ``{"_target_": dotted class path, "name": ..., **fields}``
+# (and masks their ``is_causal``). These exact strings, and no other ``_target_``, still load,
+# as the names they map to; nothing is imported.
+PREVIOUS_TARGETS = {
+    "tc_llava.model.rope.VanillaRoPE": "vanilla",
+    "tc_llava.model.rope.TADRoPE": "tad",
+    "tc_llava.model.rope.MRoPE": "mrope",
+    "tc_llava.model.rope.VideoRoPE": "videorope",
+    "tc_llava.model.masks.CausalMask": "causal",
+    "tc_llava.model.masks.FrameBlockCausalMask": "frame_block_causal",
+    "tc_llava.model.masks.BidirectionalVisualMask": "bidirectional_visual",
+}
+
+
+def rule_settings(rule: RopeRule | MaskRule) -> dict[str, Any]:
+    """A rule as its checkpoint entry: its registered name and its parameters."""
+    return {"name": rule.name, **dataclasses.asdict(rule)}
+
+
+def read_settings(config: dict[str, Any], config_file: Path) -> tuple[
+        RopeRule | None, MaskRule | None, VideoPooling, str | None]:
+    """The rope rule, mask rule (None where not recorded), pooling and chat template a checkpoint's config records."""
+    saved = config.get("tc_llava", {})
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: tc_llava must be an object with {', '.join(SETTINGS)}, got {saved!r}")
+    for key in saved:
+        if key not in SETTINGS:
+            raise ValueError(f"{config_file}: tc_llava.{key} is not a TC-LLaVA setting (known: {', '.join(SETTINGS)})")
+    rope = _rule(saved["rope"], "rope", ROPE_RULES, config_file) if "rope" in saved else None
+    mask = _rule(saved["mask"], "mask", MASK_RULES, config_file) if "mask" in saved else None
+    try:
+        pooling = VideoPooling(saved.get("pooling_shape"))
+    except ParamError as e:
+        raise ValueError(e.at(f"{config_file}: tc_llava.pooling_shape")) from None
+    template = saved.get("template")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{config_file}: tc_llava.template must be a chat template's name, got {template!r}")
+    return rope, mask, pooling, template
+
+
+def _rule(entry: Any, key: str, registry: dict[str, type], config_file: Path) -> RopeRule | MaskRule:
+    where = f"{config_file}: tc_llava.{key}"
+    if not isinstance(entry, dict):
+        raise ValueError(f'{where} must be an object {{"name": ..., parameters}}, got {entry!r}')
+    fields = _from_previous_format(entry, key, where, registry) if "_target_" in entry else dict(entry)
+    name = fields.pop("name", None)
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"{where}.name={name!r} is not a {key} rule; known: {', '.join(registry)}")
+    rule = registry[name]
+    params = [f.name for f in dataclasses.fields(rule)]
+    for field in fields:
+        if field not in params:
+            raise ValueError(f"{where}.{field} is not a parameter of {key}={name} "
+                             f"(its parameters: {', '.join(params) or 'none'})")
+    try:
+        return rule(**fields)
+    except ParamError as e:
+        raise ValueError(e.at(f"{config_file}: tc_llava.{e.field}")) from None  # rope.gamma: tc_llava.rope.gamma
+
+
+def _from_previous_format(entry: dict[str, Any], key: str, where: str, registry: dict[str, type]) -> dict[str, Any]:
+    """The previous ``{"_target_": "tc_llava.model.rope.TADRoPE", "name": "tad", "gamma": 1.0}`` as a new entry."""
+    fields = dict(entry)
+    target = fields.pop("_target_")
+    name = PREVIOUS_TARGETS.get(target) if isinstance(target, str) else None
+    if name not in registry:
+        raise ValueError(f"{where}._target_={target!r} is not a {key} rule of this project (a checkpoint names "
+                         f"its rule by tc_llava.{key}.name; known: {', '.join(registry)})")
+    for constant in ("name", "is_causal"):  # fields in the previous format, class constants now
+        if constant in fields and fields.pop(constant) != getattr(registry[name], constant, None):
+            raise ValueError(f"{where}.{constant}={entry[constant]!r} contradicts _target_={target!r}")
+    return {"name": name, **fields}
+
+
+def check_adapter_config(adapter_file: Path) -> None:
+    """Refuse a peft adapter config that would make peft import a module; exports write plain LoRA.
+
+    peft imports the module ``megatron_core`` names whenever ``megatron_config`` is set,
+    and transformers loads an adapter found beside the weights by itself, so this runs
+    before any loading.
+    """
+    adapter = json.loads(adapter_file.read_text())
+    peft_type = adapter.get("peft_type") if isinstance(adapter, dict) else None
+    if peft_type != "LORA":
+        raise ValueError(
+            f"{adapter_file}: peft_type must be 'LORA' (a LoRA adapter, as exports write), got {peft_type!r}"
+        )
+    if adapter.get("megatron_config") is not None:
+        raise ValueError(f"{adapter_file}: megatron_config must be null (peft would import the module "
+                         f"megatron_core={adapter.get('megatron_core')!r} names)")

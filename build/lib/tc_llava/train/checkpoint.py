@@ -1,0 +1,196 @@
+"""Run directories that are never clobbered, checkpoints that resume exactly, and the export.
+
+A checkpoint is ``accelerator.save_state`` (model, optimiser, scheduler, RNG states; the
+DeepSpeed engine's own shards under ZeRO) plus ``trainer_state.json`` (optimizer step, data
+position and counts, loss history, the run's own checkpoints). It is written to
+``step_N.tmp`` and renamed once complete, so an interrupted save never shadows the last good
+checkpoint; weights that are not finite are never written. Pruning removes only checkpoints
+this run (and the runs it resumed) wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers.integrations import deepspeed as hf_deepspeed
+
+STATE_FILE = "trainer_state.json"
+# What a training run (and the ablation job's evaluation) writes into its run_dir; Hydra's own
+# .hydra/ and log files are left alone.
+RUN_ARTEFACTS = ("checkpoints", "export", "metrics.jsonl", "config.yaml", "meta.json", "eval", "ablation.json", "wandb")
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN/inf loss, gradient or weight: the run stops before anything poisoned is saved."""
+
+
+class RunDirError(FileExistsError):
+    """A run_dir that holds another run, or checkpoints that resuming would overwrite."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epoch of the next micro-batch
+    batch_in_epoch: int = 0  # index of the next micro-batch within its epoch
+    losses: list[float] = field(default_factory=list)
+    data: dict[str, Any] = field(default_factory=dict)  # DataReport.state_dict(): counts continue on resume
+    checkpoints: list[str] = field(default_factory=list)  # this run's checkpoints under run_dir, oldest first
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    done = [p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
+    """``null`` (fresh run), ``latest`` (newest complete checkpoint, if any) or a path."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = checkpoint_dirs(run_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"resume={resume}: {path / STATE_FILE} not found (not a complete checkpoint)")
+    return path
+
+
+def run_artefacts(run_dir: Path) -> list[str]:
+    """The names of a run's outputs already in ``run_dir``."""
+    return [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
+
+
+def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Where to resume from; refuses to start over another run's outputs. Every rank calls it.
+
+    A fresh run (``resume=null``) needs a run_dir without outputs, unless ``overwrite=true``.
+    Resuming from a checkpoint of this run_dir refuses when later checkpoints exist there,
+    which the resumed run would overwrite.
+    """
+    if resume and overwrite:
+        raise ValueError("resume= and overwrite=true exclude each other: continue the run, or replace it")
+    found = run_artefacts(run_dir)
+    if not resume:
+        if found and not overwrite:
+            raise RunDirError(
+                f"run_dir={run_dir} already holds a run ({', '.join(found)}); pass resume=latest to continue it, "
+                "overwrite=true to delete its outputs and start again, or another run_dir= (or name=)")
+        return None
+    source = resolve_resume(run_dir, resume)
+    if source is not None and source.parent.resolve() == (run_dir / "checkpoints").resolve():
+        later = [p.name for p in checkpoint_dirs(run_dir) if _step(p) > _step(source)]
+        if later:
+            raise RunDirError(
+                f"resume={resume}: {run_dir} has later checkpoints {later} that this run would overwrite; "
+                "resume=latest continues from the newest, or give the resumed run its own run_dir=")
+    return source
+
+
+def clear_run_dir(run_dir: Path) -> None:
+    """Delete a previous run's outputs (``overwrite=true``); main process only."""
+    for name in run_artefacts(run_dir):
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _step(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("_")[1])
+
+
+def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of trainable parameters holding NaN/inf on this rank (ZeRO-3: its own shard)."""
+    return [name for name, p in model.named_parameters()
+            if p.requires_grad and not bool(torch.isfinite(getattr(p, "ds_tensor", p)).all())]
+
+
+def check_finite(accelerator: Accelerator, model: torch.nn.Module, what: str, run_dir: Path) -> None:
+    """Raise :class:`NonFiniteError` on every rank if any rank's trainable weights are not finite."""
+    bad = nonfinite_parameters(model)
+    total = int(accelerator.reduce(torch.tensor(len(bad), device=accelerator.device), "sum").item())
+    if total:
+        raise NonFiniteError(
+            f"not saving {what}: {total} trainable tensors hold NaN/inf (e.g. {bad[:3]}); stopping. "
+            f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}")
+
+
+def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState,
+                    keep_last: int) -> Path:
+    """Write ``step_N`` (refusing non-finite weights), then prune this run's oldest beyond ``keep_last``."""
+    final = run_dir / "checkpoints" / f"step_{state.step}"
+    check_finite(accelerator, model, final.name, run_dir)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    state.checkpoints = [name for name in state.checkpoints if name != final.name] + [final.name]
+    pruned = state.checkpoints[:-keep_last] if keep_last > 0 else []
+    state.checkpoints = state.checkpoints[len(pruned):]
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for name in pruned:
+            shutil.rmtree(run_dir / "checkpoints" / name, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, run_dir: Path) -> TrainState:
+    """Restore ``path``; its run's checkpoint list carries on only when it lives in this ``run_dir``."""
+    accelerator.load_state(str(path))
+    state = TrainState(**json.loads((path / STATE_FILE).read_text()))
+    if path.parent.resolve() != (run_dir / "checkpoints").resolve():
+        state.checkpoints = []  # another run's checkpoints are never ours to prune
+    return state
+
+
+@contextlib.contextmanager
+def _whole_models():
+    """Under ZeRO-3, transformers builds models partitioned across ranks (a collective call);
+    the main process alone builds the export copy, so it must be built whole."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
+def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, out_dir: Path,
+                 lora: bool, merge_lora: bool) -> Path | None:
+    """Write a llava-hf directory that ``TCLlava.from_pretrained`` (and the evaluator) loads.
+
+    The weights are consolidated by accelerate (gathering ZeRO-3 shards), loaded into a
+    fresh CPU copy of the model on the main process, and saved there: with LoRA either
+    merged into the LLM, or as a peft adapter beside the base weights.
+    """
+    check_finite(accelerator, model, f"the export {out_dir}", out_dir.parent)
+    state = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return None
+    with _whole_models():
+        fresh, handle = build_fresh()
+    fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if lora and not merge_lora:
+        handle.save_pretrained(out_dir)  # adapter_config.json + adapter_model.safetensors
+        handle.unload()
+    elif lora:
+        handle.merge_and_unload()
+    fresh.save_pretrained(out_dir)
+    accelerator.wait_for_everyone()
+    return out_dir

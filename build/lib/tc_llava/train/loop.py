@@ -1,0 +1,303 @@
+"""The SFT loop, one recipe of Accelerate code for CPU, DDP and DeepSpeed ZeRO: :func:`train` runs
+:func:`setup`, then :func:`step` until ``max_steps`` (checkpointing as it goes), then :func:`finish`.
+
+Gradient accumulation is exact: a window of ``k`` micro-batches is normalised by the label
+tokens of the whole window on every rank (``num_items_in_batch``), so its update equals
+the update of one batch ``k`` times larger (PLLaVA's loop zeroes gradients inside the
+window; this one does not).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch._dynamo.utils import counters as dynamo_counters
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from tc_llava.data.collate import MODEL_KEYS, DataReport
+from tc_llava.data.datasets import DataError
+from tc_llava.model.build import model_from_config
+from tc_llava.model.hf_compat import enable_activation_checkpointing
+from tc_llava.train.checkpoint import (
+    NonFiniteError, RunDirError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint,
+    save_checkpoint,
+)
+from tc_llava.train.optim import cosine_with_warmup, param_groups
+from tc_llava.train.settings import SettingsError, check_train_config
+from tc_llava.train.tuning import apply_tuning, trainable_summary
+
+log = logging.getLogger(__name__)
+
+# What train() raises for a mistake in what it was given, or to stop before its state is poisoned.
+TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
+METRICS = "metrics.jsonl"  # one row per optimizer step, in run_dir
+
+
+def make_accelerator(cfg: DictConfig) -> Accelerator:
+    """Accelerator for ``cfg.trainer``; the DeepSpeed JSON comes from the trainer config."""
+    t = cfg.trainer
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    plugin = None
+    if t.deepspeed:
+        plugin = DeepSpeedPlugin(hf_ds_config=str(t.deepspeed), gradient_clipping=t.max_grad_norm,
+                                 gradient_accumulation_steps=t.grad_accum)
+    return Accelerator(
+        # without cpu=True, the CPU ranks of a launch silently train alone (DeepSpeed inits its own group)
+        cpu=not torch.cuda.is_available() and plugin is None,
+        mixed_precision=t.mixed_precision,
+        step_scheduler_with_optimizer=False,  # one schedule step per optimizer step, whatever the world size
+        deepspeed_plugin=plugin,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=t.grad_accum, sync_with_dataloader=False),
+        log_with="wandb" if cfg.logging.wandb.mode != "disabled" else None,
+        kwargs_handlers=[InitProcessGroupKwargs(backend=t.backend)] if t.backend and distributed else [],
+    )
+
+
+def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
+                  report: DataReport) -> Iterator[dict[str, Any]]:
+    """Endless stream of micro-batches across epochs, from the saved data position on.
+
+    Each batch's samples, truncations and skips are counted, and reported per epoch.
+    """
+    while True:
+        dataset.set_epoch(state.epoch)
+        start = state.batch_in_epoch
+        batches = accelerator.skip_first_batches(loader, start) if start else loader
+        for batch in batches:
+            state.batch_in_epoch += 1
+            report.update(batch)
+            yield batch
+        report.end_epoch(state.epoch)
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+
+
+def run_meta() -> dict[str, Any]:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                                cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {"git_commit": commit, "torch": torch.__version__, "argv": sys.argv}
+
+
+def cast_trainable_to_bf16(model: nn.Module) -> None:
+    """The ZeRO bf16 cast: DeepSpeed flattens the trainable parameters of one dtype only, and under
+    ZeRO-3 the base weights are built in bf16 already while peft's new adapters are fp32 (its fp32
+    master copy of them stays in the optimizer)."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype == torch.float32:
+            param.data = param.data.to(torch.bfloat16)
+
+
+def compile_layers(model: nn.Module) -> None:
+    """Regional compilation: each LLM decoder layer compiled in place (one graph serves all layers).
+
+    In place (``Module.compile``), so parameter names, checkpoints and exports are unchanged.
+    Dynamo marks the sequence length dynamic after its first recompile; with the collator's
+    ``pad_to_multiple_of`` buckets there are few shapes anyway (``compiled_graphs`` in metrics).
+    """
+    for layer in model.language_model.layers:
+        layer.compile()
+
+
+def compiled_graphs() -> int:
+    """Graphs dynamo has compiled in this process so far (grows on every recompile)."""
+    return int(dynamo_counters["stats"]["unique_graphs"])
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop ``metrics.jsonl`` rows after ``step``: a resumed run logs those steps again."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(row + "\n" for row in rows))
+    tmp.replace(path)
+
+
+@dataclass
+class Run:
+    """What the steps of one training run share; built by :func:`setup`."""
+
+    cfg: DictConfig
+    run_dir: Path
+    accelerator: Accelerator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    state: TrainState
+    report: DataReport
+    stream: Iterator[dict[str, Any]]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train per ``cfg``; returns the final state (losses, data counts) and the export's path.
+
+    The recipe: set up (checks, run dir, model, data, optimizer, resume), then optimizer
+    steps with a checkpoint every ``trainer.save_every`` and at the end, then the export.
+    """
+    run = setup(cfg)
+    bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not run.accelerator.is_main_process,
+               desc="train")
+    while run.state.step < run.total_steps:
+        row = step(run)
+        log_step(run, row)
+        bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+        bar.update(1)
+        if run.state.step % cfg.trainer.save_every == 0 or run.state.step == run.total_steps:
+            run.state.data = run.report.state_dict()
+            save_checkpoint(run.accelerator, run.model, run.run_dir, run.state, cfg.trainer.keep_last)
+    bar.close()
+    return finish(run)
+
+
+def setup(cfg: DictConfig) -> Run:
+    """Everything before the first step, cheapest checks first: nothing loads before the settings and
+    the run dir are known to be right, and a resumed run continues its state and its records."""
+    t = cfg.trainer
+    check_train_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    accelerator = make_accelerator(cfg)
+    resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))
+    accelerator.wait_for_everyone()  # every rank has looked before the main process clears anything
+    set_seed(cfg.seed, device_specific=False)
+    if accelerator.is_main_process:
+        if cfg.get("overwrite", False):
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        (run_dir / "meta.json").write_text(json.dumps(run_meta(), indent=1))
+
+    model = model_from_config(cfg)
+    set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
+    apply_tuning(model, **cfg.tuning)
+    if t.deepspeed and t.mixed_precision == "bf16":
+        cast_trainable_to_bf16(model)
+    if t.gradient_checkpointing:
+        enable_activation_checkpointing(model.hf)
+    if t.compile:
+        compile_layers(model)
+    log.info("parameters: %s", trainable_summary(model))
+
+    dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.image_processor,
+                          num_visual_tokens=model.tokens_per_video(cfg.data.num_frames))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
+        collate_fn=instantiate(cfg.data.collator, pad_token_id=model.tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
+    )
+    steps_per_epoch = len(loader) // (t.grad_accum * accelerator.num_processes)
+    total_steps = t.max_steps or t.epochs * steps_per_epoch
+    optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.projector_lr, t.weight_decay), lr=t.lr,
+                                  betas=tuple(t.betas))
+    scheduler = cosine_with_warmup(optimizer, total_steps, math.ceil(t.warmup_ratio * total_steps), t.min_lr_ratio)
+    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    accelerator.init_trackers(cfg.logging.project, config=OmegaConf.to_container(cfg, resolve=True),
+                              init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
+
+    state, report = TrainState(), DataReport(dataset.load_skips)
+    if resume_from is not None:
+        state = load_checkpoint(accelerator, resume_from, run_dir)
+        report.load_state_dict(state.data)
+        log.info("resumed from %s at step %d", resume_from, state.step)
+    if accelerator.is_main_process:
+        keep_metrics_until(run_dir / METRICS, state.step)
+    return Run(cfg, run_dir, accelerator, model, optimizer, scheduler, total_steps, state, report,
+               micro_batches(loader, dataset, accelerator, state, report))
+
+
+def step(run: Run) -> dict[str, Any]:
+    """One optimizer step over ``trainer.grad_accum`` micro-batches; returns its metrics row.
+
+    A NaN/inf loss, or a NaN/inf gradient norm behind a finite loss, stops the run before the
+    optimizer moves a weight (:class:`NonFiniteError`): the last checkpoint stays the last good one.
+    """
+    t, accelerator, model = run.cfg.trainer, run.accelerator, run.model
+    checkpoints = run.run_dir / "checkpoints"
+    tic = time.perf_counter()
+    window = [next(run.stream) for _ in range(t.grad_accum)]
+    n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for batch in window:
+        with accelerator.accumulate(model):
+            loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
+            if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
+                raise NonFiniteError(
+                    f"non-finite loss at step {run.state.step + 1} (sources {batch['sources']}); stopping. "
+                    f"The last good checkpoint is untouched under {checkpoints}"
+                )
+            loss_sum += loss.detach()
+            # The loss is normalised by the whole window's label tokens on all ranks; accelerate
+            # divides by grad_accum and DDP averages over ranks, so both are multiplied back.
+            accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
+    # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
+    # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+    if grad_norm is not None and not math.isfinite(float(grad_norm)):
+        raise NonFiniteError(
+            f"non-finite gradient norm ({float(grad_norm)}) at step {run.state.step + 1} with a finite loss "
+            f"{accelerator.reduce(loss_sum, 'sum').item():.4g}; stopping before the optimizer step. "
+            f"The last good checkpoint is untouched under {checkpoints}"
+        )
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad()
+    run.state.step += 1
+    step_loss = accelerator.reduce(loss_sum, "sum").item()
+    run.state.losses.append(step_loss)
+    elapsed = time.perf_counter() - tic
+    tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(accelerator.device)).item()
+    samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
+    return {"step": run.state.step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "peak_mem_gb": peak_memory_gb(),
+            "compiled_graphs": compiled_graphs()}
+
+
+def log_step(run: Run, row: dict[str, Any]) -> None:
+    """A step's metrics to the trackers (wandb when on) and one line of ``metrics.jsonl``."""
+    run.accelerator.log(row, step=row["step"])
+    if run.accelerator.is_main_process:
+        with (run.run_dir / METRICS).open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def finish(run: Run) -> dict[str, Any]:
+    """The data report and, with ``export.enabled``, the model exported to ``run_dir/export``."""
+    cfg = run.cfg
+    run.state.data = run.report.state_dict()
+    log.info("data: %s", run.report.totals())
+    exported = None
+    if cfg.export.enabled:
+        def build_fresh():
+            fresh = model_from_config(cfg)
+            return fresh, apply_tuning(fresh, **cfg.tuning)
+
+        exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",
+                                lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
+    run.accelerator.end_training()
+    return {**asdict(run.state), "data": run.report.totals(), "export": str(exported) if exported else None,
+            "run_dir": str(run.run_dir)}
