@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,9 +72,13 @@ def test_public_api_resolves_lazily():
 def test_a_regular_install_finds_its_configs(tmp_path):
     """``pip install .`` (a built wheel, not the source tree): the console scripts compose from the
     configs shipped in the package, from another directory."""
-    repo = PACKAGE.parent
+    repo, source = PACKAGE.parent, tmp_path / "source"  # the tracked files only: no build/ or egg-info left over
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    for name in tracked.splitlines():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(repo / name, source / name)
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                    "--target", str(tmp_path / "site"), str(repo)], check=True, capture_output=True, cwd=tmp_path)
+                    "--target", str(tmp_path / "site"), str(source)], check=True, capture_output=True, cwd=tmp_path)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
     script = tmp_path / "site" / "bin" / "tc-llava-train"
     shown = subprocess.run([str(script), "trainer=zero3", "--cfg", "job", "--resolve"], env=env, cwd=tmp_path,
