@@ -28,8 +28,9 @@ from omegaconf import DictConfig, OmegaConf
 from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.data.video import frame_indices
 from tc_llava.eval.runner import (
-    DATA_TYPES, GenerationSettings, Item, generate_predictions, git_commit, model_settings, require_path,
+    DATA_TYPES, GenerationSettings, Item, generate_predictions, model_settings, require_path,
 )
+from tc_llava.provenance import git_state
 
 __all__ = [
     "Task", "Question", "frame_indices", "check_answer", "prediction", "question_block",
@@ -281,7 +282,7 @@ def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: Partial
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "first line"},
             "scoring": "option match on first tokens with the A-G letter guard (judge-free)",
             "model": model_settings(model),
-            "git": git_commit(),
+            "git": git_state(),
             "num_processes": state.num_processes,
         },
     }

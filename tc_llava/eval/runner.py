@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -183,17 +182,6 @@ def model_settings(model: Any) -> dict[str, Any]:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": model.language_model.config._attn_implementation,
     }
-
-
-def git_commit() -> dict[str, Any]:
-    """The commit of this source tree and whether it had uncommitted changes (None outside git)."""
-    repo = Path(__file__).resolve().parents[2]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True)
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
-    except (OSError, subprocess.CalledProcessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
 def cache_key(model: Any, settings: GenerationSettings) -> str:

@@ -39,8 +39,9 @@ from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.eval import scoring
 from tc_llava.eval.judge import Judge, JudgeError
 from tc_llava.eval.runner import (
-    GenerationSettings, Item, generate_predictions, git_commit, model_settings, require_path,
+    GenerationSettings, Item, generate_predictions, model_settings, require_path,
 )
+from tc_llava.provenance import git_state
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
             "frame_sampling": "segment middles (MVBench / PLLaVA get_index)",
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "whole output, stripped"},
             "model": model_settings(model),
-            "git": git_commit(),
+            "git": git_state(),
             "num_processes": state.num_processes,
         },
     }

@@ -14,8 +14,6 @@ import logging
 import math
 import os
 import resource
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,6 +32,7 @@ from tc_llava.data.collate import MODEL_KEYS, DataReport
 from tc_llava.data.datasets import DataError
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
+from tc_llava.provenance import run_meta
 from tc_llava.train.checkpoint import (
     NonFiniteError, RunDirError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint,
     save_checkpoint,
@@ -85,15 +84,6 @@ def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
             yield batch
         report.end_epoch(state.epoch)
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-
-
-def run_meta() -> dict[str, Any]:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"git_commit": commit, "torch": torch.__version__, "argv": sys.argv}
 
 
 def cast_trainable_to_bf16(model: nn.Module) -> None:
