@@ -12,13 +12,13 @@ Two judges share one interface, :meth:`Judge.score_items`:
   per-request timeout and exponential backoff with jitter that honours ``Retry-After``.
 - :class:`LocalJudge` runs any Hugging Face causal LM from a local path, greedily.
 
-Every judged item is appended to a JSONL cache as soon as it is done, so an interrupted
-or repeated run only asks for what is missing. A dead endpoint stops the run early
-(:class:`CircuitBreaker`) instead of costing every remaining item its full retry budget,
-and :meth:`Judge.preflight` lets the eval app find a missing key, an unreachable server or
-a model the server lacks before it generates anything. The cache file name carries the judge
-model and the prompt hash (:meth:`Judge.cache_path`): another judge or another prompt
-never reuses these judgements.
+Every judged item is appended to a JSONL cache (:mod:`tc_llava.eval.jsonl`) as soon as it
+is done, so an interrupted or repeated run only asks for what is missing. A dead endpoint
+stops the run early (:class:`CircuitBreaker`) instead of costing every remaining item its
+full retry budget, and :meth:`Judge.preflight` lets the eval app find a missing key, an
+unreachable server or a model the server lacks before it generates anything. The cache
+file name carries the judge model and the prompt hash (:meth:`Judge.cache_path`): another
+judge or another prompt never reuses these judgements.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import os
 import random
 import re
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
@@ -45,6 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
+
+from tc_llava.eval import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -306,10 +307,11 @@ class JudgeResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
-    def to_json(self) -> str:
+    def to_record(self) -> dict[str, Any]:
+        """The cache line's fields: all but ``cached``."""
         row = asdict(self)
         row.pop("cached")
-        return json.dumps(row, ensure_ascii=False)
+        return row
 
 
 def _messages_sha(messages: list[dict[str, str]]) -> str:
@@ -320,31 +322,15 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-") or "judge"
 
 
-def _ends_without_newline(path: Path) -> bool:
-    """True for a cache whose last write was cut off: appending must start a new line."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
-        f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+def _cached_result(row: Any) -> JudgeResult:
+    """A cache line's result; KeyError/TypeError (not a result, an unusable id) make the line unreadable."""
+    hash(row["id"])  # an unhashable id (a list, an object) is as unusable as none
+    return JudgeResult(**row, cached=True)
 
 
 def read_cache(cache_path: str | os.PathLike) -> dict[str, JudgeResult]:
     """Last record per item id; a torn last line (crash mid-write) is skipped."""
-    path = Path(cache_path)
-    records: dict[str, JudgeResult] = {}
-    if not path.exists():
-        return records
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                records[row["id"]] = JudgeResult(**row, cached=True)
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                log.warning("%s:%d: unreadable cache line skipped (%s)", path, lineno, exc)
-    return records
+    return {result.id: result for result in jsonl.read(cache_path, _cached_result)}
 
 
 class Judge:
@@ -453,18 +439,12 @@ class Judge:
             self.model,
         )
         if todo:
-            Path(cache_path).parent.mkdir(parents=True, exist_ok=True)
-            torn = _ends_without_newline(Path(cache_path))
             with (
-                Path(cache_path).open("a", encoding="utf-8") as out,
+                jsonl.Appender(cache_path) as out,
                 ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool,
             ):
-                if torn:
-                    out.write("\n")
-
                 def keep(result: JudgeResult) -> None:
-                    out.write(result.to_json() + "\n")
-                    out.flush()
+                    out.write(result.to_record())
                     done[result.id] = result
 
                 breaker = self.breaker()

@@ -11,9 +11,10 @@ A benchmark turns its questions into :class:`Item` s (id, media, prompt text) an
   for the others, then takes a fixed stride of the items still to do, so the union of the
   ranks' outputs is what one process would produce.
 - **Resumable**: each record is appended and flushed to ``{cache_dir}/{key}.rank{r}.jsonl``
-  as soon as it exists. ``key`` hashes the model and generation settings, and each record
-  carries a hash of its item's inputs (media, prompt, bound), so a re-run with any world
-  size skips finished items, and changed settings or prompts never reuse stale outputs.
+  (:mod:`tc_llava.eval.jsonl`) as soon as it exists. ``key`` hashes the model and generation
+  settings, and each record carries a hash of its item's inputs (media, prompt, bound), so a
+  re-run with any world size skips finished items, and changed settings or prompts never
+  reuse stale outputs.
 - **Media failures are data**: an item whose media cannot be decoded is recorded with
   ``failed`` (the reason) and ``output`` None; the run goes on. Failed items are retried
   on the next run (decoding is cheap and the file may have been fixed).
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 
 from tc_llava.data.templates import get_template, tokenize_prompt
 from tc_llava.data.video import sample_frames
+from tc_llava.eval import jsonl
 
 log = logging.getLogger(__name__)
 
@@ -196,19 +198,18 @@ def item_digest(item: Item) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def _with_id(record: Any) -> dict[str, Any]:
+    """A cache record that has a usable id; KeyError/TypeError make its line unreadable."""
+    hash(record["id"])  # an unhashable id (a list, an object) is as unusable as none
+    return record
+
+
 def read_records(cache_dir: str | os.PathLike, key: str) -> dict[str, list[dict[str, Any]]]:
     """Every rank file's records for ``key``, per item id; torn or unreadable lines are skipped."""
     records: dict[str, list[dict[str, Any]]] = {}
     for path in sorted(Path(cache_dir).glob(f"{key}.rank*.jsonl")):
-        with path.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    records.setdefault(record["id"], []).append(record)
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    log.warning("%s:%d: unreadable cache line skipped (%s)", path, lineno, e)
+        for record in jsonl.read(path, _with_id):
+            records.setdefault(record["id"], []).append(record)
     return records
 
 
@@ -236,24 +237,6 @@ def _decode(tokenizer: Any, sequences: torch.Tensor, stops: list[int]) -> list[s
         cut = next((k for k, t in enumerate(row) if t in stops), len(row))
         texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
     return texts
-
-
-class _Appender:
-    """Appends JSON lines and flushes each, starting a new line after a torn last write."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torn = path.exists() and path.stat().st_size > 0 and path.read_bytes()[-1:] != b"\n"
-        self._file = path.open("a", encoding="utf-8")
-        if torn:
-            self._file.write("\n")
-
-    def write(self, record: Mapping[str, Any]) -> None:
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
-
-    def close(self) -> None:
-        self._file.close()
 
 
 @torch.no_grad()
@@ -311,7 +294,7 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
                         collate_fn=_LeftPad(pad))
     stops = _stop_ids(tokenizer, settings.template)
     device, dtype = state.device, next(model.parameters()).dtype
-    out = _Appender(path)
+    out = jsonl.Appender(path)
     bar = tqdm(total=len(items), desc=f"generate (rank {state.process_index})", disable=not state.is_main_process)
     try:
         for batch in loader:
