@@ -10,7 +10,8 @@ import av
 import numpy as np
 import pytest
 
-from tc_llava.data.synthetic import BACKGROUND, COLORS, NUMBERS, TASKS, generate, main, mvbench_answer
+from tc_llava.data.mcq import ground_truth as mvbench_answer
+from tc_llava.data.synthetic import BACKGROUND, COLORS, NUMBERS, TASKS, generate, main
 from tc_llava.data.video import sample_frames
 
 PALETTE = np.array(list(COLORS.values()), dtype=float)

@@ -26,9 +26,9 @@ events span at least three frames so MVBench's 4- to 16-segment sampling sees al
 Outputs (real mp4 files, written with PyAV) under ``out``:
 
 - ``train.json``: VideoChat2-IT ``[{"video": "videos/00000.mp4", "QA": [{"i", "q", "a"}]}]``
-  with an MVBench-style multiple-choice turn (answer ``Best option:(B) red``, so a model
-  primed with ``Best option:(`` at evaluation continues the way it was trained) and an
-  open-ended turn (answer: the bare word);
+  with a multiple-choice turn in MVBench's own text (:mod:`tc_llava.data.mcq`, as the
+  evaluator asks it; answer ``Best option:(B) red``, so a model primed with ``Best option:(``
+  at evaluation continues the way it was trained) and an open-ended turn (answer: the bare word);
 - ``mvbench/json/<task>.json``, ``mvbench/video/<task>/``, and ``mvbench/tasks.json``
   mapping a task name to ``[json, prefix, "video", false, family]`` as MVBench's table does.
 """
@@ -44,6 +44,8 @@ from pathlib import Path
 import av
 import numpy as np
 from PIL import Image, ImageDraw
+
+from tc_llava.data import mcq
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (230, 30, 30),
@@ -61,11 +63,6 @@ NUMBERS = ("one", "two", "three", "four")
 VOCABULARY = (*COLORS, *DIRECTIONS, *NUMBERS, *SHAPES)  # the canonical option order
 OPTION_ORDERS = ("canonical", "shuffled")
 BACKGROUND = (24, 24, 24)
-MC_INSTRUCTION = (
-    "Carefully watch the video and pay attention to the cause and sequence of events, the detail "
-    "and movement of objects, and the action and pose of persons. Based on your observations, "
-    "select the best option that accurately addresses the question."
-)
 # task -> (MVBench-style task name, family)
 TASKS: dict[str, tuple[str, str]] = {
     "order": ("Appearance Order", "temporal"),
@@ -273,17 +270,6 @@ def make_sample(
     return BUILDERS[task](_Scene(rng, num_frames, size, option_order))
 
 
-def mvbench_question(question: str, candidates: tuple[str, ...] | list[str]) -> str:
-    """MVBench's question block followed by its ``Only give the best option.`` prompt."""
-    options = "\n".join(f"({chr(ord('A') + i)}) {c}" for i, c in enumerate(candidates))
-    return f"Question: {question}\nOptions:\n{options}\nOnly give the best option."
-
-
-def mvbench_answer(answer: str, candidates: tuple[str, ...] | list[str]) -> str:
-    """The ground truth MVBench scores against: ``(X) answer``."""
-    return f"({chr(ord('A') + list(candidates).index(answer))}) {answer}"
-
-
 def _unique_samples(
     tasks: list[str], rng: np.random.Generator, seen: set, num_frames: int, size: int, option_order: str
 ) -> list[Sample]:
@@ -350,9 +336,9 @@ def generate(
         video = f"videos/{k:05d}.mp4"
         write_mp4(root / video, render(sample.scene, size), fps)
         mc = {
-            "i": MC_INSTRUCTION,
-            "q": mvbench_question(sample.question, sample.candidates),
-            "a": "Best option:" + mvbench_answer(sample.answer, sample.candidates),
+            "i": mcq.SYSTEM,
+            "q": mcq.question_block(sample.question, sample.candidates),
+            "a": mcq.ANSWER_LEAD + mcq.ground_truth(sample.answer, sample.candidates),
         }
         entries.append({"video": video, "QA": [mc, {"i": "", "q": sample.question, "a": sample.answer}]})
     _dump(root / "train.json", entries)

@@ -3,12 +3,13 @@
 Questions come from ``{root}/{json_dir}/<task json>`` with media under
 ``{root}/{video_dir}/<prefix>``; the task table is the configured 20-task table or the
 dataset's own ``tasks.json`` (same format: ``{task: [json, prefix, type, bound, ...]}``).
-Each question becomes the official prompt (system text, ``Question/Options`` block,
-``Only give the best option.``, assistant primed with ``Best option:(``), is generated
-greedily by :mod:`tc_llava.eval.runner`, and is scored by :func:`check_answer` on the
-first line of the output with ``(`` prepended. Items whose media fail are reported as
-failed and excluded from both correct and total; a run that answers no question at all
-stops with an error and leaves the results of an earlier run in place.
+Each question becomes the official prompt (system text, the ``Question/Options`` block of
+:mod:`tc_llava.data.mcq` that the synthetic training data uses too, ``Only give the best
+option.``, assistant primed with ``Best option:(``), is generated greedily by
+:mod:`tc_llava.eval.runner`, and is scored by :func:`check_answer` on the first line of the
+output with ``(`` prepended. Items whose media fail are reported as failed and excluded
+from both correct and total; a run that answers no question at all stops with an error and
+leaves the results of an earlier run in place.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
+from tc_llava.data import mcq
 from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.data.video import frame_indices
 from tc_llava.eval.runner import (
@@ -33,7 +35,7 @@ from tc_llava.eval.runner import (
 from tc_llava.provenance import git_state
 
 __all__ = [
-    "Task", "Question", "frame_indices", "check_answer", "prediction", "question_block",
+    "Task", "Question", "frame_indices", "check_answer", "prediction",
     "load_task_table", "load_questions", "check_inputs", "score", "run_mvbench",
 ]
 
@@ -134,12 +136,6 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> N
                      f"the media of task {task.name!r} (benchmark.video_dir={cfg.video_dir}, then its prefix)")
 
 
-def question_block(question: str, candidates: Sequence[str], prompt: DictConfig) -> str:
-    """``Question: ...\\nOptions:\\n(A) ...`` rstripped, then the instruction, as the original builds it."""
-    options = "\n".join(prompt.option.format(letter=chr(ord("A") + k), candidate=c) for k, c in enumerate(candidates))
-    return prompt.question.format(question=question, options=options).rstrip() + prompt.instruction
-
-
 def _record_fields(record: Any, task: Task, source: str, k: int) -> tuple[str, str, list[str], str, Any]:
     where = f"{source} record {k}"
     if not isinstance(record, dict):
@@ -174,13 +170,13 @@ def load_questions(cfg: DictConfig, tasks: Mapping[str, Task], tokenizer: Any) -
             raise ValueError(f"{path}: expected a JSON list of question records")
         for k, record in enumerate(records[: cfg.limit]):
             video, question, candidates, answer, bound = _record_fields(record, task, str(path), k)
-            user = question_block(question, candidates, cfg.prompt)
+            user = mcq.question_block(question, candidates, cfg.prompt.question, cfg.prompt.option,
+                                      cfg.prompt.instruction)
             prompt = build_prompt(cfg.template, cfg.prompt.system, user, cfg.prompt.answer_prefix, image_token)
             media = root / cfg.video_dir / task.prefix / video
-            letter = chr(ord("A") + candidates.index(answer))
             questions.append(Question(
                 task.name, Item(f"{task.name}/{k}", str(media), prompt, bound, task.data_type),
-                question, tuple(candidates), f"({letter}) {answer}",
+                question, tuple(candidates), mcq.ground_truth(answer, candidates),
             ))
     return questions
 
