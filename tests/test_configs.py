@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from tc_llava.ablation.job import check_benchmark
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.synthetic import generate
-from tc_llava.eval.__main__ import CHECKS
+from tc_llava.eval.__main__ import BENCHMARKS
 from tc_llava.eval.judge import Judge
 from tc_llava.eval.runner import GenerationSettings
 from tc_llava.model.build import model_from_config
@@ -160,7 +160,7 @@ def instantiate_option(world, tmp_path, monkeypatch, primary: str, group: str, o
         return cfg.trainer
     if group == "benchmark":
         _stand_in_benchmark(cfg, world["video"])
-        CHECKS[cfg.benchmark.protocol](cfg.benchmark, tmp_path / "run", PartialState(cpu=True))
+        BENCHMARKS[cfg.benchmark.protocol].check_inputs(cfg.benchmark, tmp_path / "run", PartialState(cpu=True))
         return GenerationSettings.from_benchmark(cfg.benchmark)
     if group == "judge":
         judge = instantiate(cfg.judge)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import hydra
 import torch
@@ -19,23 +19,26 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 
 from tc_llava.eval import mvbench, videochatgpt, zeroshot_qa
-from tc_llava.eval.mvbench import run_mvbench
 from tc_llava.model.build import model_from_config
 
 log = logging.getLogger(__name__)
 
 
-# benchmark.protocol -> fn(model, benchmark config, run_dir, state) -> results on the main process
-BENCHMARKS: dict[str, Callable[..., Any]] = {
-    "mvbench": run_mvbench,
-    "videochatgpt": videochatgpt.evaluate,
-    "zeroshot_qa": zeroshot_qa.evaluate,
-}
-# benchmark.protocol -> fn(benchmark config, run_dir, state): raises on what would fail without the model
-CHECKS: dict[str, Callable[..., None]] = {
-    "mvbench": mvbench.check_inputs,
-    "videochatgpt": videochatgpt.check_inputs,
-    "zeroshot_qa": zeroshot_qa.check_inputs,
+class Benchmark(Protocol):
+    """What every benchmark module exposes (see :mod:`tc_llava.eval`)."""
+
+    def check_inputs(self, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
+        """Raise on anything that would fail without the model, before it loads."""
+
+    def evaluate(self, model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
+        """Run the benchmark (``model`` is None for a judging-only stage); results on the main process."""
+
+
+# benchmark.protocol -> the module that runs it
+BENCHMARKS: dict[str, Benchmark] = {
+    "mvbench": mvbench,
+    "videochatgpt": videochatgpt,
+    "zeroshot_qa": zeroshot_qa,
 }
 
 
@@ -44,16 +47,17 @@ def run(cfg: DictConfig) -> Any:
     protocol = cfg.benchmark.protocol
     if protocol not in BENCHMARKS:
         raise ValueError(f"benchmark.protocol {protocol!r} is not one of {sorted(BENCHMARKS)}")
+    benchmark = BENCHMARKS[protocol]
     cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     torch.manual_seed(cfg.seed)
-    CHECKS[protocol](cfg.benchmark, cfg.run_dir, state)
+    benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
     if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
-        return BENCHMARKS[protocol](None, cfg.benchmark, cfg.run_dir, state)
+        return benchmark.evaluate(None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
-    return BENCHMARKS[protocol](model, cfg.benchmark, cfg.run_dir, state)
+    return benchmark.evaluate(model, cfg.benchmark, cfg.run_dir, state)
 
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)

@@ -36,7 +36,7 @@ from tc_llava.provenance import git_state
 
 __all__ = [
     "Task", "Question", "frame_indices", "check_answer", "prediction",
-    "load_task_table", "load_questions", "check_inputs", "score", "run_mvbench",
+    "load_task_table", "load_questions", "check_inputs", "score", "evaluate", "run_mvbench",
 ]
 
 log = logging.getLogger(__name__)
@@ -119,12 +119,13 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
     return tasks
 
 
-def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
+def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState | None) -> None:
     """The generation settings, the root, the task table, every task's question file and media folder,
     before the model loads.
 
     The eval app calls this first (every benchmark's check takes ``run_dir`` and ``state``;
-    MVBench needs neither). A single unreadable video stays a failed item, not an error.
+    MVBench needs neither, so the ablation job passes None). A single unreadable video stays
+    a failed item, not an error.
     """
     GenerationSettings.from_benchmark(cfg)
     root, where = Path(cfg.root), f"benchmark.root={cfg.root}"
@@ -243,7 +244,7 @@ def bar_chart(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str) 
     fig.savefig(path, dpi=120)
 
 
-def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
+def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
     """Evaluate ``model`` on ``cfg`` (a benchmark config); the main process writes and returns the results.
 
     Outputs in ``run_dir``: ``results.json``, ``results.md``, ``results.png``,
@@ -293,3 +294,6 @@ def run_mvbench(model: Any, cfg: DictConfig, run_dir: str | Path, state: Partial
     log.info("%s: %d questions, %d failed; results in %s", cfg.name, len(rows), summary["Avg"]["failed"], run_dir)
     print(table, flush=True)
     return results
+
+
+run_mvbench = evaluate  # the old name, which tc_llava/ablation/job.py still calls

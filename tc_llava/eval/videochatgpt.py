@@ -1,52 +1,39 @@
 """The VideoChatGPT benchmark (VCGBench): generate open-ended answers, then judge them.
 
-REFERENCE.md section 4. Each record's question (two for consistency) becomes a prompt
-(configurable system text, question wrapper and answer priming, in the model's template)
-answered greedily through :mod:`tc_llava.eval.runner`, so generation is batched, sharded
-over ranks and resumable. Predictions are saved as the benchmark's own records with
-``pred`` (generic, temporal) or ``pred1``/``pred2`` (consistency) added: the input format
-of the upstream ``evaluate_benchmark_*.py`` scripts. Scoring is
-:func:`tc_llava.eval.scoring.run_videochatgpt` with the configured judge, whose verdicts
-are cached per item.
-
-``stage`` separates the halves because they need different machines: ``generate`` on
-GPUs, ``score`` later (or with another judge) from the saved predictions without loading
-the model, ``all`` both. Re-running either half only does what its cache lacks.
-:func:`check_inputs` runs before the model loads: the benchmark's files for generation,
-the saved predictions for ``score``, and the judge (key, endpoint, model) for scoring. A
-scoring that judges no item at all stops with an error and keeps the earlier results.
-
-A record whose video is missing (every path tried is reported) or cannot be decoded is
-left out of the prediction file and counted in ``meta.json`` and the results; it never
-stops the run. The generation half is shared with :mod:`tc_llava.eval.zeroshot_qa`.
+REFERENCE.md section 4. This module is VCGBench's loader, judging and table; the
+generate-then-judge half it shares with zero-shot QA (prompts, generation, stages, prediction
+files, the checks before the model loads, results) is :mod:`tc_llava.eval.judged`. Each
+record's question (two for consistency) is answered once; predictions are saved as the
+benchmark's own records with ``pred`` (generic, temporal) or ``pred1``/``pred2``
+(consistency) added: the input format of the upstream ``evaluate_benchmark_*.py`` scripts.
+Scoring is :func:`tc_llava.eval.scoring.run_videochatgpt` with the configured judge, whose
+verdicts are cached per item.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig
 
-from tc_llava.data.templates import build_prompt, image_token_of
-from tc_llava.eval import scoring
-from tc_llava.eval.judge import Judge, JudgeError
-from tc_llava.eval.runner import (
-    GenerationSettings, Item, generate_predictions, model_settings, require_path,
+from tc_llava.data.templates import image_token_of
+from tc_llava.eval import judged, scoring
+from tc_llava.eval.judge import Judge
+from tc_llava.eval.judged import (
+    Entry, check_stage, generation_line, judge_line, locate_video, prompt_text, read_json_list, text_field, write_json,
 )
-from tc_llava.provenance import git_state
+from tc_llava.eval.runner import require_path
 
-log = logging.getLogger(__name__)
+# The shared pieces it re-exports (check_stage, prompt_text, write_json, image_token_of) are
+# reached through this module by its tests.
+__all__ = [
+    "QUESTION_FIELDS", "DIMENSION_NAMES", "load_entries", "check_inputs", "markdown_table", "evaluate",
+    "check_stage", "prompt_text", "write_json", "image_token_of",
+]
 
-STAGES = ("generate", "score", "all")
-PREDICTIONS = "predictions"  # folder of run_dir holding the prediction files and meta.json
 # split -> (question field, prediction field) of its records
 QUESTION_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
     "generic": (("Q", "pred"),),
@@ -60,52 +47,6 @@ DIMENSION_NAMES = {
     "TU": "Temporal Understanding",
     "CO": "Consistency",
 }
-
-
-@dataclass(frozen=True)
-class Entry:
-    """One benchmark record: its video and the questions whose answers it needs."""
-
-    split: str
-    index: int
-    record: dict[str, Any]  # saved with the prediction fields added
-    video: Path | None  # None: no candidate path exists
-    tried: tuple[str, ...]  # candidate paths in lookup order
-    questions: dict[str, str]  # prediction field -> question text
-
-    def item_id(self, field: str) -> str:
-        return f"{self.split}/{self.index}/{field}"
-
-
-def check_stage(cfg: DictConfig) -> str:
-    if cfg.stage not in STAGES:
-        raise ValueError(f"benchmark.stage must be one of {STAGES}, got {cfg.stage!r}")
-    return cfg.stage
-
-
-def text_field(record: Any, key: str, where: str, numbers: bool = False) -> str:
-    """``record[key]`` as text; ``numbers`` also accepts integers (video names, numeric answers)."""
-    value = record.get(key) if isinstance(record, dict) else None
-    ok = isinstance(value, str) or (numbers and isinstance(value, int) and not isinstance(value, bool))
-    if not ok:
-        kind = "a string or integer" if numbers else "a string"
-        raise ValueError(f"{where}: field {key!r} must be {kind}, got {value!r:.60}")
-    return str(value)
-
-
-def read_json_list(path: Path, what: str, where: str) -> list[Any]:
-    """The JSON list at ``path``; ``where`` names the config field the path comes from."""
-    require_path(path, "file", where, f"the {what}")
-    records = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(records, list):
-        raise ValueError(f"{path}: expected a JSON list of {what}, got {type(records).__name__}")
-    return records
-
-
-def locate_video(video_dir: Path, name: str, extensions: Sequence[str]) -> tuple[Path | None, tuple[str, ...]]:
-    """The first existing ``{video_dir}/{name}{ext}``, extensions in order, and every path tried."""
-    tried = tuple(str(video_dir / f"{name}{ext}") for ext in extensions)
-    return next((Path(p) for p in tried if Path(p).is_file()), None), tried
 
 
 def load_entries(cfg: DictConfig) -> list[Entry]:
@@ -129,167 +70,20 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
     return entries
 
 
-def prompt_text(cfg: DictConfig, question: str, image_token: str) -> str:
-    """The full generation prompt: system, video placeholder, wrapped question, primed answer."""
-    user = cfg.prompt.question.format(question=question)
-    return build_prompt(cfg.template, cfg.prompt.system, user, cfg.prompt.answer_prefix, image_token)
-
-
-def config_record(cfg: DictConfig) -> dict[str, Any]:
-    """The benchmark config of the generation, without ``stage`` and ``judge`` (the scoring records its judge)."""
-    out = {}
-    for key in cfg:
-        if key not in ("stage", "judge"):
-            value = cfg[key]
-            out[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
-    return out
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Written whole or not at all: a crash never leaves a half prediction file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
-def prediction_files(run_dir: Path, splits: Sequence[str]) -> dict[str, Path]:
-    """``{run_dir}/predictions/{split}.json`` per split; ``meta.json`` lies beside them."""
-    return {split: run_dir / PREDICTIONS / f"{split}.json" for split in splits}
-
-
-def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapping[str, Path], run_dir: Path,
-              state: PartialState) -> dict[str, Any] | None:
-    """Generate, then (main process) write the prediction files and ``meta.json``; returns the meta."""
-    image_token = image_token_of(model.tokenizer)
-    items = [Item(e.item_id(field), str(e.video), prompt_text(cfg, question, image_token))
-             for e in entries if e.video is not None for field, question in e.questions.items()]
-    outputs = generate_predictions(model, items, run_dir / "cache", GenerationSettings.from_benchmark(cfg), state)
-    if not state.is_main_process:
-        return None
-    predictions: dict[str, list[dict[str, Any]]] = {split: [] for split in files}
-    failed = []
-    for e in entries:
-        if e.video is None:
-            reason = f"no video file for video_name {e.record['video_name']!r}: tried {', '.join(e.tried)}"
-        else:
-            reason = "; ".join(dict.fromkeys(
-                outputs[e.item_id(f)]["failed"] for f in e.questions if outputs[e.item_id(f)]["failed"]))
-        if reason:
-            failed.append({"split": e.split, "index": e.index, "video_name": e.record["video_name"], "reason": reason})
-        else:
-            preds = {field: outputs[e.item_id(field)]["output"].strip() for field in e.questions}
-            predictions[e.split].append({**e.record, **preds})
-    for split, path in files.items():
-        write_json(path, predictions[split])
-    counts = {split: {"records": sum(e.split == split for e in entries), "predicted": len(predictions[split]),
-                      "failed": sum(f["split"] == split for f in failed)} for split in files}
-    meta = {
-        "benchmark": cfg.name,
-        "predictions": {split: str(path) for split, path in files.items()},
-        "counts": counts,
-        "failed_items": failed,
-        "settings": {
-            "benchmark": config_record(cfg),
-            "frame_sampling": "segment middles (MVBench / PLLaVA get_index)",
-            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "whole output, stripped"},
-            "model": model_settings(model),
-            "git": git_state(),
-            "num_processes": state.num_processes,
-        },
-    }
-    write_json(run_dir / PREDICTIONS / "meta.json", meta)
-    log.info("%s: %d records, %d failed; predictions in %s", cfg.name, len(entries), len(failed), run_dir / PREDICTIONS)
-    return meta
-
-
-def predictions_stage(model: Any, cfg: DictConfig, files: Mapping[str, Path], run_dir: Path, state: PartialState,
-                      entries: Callable[[DictConfig], list[Entry]]) -> dict[str, Any] | None:
-    """The generation half: generate and save (stage generate/all) or check the saved files (score).
-
-    Returns the generation meta on the main process (None when scoring files made elsewhere,
-    without ``meta.json``), and None on the other ranks.
-    """
-    if check_stage(cfg) != "score":
-        return _generate(model, entries(cfg), cfg, files, run_dir, state)
-    if not state.is_main_process:
-        return None
-    require_predictions(files)
-    meta = run_dir / PREDICTIONS / "meta.json"
-    return json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else None
-
-
-def require_predictions(files: Mapping[str, Path]) -> None:
-    """stage=score judges saved prediction files: each must exist."""
-    missing = [str(p) for p in files.values() if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"{missing[0]} not found: benchmark.stage=score judges saved predictions; run stage=generate or all first")
-
-
-def check_benchmark(cfg: DictConfig) -> None:
+def _check_files(cfg: DictConfig) -> None:
     """The root, the question files and their records (:func:`load_entries`), and the video folder."""
     load_entries(cfg)
     require_path(Path(cfg.root) / cfg.video_dir, "directory", f"benchmark.root={cfg.root}",
                  f"the videos (benchmark.video_dir={cfg.video_dir})")
 
 
-def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState,
-                 benchmark: Callable[[DictConfig], None] = check_benchmark,
-                 splits: Sequence[str] | None = None) -> None:
-    """Everything that can fail without the model, checked before it loads (minutes at 7B).
-
-    Generation (stage generate/all): ``benchmark`` checks the benchmark's files, records and
-    video folder, on every rank (each reads them). On the main process, which alone scores:
-    the saved predictions of ``splits`` (default ``cfg.splits``; stage score), then the judge
-    (stage score/all): its key is set, its endpoint answers and serves the model
-    (:meth:`Judge.preflight`), or its local model exists. Zero-shot QA passes its own
-    ``benchmark`` and ``splits``.
-    """
-    stage = check_stage(cfg)
-    if stage != "score":
-        GenerationSettings.from_benchmark(cfg)
-        benchmark(cfg)
-    if not state.is_main_process:
-        return
-    if stage == "score":
-        require_predictions(prediction_files(Path(run_dir), list(splits or cfg.splits)))
-    if stage != "generate":
-        make_judge(cfg).preflight()
-
-
-def make_judge(cfg: DictConfig) -> Judge:
-    """The judge of the eval app's ``judge`` group (interpolated into the benchmark as ``judge``).
-
-    A :class:`JudgeError` from the judge's constructor (e.g. no model at ``model_path``) is
-    raised as itself rather than inside Hydra's multi-line instantiation error.
-    """
-    try:
-        judge = instantiate(cfg.judge)
-    except InstantiationException as exc:
-        if isinstance(exc.__cause__, JudgeError):
-            raise exc.__cause__ from None
-        raise
-    if not isinstance(judge, Judge):
-        raise TypeError(f"judge: expected a tc_llava.eval.judge.Judge _target_, got {type(judge).__name__}")
-    return judge
+def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
+    """:func:`tc_llava.eval.judged.check_inputs` for the configured splits: what fails without the model."""
+    judged.check_inputs(cfg, run_dir, state, _check_files, list(cfg.splits))
 
 
 def _score(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
-
-
-def generation_line(meta: Mapping[str, Any] | None) -> str:
-    if meta is None:
-        return "Generation: predictions made elsewhere (no meta.json)."
-    counts = meta["counts"].values()
-    records, failed = sum(c["records"] for c in counts), sum(c["failed"] for c in counts)
-    return f"Generation: {records} records, {failed} failed (missing or undecodable video), left out of the scores."
-
-
-def judge_line(judge: Mapping[str, Any]) -> str:
-    """The judge as the markdown reports it: model and where it ran."""
-    return f"Judge: {judge['model']} ({judge.get('base_url') or judge.get('model_path')})"
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -307,22 +101,10 @@ def markdown_table(results: Mapping[str, Any]) -> str:
     )
 
 
-def write_results(run_dir: Path, title: str, results: Mapping[str, Any], table: str) -> None:
-    """``results.json`` and ``results.md``, unless no item has a score: then an error, and the
-    files of an earlier run stay as they were. A partial run says so in the markdown."""
-    judged, failed = results["judged"], results["failed"]
-    if not judged:
-        raise RuntimeError(
-            f"{title}: nothing judged (0 of {failed} items got a score); results.json and results.md in {run_dir} "
-            f"were left as they were. The failed verdicts and their errors are in {run_dir / 'judge'}")
-    if failed:
-        note = (f"**Partial**: {judged} of {judged + failed} items judged, {failed} failed and left out of the scores; "
-                "re-running asks the judge again for the failed ones only.")
-        log.warning("%s: %s", title, note.replace("**", ""))
-        table = f"{table}\n{note}\n"
-    write_json(run_dir / "results.json", results)
-    (run_dir / "results.md").write_text(f"# {title}\n\n{table}", encoding="utf-8")
-    print(table, flush=True)
+def _judge_predictions(judge: Judge, files: Mapping[str, Path], cache_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The configured dimensions judged, each on its split's predictions with its own prompt."""
+    return scoring.run_videochatgpt(judge, files, cache_dir, prompts_path=cfg.judge_prompts or scoring.VCG_PROMPTS,
+                                    dimensions=list(cfg.dimensions))
 
 
 def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
@@ -331,15 +113,5 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
     Outputs in ``run_dir``: ``predictions/{split}.json`` and ``meta.json``; with scoring,
     ``results.json`` (the judge's numbers plus ``generation``, the meta) and ``results.md``.
     """
-    run_dir = Path(run_dir)
-    files = prediction_files(run_dir, list(cfg.splits))
-    meta = predictions_stage(model, cfg, files, run_dir, state, load_entries)
-    if not state.is_main_process or cfg.stage == "generate":
-        return meta
-    results = scoring.run_videochatgpt(
-        make_judge(cfg), files, run_dir / "judge", prompts_path=cfg.judge_prompts or scoring.VCG_PROMPTS,
-        dimensions=list(cfg.dimensions),
-    )
-    results["generation"] = meta
-    write_results(run_dir, cfg.name, results, markdown_table(results))
-    return results
+    return judged.evaluate(model, cfg, run_dir, state, list(cfg.splits), load_entries, _judge_predictions,
+                           markdown_table)

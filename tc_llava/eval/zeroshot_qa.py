@@ -2,8 +2,8 @@
 
 REFERENCE.md section 4. The questions and answers of ``cfg.dataset`` (two index-aligned
 lists, as Video-ChatGPT and PLLaVA read them, or one list carrying both) are answered
-greedily through the shared generation half of :mod:`tc_llava.eval.videochatgpt`, saved
-as ``[{id, video_name, Q, A, pred, type?}]`` (what Video-ChatGPT's
+greedily through the generate-then-judge half of :mod:`tc_llava.eval.judged`, saved as
+``[{id, video_name, Q, A, pred, type?}]`` (what Video-ChatGPT's
 ``evaluate_activitynet_qa.py`` reads), and judged by
 :func:`tc_llava.eval.scoring.run_zeroshot_qa`: accuracy = yes / (yes + no), mean score,
 failed counts. ``stage``, the caches and the checks before the model loads
@@ -12,26 +12,17 @@ failed counts. ``stage``, the caches and the checks before the model loads
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-from tc_llava.eval import scoring, videochatgpt
+from tc_llava.eval import judged, scoring
+from tc_llava.eval.judge import Judge
+from tc_llava.eval.judged import Entry, generation_line, judge_line, locate_video, read_json_list, text_field
 from tc_llava.eval.runner import require_path
-from tc_llava.eval.videochatgpt import (
-    Entry,
-    generation_line,
-    judge_line,
-    locate_video,
-    make_judge,
-    prediction_files,
-    predictions_stage,
-    read_json_list,
-    text_field,
-    write_results,
-)
 
 
 def load_entries(cfg: DictConfig) -> list[Entry]:
@@ -68,7 +59,7 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
     return entries
 
 
-def check_benchmark(cfg: DictConfig) -> None:
+def _check_files(cfg: DictConfig) -> None:
     """The root, the question and answer files and their records (:func:`load_entries`), and the video folder."""
     load_entries(cfg)
     video_dir = cfg.datasets[cfg.dataset].video_dir
@@ -77,11 +68,11 @@ def check_benchmark(cfg: DictConfig) -> None:
 
 
 def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState) -> None:
-    """:func:`tc_llava.eval.videochatgpt.check_inputs` for ``cfg.dataset``: what fails without the model."""
-    videochatgpt.check_inputs(cfg, run_dir, state, check_benchmark, [cfg.dataset])
+    """:func:`tc_llava.eval.judged.check_inputs` for ``cfg.dataset``: what fails without the model."""
+    judged.check_inputs(cfg, run_dir, state, _check_files, [cfg.dataset])
 
 
-def markdown_table(results: dict[str, Any]) -> str:
+def markdown_table(results: Mapping[str, Any]) -> str:
     """Accuracy (%), mean score (0-5), yes/no and failed counts, and what judged them."""
     acc = "n/a" if results["accuracy"] is None else f"{100 * results['accuracy']:.1f}"
     score = "n/a" if results["mean_score"] is None else f"{results['mean_score']:.2f}"
@@ -95,21 +86,17 @@ def markdown_table(results: dict[str, Any]) -> str:
     )
 
 
+def _judge_predictions(judge: Judge, files: Mapping[str, Path], cache_dir: Path, cfg: DictConfig) -> dict[str, Any]:
+    """The dataset's predictions judged with the QA prompt: yes/no and a score per item."""
+    return scoring.run_zeroshot_qa(judge, files[cfg.dataset], cache_dir, cfg.dataset,
+                                   prompts_path=cfg.judge_prompts or scoring.QA_PROMPTS)
+
+
 def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:
     """Generate and/or judge ``cfg.dataset`` per ``cfg.stage``; the main process returns the results.
 
     Outputs in ``run_dir``: ``predictions/{dataset}.json`` and ``meta.json``; with scoring,
     ``results.json`` (the judge's numbers plus ``generation``, the meta) and ``results.md``.
     """
-    run_dir = Path(run_dir)
-    files = prediction_files(run_dir, [cfg.dataset])
-    meta = predictions_stage(model, cfg, files, run_dir, state, load_entries)
-    if not state.is_main_process or cfg.stage == "generate":
-        return meta
-    results = scoring.run_zeroshot_qa(
-        make_judge(cfg), files[cfg.dataset], run_dir / "judge", cfg.dataset,
-        prompts_path=cfg.judge_prompts or scoring.QA_PROMPTS,
-    )
-    results["generation"] = meta
-    write_results(run_dir, cfg.name, results, markdown_table(results))
-    return results
+    return judged.evaluate(model, cfg, run_dir, state, [cfg.dataset], load_entries, _judge_predictions,
+                           markdown_table)
