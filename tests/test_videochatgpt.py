@@ -26,7 +26,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from tc_llava.eval import __main__ as app
-from tc_llava.eval import videochatgpt, zeroshot_qa
+from tc_llava.eval import judged, videochatgpt, zeroshot_qa
 from tc_llava.eval.__main__ import run
 from tc_llava.eval.judge import JudgeError
 from tc_llava.model.tc_llava import TCLlava
@@ -162,7 +162,7 @@ def test_entries_lookup_and_prompts(vcg_root, tiny_llama):
     assert entries["temporal", 2].questions == {"pred": "t2"}
 
     model = TCLlava.from_pretrained(tiny_llama)
-    prompt = videochatgpt.prompt_text(cfg, "c1b", videochatgpt.image_token_of(model.tokenizer))
+    prompt = judged.prompt_text(cfg, "c1b", judged.image_token_of(model.tokenizer))
     assert prompt == (
         "You are Video-ChatGPT, a large vision-language assistant. You are able to understand the video content "
         "that the user provides, and assist the user with a variety of tasks using natural language.Follow the "
@@ -185,7 +185,7 @@ def test_bad_records_name_the_file_and_field(tmp_path):
         videochatgpt.load_entries(cfg)
     cfg.stage = "judge"
     with pytest.raises(ValueError, match=r"benchmark\.stage must be one of"):
-        videochatgpt.check_stage(cfg)
+        judged.check_stage(cfg)
 
 
 def test_videochatgpt_end_to_end(vcg_root, lively, tmp_path, chat_server, generated, monkeypatch):
@@ -381,7 +381,7 @@ def test_score_stage_checks_the_judge_before_judging(tmp_path, no_model):
                "temporal": [{"video_name": "v", "Q": "q", "A": "a", "pred": "p"}],
                "consistency": [{"video_name": "v", "Q1": "q", "Q2": "q", "A": "a", "pred1": "p", "pred2": "p"}]}
     for split, rows in records.items():
-        videochatgpt.write_json(run_dir / "predictions" / f"{split}.json", rows)
+        judged.write_json(run_dir / "predictions" / f"{split}.json", rows)
     url = _dead_url()
     with pytest.raises(JudgeError, match=rf"cannot reach {re.escape(url)}/models"):
         _evaluate("videochatgpt", tmp_path, Path("unused"), run_dir, url, "benchmark.stage=score")
@@ -398,7 +398,7 @@ def _benchmark_tree(root: Path) -> None:
         "ActivityNet/test_a.json": [{"answer": "a", "question_id": 0}],
     }
     for name, records in files.items():
-        videochatgpt.write_json(root / name, records)
+        judged.write_json(root / name, records)
     (root / "Test_Videos").mkdir()
     (root / "ActivityNet" / "all_test").mkdir()
 
@@ -438,7 +438,7 @@ def test_nothing_judged_fails_and_keeps_the_earlier_results(anet_root, tmp_path,
     script = {f"qa:{q}": [("reply", reply)] for _, q, _, reply in QA[:3]}
     chat = chat_server(script, _key)
     run_dir = tmp_path / "anet"
-    videochatgpt.write_json(run_dir / "predictions" / "activitynet.json", [
+    judged.write_json(run_dir / "predictions" / "activitynet.json", [
         {"id": k, "video_name": v, "Q": q, "A": a, "pred": f"pred {k}"} for k, (v, q, a, _) in enumerate(QA[:3])])
     args = _overrides("zeroshot_qa", anet_root, Path("unused"), run_dir, chat.base_url,
                       "benchmark.dataset=activitynet", "benchmark.stage=score")

@@ -23,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from tc_llava.eval.mvbench import check_inputs, run_mvbench
+from tc_llava.eval import mvbench
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.train.settings import SettingsError
 
@@ -62,7 +62,7 @@ def rule_choice(cfg: DictConfig, group: str) -> str:
 def check_benchmark(cfg: DictConfig) -> None:
     """The ablation benchmark's files, checked before training (they are read only after it)."""
     try:
-        check_inputs(cfg.ablation.benchmark, cfg.run_dir, None)
+        mvbench.check_inputs(cfg.ablation.benchmark, cfg.run_dir, None)
     except (FileNotFoundError, ValueError) as e:
         raise SettingsError(f"ablation.{e}") from None
 
@@ -75,7 +75,7 @@ def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) 
     run_dir = Path(cfg.run_dir)
     state = PartialState()
     model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).to(state.device).eval()
-    results = run_mvbench(model, cfg.ablation.benchmark, run_dir / "eval", state)
+    results = mvbench.evaluate(model, cfg.ablation.benchmark, run_dir / "eval", state)
     if not state.is_main_process:
         return None
     unanswered = [task for task, r in results["tasks"].items() if r["accuracy"] is None]

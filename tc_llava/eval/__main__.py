@@ -18,7 +18,9 @@ import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
 
+from tc_llava.cli import one_line_errors
 from tc_llava.eval import mvbench, videochatgpt, zeroshot_qa
+from tc_llava.eval.judge import JudgeError
 from tc_llava.model.build import model_from_config
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ def run(cfg: DictConfig) -> Any:
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
-    run(cfg)
+    with one_line_errors(FileNotFoundError, JudgeError):  # a wrong path, a judge that cannot work: one line
+        run(cfg)
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ from tc_llava.provenance import git_state
 
 __all__ = [
     "Task", "Question", "frame_indices", "check_answer", "prediction",
-    "load_task_table", "load_questions", "check_inputs", "score", "evaluate", "run_mvbench",
+    "load_task_table", "load_questions", "check_inputs", "score", "evaluate",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,5 +295,3 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
     print(table, flush=True)
     return results
 
-
-run_mvbench = evaluate  # the old name, which tc_llava/ablation/job.py still calls

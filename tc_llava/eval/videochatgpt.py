@@ -19,20 +19,12 @@ from typing import Any
 from accelerate import PartialState
 from omegaconf import DictConfig
 
-from tc_llava.data.templates import image_token_of
 from tc_llava.eval import judged, scoring
 from tc_llava.eval.judge import Judge
 from tc_llava.eval.judged import (
-    Entry, check_stage, generation_line, judge_line, locate_video, prompt_text, read_json_list, text_field, write_json,
+    Entry, generation_line, judge_line, locate_video, read_json_list, text_field,
 )
 from tc_llava.eval.runner import require_path
-
-# The shared pieces it re-exports (check_stage, prompt_text, write_json, image_token_of) are
-# reached through this module by its tests.
-__all__ = [
-    "QUESTION_FIELDS", "DIMENSION_NAMES", "load_entries", "check_inputs", "markdown_table", "evaluate",
-    "check_stage", "prompt_text", "write_json", "image_token_of",
-]
 
 # split -> (question field, prediction field) of its records
 QUESTION_FIELDS: dict[str, tuple[tuple[str, str], ...]] = {
