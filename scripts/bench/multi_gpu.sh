@@ -30,11 +30,12 @@ COMMON="$MODEL projector=pllava_pool projector.pooling_shape=$POOL data.num_fram
   paths.data=$DATA trainer.max_steps=$STEPS trainer.save_every=$((STEPS / 2)) trainer.keep_last=5 trainer.warmup_ratio=0
   trainer.lr=1e-4 trainer.projector_lr=1e-4 export.enabled=false $PREC"
 
-train() {  # name, processes, overrides...
-  local name=$1 procs=$2; shift 2
+train() {  # name, processes, overrides...; a fresh run replaces one of an earlier invocation
+  local name=$1 procs=$2 fresh=overwrite=true; shift 2
+  [[ " $* " == *" resume="* ]] && fresh=
   echo "== $name on $procs process(es)"
   $PY -m torch.distributed.run --nproc_per_node "$procs" --master_port $((29500 + RANDOM % 1000)) \
-      -m tc_llava.train run_dir="$WORK/runs/$name" $COMMON "$@"
+      -m tc_llava.train run_dir="$WORK/runs/$name" $COMMON $fresh "$@"
 }
 evaluate() {  # name, processes, export dir
   echo "== eval $1 on $2 process(es)"

@@ -21,7 +21,7 @@ run() {  # name, overrides...
       model.dtype=float32 projector=pllava_pool projector.pooling_shape=[16,12,12] data.num_frames=16 \
       data.batch_size=4 data.num_workers=4 paths.data="$DATA" trainer.max_steps=$STEPS trainer.save_every=1000 \
       trainer.warmup_ratio=0 trainer.lr=1e-4 trainer.projector_lr=1e-4 trainer.mixed_precision=bf16 \
-      trainer.backend=null export.enabled=false "$@"
+      trainer.backend=null export.enabled=false overwrite=true "$@"   # a re-run of the bench replaces its runs
 }
 run sdpa model.attn_implementation=sdpa
 run auto model.attn_implementation=auto
