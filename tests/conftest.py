@@ -59,6 +59,26 @@ def tiny_next(cache_dir) -> Path:
     return tiny_checkpoint(cache_dir, arch="llava_next", **TINY)
 
 
+# The video families at small sizes: OneVision's SigLIP 5x5 patch grid pools to 3x3 (ceil), NeXT-Video's
+# CLIP 4x4 grid to 2x2; OneVision's Qwen2 LLM at Qwen2-7B's RoPE base.
+TINY_ONEVISION = dict(TINY, arch="llava_onevision", text_model="qwen2", image_size=70, rope_theta=1e6)
+TINY_NEXT_VIDEO = dict(TINY, arch="llava_next_video")
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision(cache_dir) -> Path:
+    from tc_llava.model.tiny import tiny_checkpoint
+
+    return tiny_checkpoint(cache_dir, **TINY_ONEVISION)
+
+
+@pytest.fixture(scope="session")
+def tiny_next_video(cache_dir) -> Path:
+    from tc_llava.model.tiny import tiny_checkpoint
+
+    return tiny_checkpoint(cache_dir, **TINY_NEXT_VIDEO)
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for torchrun's rendezvous."""
     with socket.socket() as s:

@@ -8,6 +8,7 @@ rotary position (``[B, 1]``, or ``[3, B, 1]`` for multi-axis rules) is
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -45,14 +46,20 @@ def generate(
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
     output_scores: bool = False,
+    num_frames: torch.Tensor | Sequence[int] | None = None,
+    streamer: Callable[[torch.Tensor], None] | None = None,
 ) -> GenerationOutput:
-    """Greedy or sampled generation for a left-padded batch of video prompts."""
+    """Greedy or sampled generation for a left-padded batch of video prompts.
+
+    ``num_frames`` gives each sample's frame count when ``pixel_values`` is ``[N, C, H, W]``;
+    ``streamer`` is called with each step's new tokens ``[B]`` as soon as they are chosen.
+    """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be 1 for every sample")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
-    out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1)
+    out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1, num_frames=num_frames)
     cache, positions = out.cache, out.rope_positions[..., -1:]
     position_ids = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
@@ -64,6 +71,8 @@ def generate(
         nxt = _pick(logits, do_sample, temperature, top_p, generator)
         nxt = torch.where(finished, torch.full_like(nxt, pad_token_id), nxt)
         tokens.append(nxt)
+        if streamer is not None:
+            streamer(nxt)
         finished |= torch.isin(nxt, eos)
         if bool(finished.all()) or len(tokens) == max_new_tokens:
             break

@@ -23,7 +23,8 @@ from typing import Any
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
-__all__ = ["AutoImageProcessor", "CACHE_ARG", "cache_kwargs", "enable_activation_checkpointing", "output_cache"]
+__all__ = ["AutoImageProcessor", "CACHE_ARG", "cache_kwargs", "declare_special_token", "enable_activation_checkpointing",
+           "output_cache"]
 
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -45,3 +46,12 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def declare_special_token(tokenizer: Any, name: str, token: str) -> None:
+    """Declare ``token`` (already in the vocabulary) as the tokenizer's ``name`` (e.g. ``video_token``), as
+    a checkpoint's ``extra_special_tokens`` would: readable as ``tokenizer.video_token`` and saved with it.
+
+    transformers has no public call for a model-specific special token; this one exists from 5.17 on.
+    """
+    tokenizer._set_model_specific_special_tokens({name: token})

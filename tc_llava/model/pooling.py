@@ -2,7 +2,10 @@
 
 PLLaVA runs the checkpoint's 2-layer MLP projector per frame, then ``AdaptiveAvgPool3d``
 over the frame axis and the spatial grid, e.g. 16 x 24 x 24 -> 16 x 12 x 12 = 2,304
-visual tokens. ``pooling_shape=None`` keeps the MLP output as it is.
+visual tokens. ``pooling_shape=None`` keeps the MLP output as it is. On the video families
+the pooling takes the tokens their own video path gives per frame (NeXT-Video's 12 x 12,
+OneVision's 14 x 14). Each sample is pooled over its own frames; one frame (an image) is
+pooled in space only.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ class VideoPooling(nn.Module):
         """(frames, height, width) of the visual tokens for ``num_frames`` frames of a ``grid``.
 
         Pooling never upsamples; a shape it cannot reach is refused naming the axis at fault
-        (the vision tower's grid fixes H and W, the data's frame count fixes T).
+        (the vision tower's grid fixes H and W, the data's frame count fixes T). A single frame
+        is an image: it keeps its one frame and is pooled in space only.
         """
         if self.pooling_shape is None:
             return num_frames, grid[0], grid[1]
@@ -40,7 +44,9 @@ class VideoPooling(nn.Module):
         if h > grid[0] or w > grid[1]:
             problems.append(f"its {h}x{w} spatial shape exceeds the {grid[0]}x{grid[1]} token grid of the vision "
                             f"tower (valid: H 1..{grid[0]}, W 1..{grid[1]})")
-        if t > num_frames:
+        if num_frames == 1:
+            t = 1
+        elif t > num_frames:
             problems.append(f"its T={t} exceeds the {num_frames} frames given "
                             f"(valid: T 1..{num_frames}, or use at least {t} frames)")
         if problems:
@@ -48,13 +54,17 @@ class VideoPooling(nn.Module):
                              f"{'; '.join(problems)}; pooling never upsamples")
         return t, h, w
 
-    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def pool(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """One sample's per-frame features ``[T, H*W, D]`` -> its visual tokens ``[T'*H'*W', D]``."""
         if self.pooling_shape is None:
-            return rearrange(features, "b t n d -> b (t n) d")
-        self.output_grid(features.shape[1], grid)
-        x = rearrange(features, "b t (h w) d -> b d t h w", h=grid[0], w=grid[1])
-        x = nn.functional.adaptive_avg_pool3d(x, self.pooling_shape)
-        return rearrange(x, "b d t h w -> b (t h w) d")
+            return features.flatten(0, 1)
+        x = rearrange(features, "t (h w) d -> 1 d t h w", h=grid[0], w=grid[1])
+        x = nn.functional.adaptive_avg_pool3d(x, self.output_grid(features.shape[0], grid))
+        return rearrange(x, "1 d t h w -> (t h w) d")
+
+    def forward(self, features: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Equal frame counts ``[B, T, H*W, D]`` -> ``[B, T'*H'*W', D]``."""
+        return torch.stack([self.pool(sample, grid) for sample in features])
 
 
 def mlp_projector(model_pooling_shape: list[int] | None = None) -> VideoPooling:

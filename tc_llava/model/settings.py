@@ -21,6 +21,11 @@ from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import ROPE_RULES, RopeRule
 
 SETTINGS = ("rope", "mask", "pooling_shape", "template")
+# Beside ``tc_llava`` (how the model attends), ``config.json`` may record how the model was trained to see
+# videos, for the apps that ask it about a video: {"num_frames": 32, "image_frames": 1, "sampling": "random"}.
+FRAMES_KEY = "tc_llava_frames"
+FRAME_SAMPLING = {"num_frames": "a positive integer", "image_frames": "a positive integer or null",
+                  "sampling": "a frame sampling strategy's name"}
 
 # The previous format stored a rule as ``{"_target_": dotted class path, "name": ..., **fields}``
 # (and masks their ``is_causal``). These exact strings, and no other ``_target_``, still load,
@@ -60,6 +65,25 @@ def read_settings(config: dict[str, Any], config_file: Path) -> tuple[
     if template is not None and not isinstance(template, str):
         raise ValueError(f"{config_file}: tc_llava.template must be a chat template's name, got {template!r}")
     return rope, mask, pooling, template
+
+
+def read_frame_sampling(config: dict[str, Any], config_file: Path) -> dict[str, Any] | None:
+    """The frame sampling a checkpoint records under ``tc_llava_frames`` (None if it records none), checked."""
+    saved = config.get(FRAMES_KEY)
+    if saved is None:
+        return None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{config_file}: {FRAMES_KEY} must be an object with {', '.join(FRAME_SAMPLING)}, got {saved!r}")
+    for key, value in saved.items():
+        positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        ok = {"num_frames": positive, "image_frames": value is None or positive,
+              "sampling": isinstance(value, str)}.get(key)
+        if ok is None:
+            raise ValueError(f"{config_file}: {FRAMES_KEY}.{key} is not recorded frame sampling "
+                             f"(known: {', '.join(FRAME_SAMPLING)})")
+        if not ok:
+            raise ValueError(f"{config_file}: {FRAMES_KEY}.{key} must be {FRAME_SAMPLING[key]}, got {value!r}")
+    return dict(saved)
 
 
 def _rule(entry: Any, key: str, registry: dict[str, type], config_file: Path) -> RopeRule | MaskRule:

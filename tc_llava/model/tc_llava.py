@@ -1,20 +1,27 @@
 """TC-LLaVA: an HF LLaVA whose LLM attends with a rope rule (dual RoPE, ...) and a mask rule.
 
-The HF model (``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``)
-is used as it is; this module only composes its parts for video:
+The HF model (a family of :mod:`tc_llava.model.families`: LLaVA, LLaVA-NeXT, LLaVA-NeXT-Video,
+LLaVA-OneVision) is used as it is; this module only composes its parts for video:
 
-1. frames ``[B, T, C, H, W]`` -> vision tower per frame -> the checkpoint's MLP projector
-   -> optional PLLaVA pooling -> visual tokens scattered into the prompt's placeholder run;
-2. the frame-id vector of that layout and each frame's (pooled) token grid -> rotary
-   positions (rope rule) and what the LLM attends with (mask rule and backend, decided by
+1. frames -> the family's own video path, frame by frame (vision tower, its pooling, the
+   MLP projector) -> optional PLLaVA pooling per sample -> (OneVision) the newline ->
+   visual tokens scattered into the prompt's placeholder run;
+2. the frame-id vector of that layout and each frame's token grid -> rotary positions
+   (rope rule) and what the LLM attends with (mask rule and backend, decided by
    :func:`tc_llava.model.attention.llm_attention`);
 3. the LLM runs with those positions fed to its rotary module only.
+
+Samples may hold different frame counts (an image is one frame): ``pixel_values`` is then
+every sample's frames in one ``[N, C, H, W]`` tensor with ``num_frames`` per sample; equal
+counts may come as ``[B, T, C, H, W]`` as well. Positions, mask and pooling follow each
+sample's own count.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,18 +34,22 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
+from tc_llava.model.families import SUPPORTED_MODEL_TYPES, family_of, frame_features, frame_grid, has_class_token
 from tc_llava.model.generation import GenerationOutput, generate
-from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, output_cache
+from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
 from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
 from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
+from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
-from tc_llava.model.settings import check_adapter_config, read_settings, rule_settings
+from tc_llava.model.settings import (
+    FRAMES_KEY, check_adapter_config, read_frame_sampling, read_settings, rule_settings,
+)
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llava", "llava_next")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+DEFAULT_PLACEHOLDER = "<image>"
 
 
 @dataclass
@@ -50,8 +61,41 @@ class TCLlavaOutput(ModelOutput):
     frame_ids: torch.Tensor | None = None
 
 
+def frames_per_sample(pixel_values: torch.Tensor, num_frames: torch.Tensor | Sequence[int] | None,
+                      batch: int) -> tuple[torch.Tensor, list[int]]:
+    """``pixel_values`` as one ``[N, C, H, W]`` tensor of frames, and each sample's frame count."""
+    if pixel_values.ndim == 5:
+        counts = [pixel_values.shape[1]] * pixel_values.shape[0]
+        frames = pixel_values.flatten(0, 1)
+        given = None if num_frames is None else [int(n) for n in num_frames]
+        if given is not None and given != counts:
+            raise ValueError(f"num_frames {given} disagrees with pixel_values {tuple(pixel_values.shape)}: "
+                             f"[B, T, C, H, W] gives every sample T={pixel_values.shape[1]} frames")
+    elif pixel_values.ndim == 4 and num_frames is not None:
+        frames, counts = pixel_values, [int(n) for n in num_frames]
+        if sum(counts) != frames.shape[0] or min(counts, default=0) < 1:
+            raise ValueError(f"num_frames {counts} must be positive counts summing to the {frames.shape[0]} frames "
+                             f"of pixel_values {tuple(pixel_values.shape)}")
+    else:
+        raise ValueError(
+            "pixel_values must be [B, T, C, H, W] (a batch of videos), or every sample's frames [N, C, H, W] with "
+            f"num_frames (frames per sample), got shape {tuple(pixel_values.shape)}"
+            + ("" if num_frames is None else f" and num_frames {list(map(int, num_frames))}")
+        )
+    if len(counts) != batch:
+        raise ValueError(f"pixel_values hold {len(counts)} samples' frames (num_frames {counts}); input_ids has {batch}")
+    return frames, counts
+
+
 class TCLlava(nn.Module):
-    """A llava-hf model plus the rope rule, mask rule and pooling that make it TC-LLaVA."""
+    """A llava-hf model plus the rope rule, mask rule and pooling that make it TC-LLaVA.
+
+    ``tokenizer``, ``image_processor`` and ``video_preprocessor`` (the video families'
+    preprocessing, :mod:`tc_llava.model.processors`) travel with the model and are saved
+    with it; :attr:`frame_processor` is what turns a sample's frames into ``pixel_values``.
+    ``frame_sampling`` records how the model was trained to see videos (an export's
+    ``tc_llava_frames``: ``num_frames``, ``image_frames``, ``sampling``).
+    """
 
     def __init__(
         self,
@@ -62,28 +106,61 @@ class TCLlava(nn.Module):
         tokenizer: Any = None,
         image_processor: Any = None,
         template: str | None = None,
+        video_preprocessor: VideoPreprocessor | None = None,
+        frame_sampling: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if hf_model.config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model_type {hf_model.config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        self.family = family_of(hf_model.config.model_type)
         self.hf = hf_model
         self.rope = rope or VanillaRoPE()
         self.mask = mask or CausalMask()
         self.pooling = pooling or VideoPooling()
         self.tokenizer, self.image_processor = tokenizer, image_processor
+        self.video_preprocessor = video_preprocessor
         self.template = template  # the chat template's name (data.templates): how prompts are written for it
+        self.frame_sampling = frame_sampling
         lm = self.language_model
         check_backend(lm.config._attn_implementation, self.mask)
         if not self.mask.is_causal and "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
             raise ValueError(f"mask={self.mask.name} is not supported with sliding-window attention layers")
         if not isinstance(lm.rotary_emb, RotaryPositions):
             lm.rotary_emb = RotaryPositions(lm.rotary_emb)
-        vision = self.config.vision_config
-        side = vision.image_size // vision.patch_size
-        self.grid = (side, side)
-        self.keeps_cls = self.config.vision_feature_select_strategy == "full"
+        self.grid = frame_grid(self.config)
+        full = self.config.vision_feature_select_strategy == "full"
+        self.keeps_cls = full and has_class_token(self.hf.model.vision_tower)
+        if self.keeps_cls and self.family.model_type not in ("llava", "llava_next"):
+            raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which {self.family.model_type}'s "
+                             "spatial pooling of the patch grid cannot take")
         if self.keeps_cls and self.pooling.pooling_shape is not None:
             raise ValueError("projector=pllava_pool needs vision_feature_select_strategy='default' (CLS dropped)")
+        self._check_processors()
+
+    def _check_processors(self) -> None:
+        """Refuse a tokenizer or video processor that does not belong to this family (they would train garbage)."""
+        kind, token_id = self.family.placeholder_kind, self.placeholder_token_id
+        tok = self.tokenizer
+        if tok is not None:
+            if kind == "video" and getattr(tok, "video_token", None) is None:
+                token = tok.convert_ids_to_tokens(token_id)  # declared, the data pipeline finds it on the tokenizer
+                if token is not None and token_id != tok.unk_token_id:
+                    declare_special_token(tok, "video_token", token)
+            declared = getattr(tok, "video_token", None) or getattr(tok, "image_token", None) or DEFAULT_PLACEHOLDER
+            if tok.convert_tokens_to_ids(declared) != token_id:
+                raise ValueError(
+                    f"family/processor mismatch: the tokenizer's video placeholder is {declared!r} (id "
+                    f"{tok.convert_tokens_to_ids(declared)}), but {self.family.model_type} prompts hold its "
+                    f"{self.family.placeholder} {token_id} ({tok.convert_ids_to_tokens(token_id)!r}); load the "
+                    "checkpoint's own tokenizer")
+        video = self.video_preprocessor
+        if video is not None:
+            expected = self.family.video_processor_type
+            if expected is None or video.processor_type not in (None, expected):
+                raise ValueError(f"family/processor mismatch: video_processor_type {video.processor_type!r} does not "
+                                 f"preprocess {self.family.model_type} frames (expected {expected})")
+            size = self.config.vision_config.image_size
+            if video.output_size() != (size, size):
+                raise ValueError(f"family/processor mismatch: the video processor gives {video.output_size()} frames, "
+                                 f"the {self.family.model_type} vision tower takes {(size, size)}")
 
     # ----------------------------------------------------------------- structure
     @property
@@ -98,8 +175,23 @@ class TCLlava(nn.Module):
     def image_token_id(self) -> int:
         return self.config.image_token_id
 
+    @property
+    def placeholder_token_id(self) -> int:
+        """The token a prompt's one video placeholder is expanded to: ``<image>``, or the video families' ``<video>``."""
+        return getattr(self.config, self.family.placeholder)
+
+    @property
+    def frame_processor(self) -> Any:
+        """What turns frames into ``pixel_values``: the video processor's steps (video families), else the image processor."""
+        if self.family.video_processor_type is None:
+            return self.image_processor
+        if self.video_preprocessor is None:
+            raise ValueError(f"{self.family.model_type} preprocesses frames with its video processor "
+                             f"({VIDEO_PREPROCESSOR_FILE}); this model was built without one")
+        return self.video_preprocessor
+
     def token_grid(self, num_frames: int | None) -> tuple[int, int]:
-        """(H, W) of each frame's visual tokens: the pooled grid with pooling, else the vision grid."""
+        """(H, W) of each frame's visual tokens: the pooled grid with pooling, else the family's own grid."""
         if num_frames is None:
             return self.grid
         _, h, w = self.pooling.output_grid(num_frames, self.grid)
@@ -110,35 +202,42 @@ class TCLlava(nn.Module):
         return h * w + int(self.keeps_cls)
 
     def tokens_per_video(self, num_frames: int) -> int:
-        """Visual tokens one video of ``num_frames`` frames occupies in the prompt."""
+        """Placeholder tokens one video of ``num_frames`` frames occupies in the prompt (OneVision: + its newline)."""
         t, _, _ = self.pooling.output_grid(num_frames, self.grid)
-        return t * self.tokens_per_frame(num_frames)
+        return t * self.tokens_per_frame(num_frames) + int(self.family.newline)
 
     # ----------------------------------------------------------------- video
+    def visual_tokens(self, frames: torch.Tensor, num_frames: Sequence[int]) -> torch.Tensor:
+        """Every sample's frames ``[N, C, H, W]`` -> their visual tokens, sample after sample, ``[sum of
+        tokens_per_video(T_b), D]``: what fills the placeholder runs of the batch in order."""
+        size = self.config.vision_config.image_size
+        if frames.shape[-2:] != (size, size):
+            raise ValueError(f"pixel_values frames are {tuple(frames.shape[-2:])}, the vision tower takes {size}x{size}")
+        features = frame_features(self.hf, frames)
+        tokens = [self.pooling.pool(sample, self.grid) for sample in features.split(list(num_frames))]
+        if self.family.newline:
+            newline = self.hf.model.image_newline[None].to(features.dtype)
+            tokens = [torch.cat([t, newline]) for t in tokens]
+        return torch.cat(tokens)
+
     def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``[B, T, C, H, W]`` frames -> ``[B, tokens_per_video(T), D]`` visual tokens."""
         batch, frames = pixel_values.shape[:2]
-        tower = self.hf.model.vision_tower
-        size = self.config.vision_config.image_size
-        if pixel_values.shape[-2:] != (size, size):
-            raise ValueError(f"pixel_values frames are {tuple(pixel_values.shape[-2:])}, the vision tower takes {size}x{size}")
-        hidden = tower(pixel_values.flatten(0, 1).to(tower.dtype), output_hidden_states=True).hidden_states
-        layer = self.config.vision_feature_layer
-        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], -1)
-        if not self.keeps_cls:
-            feats = feats[:, 1:]
-        feats = self.hf.model.multi_modal_projector(feats).unflatten(0, (batch, frames))
-        return self.pooling(feats, self.grid)
+        return self.visual_tokens(pixel_values.flatten(0, 1), [frames] * batch).unflatten(0, (batch, -1))
 
-    def frame_ids(self, input_ids: torch.Tensor, num_frames: int | None) -> torch.Tensor:
-        """Per-token frame ids (-1 text) of prompts holding one expanded video each."""
+    def frame_ids(self, input_ids: torch.Tensor, num_frames: int | Sequence[int] | None) -> torch.Tensor:
+        """Per-token frame ids (-1 text) of prompts holding one expanded video each, of ``num_frames`` frames
+        (one count for all, or one per sample). OneVision's newline, the run's last token, is text."""
+        token_id, kind = self.placeholder_token_id, self.family.placeholder_kind
         if num_frames is None:
-            if bool((input_ids == self.image_token_id).any()):
-                raise ValueError("input_ids hold image tokens but no pixel_values were given")
+            if bool((input_ids == token_id).any()):
+                raise ValueError(f"input_ids hold {kind} tokens but no pixel_values were given")
             return torch.full_like(input_ids, -1)
-        per_video = self.tokens_per_video(num_frames)
-        check_visual_token_count(input_ids, self.image_token_id, per_video, num_frames)
-        return frame_ids_from_tokens(input_ids, self.image_token_id, self.tokens_per_frame(num_frames), per_video)
+        counts = [num_frames] * input_ids.shape[0] if isinstance(num_frames, int) else list(num_frames)
+        per_video = [self.tokens_per_video(n) for n in counts]
+        check_visual_token_count(input_ids, token_id, per_video, counts, kind)
+        in_frames = torch.tensor([n - int(self.family.newline) for n in per_video], device=input_ids.device)
+        return frame_ids_from_tokens(input_ids, token_id, self.tokens_per_frame(counts[0]), in_frames)
 
     # ----------------------------------------------------------------- forward
     def forward(
@@ -153,36 +252,37 @@ class TCLlava(nn.Module):
         position_ids: torch.Tensor | None = None,
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
+        num_frames: torch.Tensor | Sequence[int] | None = None,
     ) -> TCLlavaOutput:
         """Prefill/training forward, or (with a filled cache and ``rope_positions``) a decode step.
 
-        With ``labels`` the loss is computed from the labelled positions only (their logits
-        are never materialised for the whole sequence) and ``logits`` is None;
-        ``num_items_in_batch`` normalises the summed loss across accumulated micro-batches.
+        ``pixel_values`` is ``[B, T, C, H, W]``, or ``[N, C, H, W]`` with ``num_frames`` per
+        sample (see the module docstring). With ``labels`` the loss is computed from the
+        labelled positions only (their logits are never materialised for the whole sequence)
+        and ``logits`` is None; ``num_items_in_batch`` normalises the summed loss across
+        accumulated micro-batches.
         """
         lm = self.language_model
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
-        frame_ids = num_frames = None  # a decode step: its new tokens are text
+        frame_ids = counts = None  # a decode step: its new tokens are text
         if cache is not None and cache.get_seq_length() > 0:
             if rope_positions is None:
                 raise ValueError("a decode step (a filled cache) needs rope_positions")
         else:
-            if pixel_values is not None and pixel_values.ndim != 5:
-                raise ValueError(
-                    f"pixel_values must be [B, T, C, H, W] (a batch of videos), got shape {tuple(pixel_values.shape)}"
-                )
-            num_frames = None if pixel_values is None else pixel_values.shape[1]
-            frame_ids = self.frame_ids(input_ids, num_frames)
-            rope_positions = self.rope.positions(frame_ids, attention_mask, self.token_grid(num_frames))
+            if pixel_values is not None:
+                frames, counts = frames_per_sample(pixel_values, num_frames, input_ids.shape[0])
+            frame_ids = self.frame_ids(input_ids, counts)
+            grid = self.token_grid(None if counts is None else counts[0])
+            rope_positions = self.rope.positions(frame_ids, attention_mask, grid)
             position_ids = real_token_index(frame_ids, attention_mask)
         # Positions and mask before the vision tower: the layout's host sync then waits for
         # little, and the tower's kernels keep the GPU busy while the host goes on.
         attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache)
-        if num_frames is not None:
-            visual = self.encode_video(pixel_values).to(embeds.dtype)
-            embeds = embeds.masked_scatter((frame_ids >= 0)[..., None], visual)
+        if counts is not None:
+            visual = self.visual_tokens(frames, counts).to(embeds.dtype)
+            embeds = embeds.masked_scatter((input_ids == self.placeholder_token_id)[..., None], visual)
         pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
         with lm.rotary_emb.use(rope_positions, pair_axes):
             out = lm(inputs_embeds=embeds, use_cache=use_cache, **cache_kwargs(cache), **attention.kwargs())
@@ -207,7 +307,8 @@ class TCLlava(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, **kwargs: Any) -> GenerationOutput:
-        """KV-cache generation; see :func:`tc_llava.model.generation.generate` for the options."""
+        """KV-cache generation (``num_frames=`` for per-sample frame counts); see
+        :func:`tc_llava.model.generation.generate` for the options."""
         if self.tokenizer is not None:
             kwargs.setdefault("eos_token_id", self.tokenizer.eos_token_id)
             kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
@@ -221,10 +322,13 @@ class TCLlava(nn.Module):
         return settings if self.template is None else {**settings, "template": self.template}
 
     def save_pretrained(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
-        """An ordinary llava-hf directory whose config also records the TC-LLaVA settings."""
+        """An ordinary llava-hf directory whose config also records the TC-LLaVA settings (and the frame sampling
+        the model was trained with), with its tokenizer, image processor and video processor config."""
         self.config.tc_llava = self.tc_settings()
+        if self.frame_sampling is not None:
+            setattr(self.config, FRAMES_KEY, dict(self.frame_sampling))
         self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
-        for extra in (self.tokenizer, self.image_processor):
+        for extra in (self.tokenizer, self.image_processor, self.video_preprocessor):
             if extra is not None:
                 extra.save_pretrained(path)
 
@@ -241,7 +345,7 @@ class TCLlava(nn.Module):
         **hf_kwargs: Any,
     ) -> "TCLlava":
         """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
-        vanilla/causal/mlp and no template.
+        vanilla/causal/mlp and no template. The video families need their ``video_preprocessor_config.json``.
 
         A directory holding a peft adapter beside the base weights loads with the adapter merged.
         Nothing in the directory runs: the rules are read by name (:mod:`tc_llava.model.settings`),
@@ -259,6 +363,12 @@ class TCLlava(nn.Module):
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
         saved_rope, saved_mask, saved_pooling, saved_template = read_settings(config, config_file)
+        frame_sampling = read_frame_sampling(config, config_file)
+        video_file = path / VIDEO_PREPROCESSOR_FILE
+        wants_video = family_of(model_type).video_processor_type is not None
+        if wants_video and not video_file.is_file():
+            raise FileNotFoundError(f"{video_file} not found: {model_type} preprocesses frames with its video "
+                                    "processor, whose config the llava-hf checkpoint ships beside the weights")
         if template and saved_template and template != saved_template:
             log.warning("%s records chat template %r; using the given %r", config_file, saved_template, template)
         adapter_file = path / "adapter_config.json"  # an export with the LoRA adapter kept apart
@@ -282,4 +392,6 @@ class TCLlava(nn.Module):
             image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
                              if has_processor else None),
             template=template or saved_template,
+            video_preprocessor=VideoPreprocessor.from_pretrained(path) if wants_video else None,
+            frame_sampling=frame_sampling,
         )

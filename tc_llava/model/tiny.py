@@ -1,8 +1,10 @@
-"""A tiny random LLaVA, with its own tokenizer and image processor, built locally.
+"""A tiny random LLaVA of any supported family, with its own tokenizer and processors, built locally.
 
 Nothing may be downloaded at run time, so the default model of every command is built
 here from configs and saved as an ordinary llava-hf-style checkpoint directory. The rest
 of the code then loads it with the same ``from_pretrained`` path a real checkpoint takes.
+The video families (``llava_onevision``: SigLIP tower; ``llava_next_video``: CLIP tower and
+spatial pooler) also get a ``<video>`` token and their ``video_preprocessor_config.json``.
 """
 
 from __future__ import annotations
@@ -22,9 +24,20 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextVideoConfig,
+    LlavaNextVideoForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    SiglipVisionConfig,
 )
+from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from tc_llava.model.families import FAMILIES
+from tc_llava.model.processors import VideoPreprocessor
 
 try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
     from transformers import CLIPImageProcessorPil as _ImageProcessor
@@ -32,7 +45,12 @@ except ImportError:  # pragma: no cover - older 5.x
     from transformers import CLIPImageProcessor as _ImageProcessor
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
+ARCHES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+          "llava_next_video": LlavaNextVideoForConditionalGeneration,
+          "llava_onevision": LlavaOnevisionForConditionalGeneration}
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 # Words the synthetic data, the chat templates and the benchmark prompts are made of:
 # the tokenizer learns whole-word merges for them, everything else falls back to bytes.
@@ -56,15 +74,20 @@ Describe describe answer yes no because
 """
 
 
-def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on the synthetic vocabulary (deterministic, < 1 s)."""
+def build_tokenizer(vocab_size: int = 1024, video_token: bool = False) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on the synthetic vocabulary (deterministic, < 1 s).
+
+    ``video_token`` adds and declares the video families' ``<video>`` placeholder (last of the
+    special tokens, so the image families' tokenizer is unchanged)."""
+    special = SPECIAL_TOKENS + [VIDEO_TOKEN] if video_token else SPECIAL_TOKENS
+    declared = {"image_token": IMAGE_TOKEN, **({"video_token": VIDEO_TOKEN} if video_token else {})}
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=special,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -76,7 +99,7 @@ def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=declared,
         padding_side="right",
     )
 
@@ -86,6 +109,32 @@ def build_image_processor(image_size: int) -> Any:
     return _ImageProcessor(
         size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
     )
+
+
+def build_processors(config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
+    """The image processor and (video families) the video processor config a checkpoint of ``config`` ships.
+
+    The image families keep the CLIP processor they always had; the video families get
+    their HF image processor class (PIL backend) and their video processor's settings as
+    the llava-hf checkpoints write them: OneVision resizes to the tower's square with
+    SigLIP's 0.5 mean/std, NeXT-Video resizes the short side and centre-crops with CLIP's.
+    """
+    size = config.vision_config.image_size
+    grid = getattr(config, "image_grid_pinpoints", None)
+    if config.model_type == "llava_onevision":
+        square, half = {"height": size, "width": size}, [0.5, 0.5, 0.5]
+        image = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=grid, image_mean=half, image_std=half)
+        frames = {"size": square, "do_center_crop": False, "crop_size": None, "image_mean": half, "image_std": half}
+    elif config.model_type == "llava_next_video":
+        edge, crop = {"shortest_edge": size}, {"height": size, "width": size}
+        image = LlavaNextImageProcessorPil(size=edge, crop_size=crop, image_grid_pinpoints=grid)
+        frames = {"size": edge, "do_center_crop": True, "crop_size": crop, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
+    else:
+        return build_image_processor(size), None
+    video = {"video_processor_type": FAMILIES[config.model_type].video_processor_type, "do_resize": True,
+             "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+             "do_convert_rgb": True, "default_to_square": False, "do_sample_frames": False, **frames}
+    return image, VideoPreprocessor(video)
 
 
 def build_config(
@@ -104,17 +153,27 @@ def build_config(
     image_size: int = 56,
     patch_size: int = 14,
     max_position_embeddings: int = 8192,
-) -> LlavaConfig | LlavaNextConfig:
-    """The HF config of a tiny LLaVA (``llava`` or ``llava_next``) over a Llama or Qwen2 LLM."""
-    vision = CLIPVisionConfig(
+    rope_theta: float | None = None,
+) -> PreTrainedConfig:
+    """The HF config of a tiny model of family ``arch`` over a Llama or Qwen2 LLM.
+
+    ``llava``/``llava_next``/``llava_next_video`` use a CLIP tower read at layer -2 (CLS
+    dropped), ``llava_onevision`` a SigLIP tower read at its last layer, as the llava-hf
+    checkpoints do. ``rope_theta`` (default: the LLM config's own) sets the LLM's RoPE base.
+    """
+    if arch not in ARCHES:
+        raise ValueError(f"tiny model: arch must be one of {tuple(ARCHES)}, got {arch!r}")
+    vision_kwargs = dict(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
-        num_hidden_layers=vision_layers + 1,  # LLaVA reads layer -2: keep `vision_layers` useful ones
         num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-        projection_dim=vision_hidden_size,
     )
+    if arch == "llava_onevision":
+        vision = SiglipVisionConfig(**vision_kwargs, num_hidden_layers=vision_layers, vision_use_head=False)
+    else:  # LLaVA reads layer -2: keep `vision_layers` useful ones
+        vision = CLIPVisionConfig(**vision_kwargs, num_hidden_layers=vision_layers + 1, projection_dim=vision_hidden_size)
     text_kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -128,41 +187,57 @@ def build_config(
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
+    if rope_theta is not None:
+        text_kwargs["rope_theta"] = rope_theta
     if text_model == "llama":
         text = LlamaConfig(**text_kwargs)
     elif text_model == "qwen2":
         text = Qwen2Config(**text_kwargs, use_sliding_window=False)
     else:
         raise ValueError(f"tiny model: text_model must be 'llama' or 'qwen2', got {text_model!r}")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
+    if arch == "llava_onevision":
+        return LlavaOnevisionConfig(
+            vision_config=vision, text_config=text, image_token_index=image_id,
+            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), vision_feature_layer=-1,
+            vision_feature_select_strategy="full", image_grid_pinpoints=grid, pad_token_id=tokenizer.pad_token_id,
+        )
+    if arch == "llava_next_video":
+        return LlavaNextVideoConfig(
+            vision_config=vision, text_config=text, image_token_index=image_id,
+            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), vision_feature_layer=-2,
+            vision_feature_select_strategy="default", image_grid_pinpoints=grid, spatial_pool_stride=2,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     common = dict(
         vision_config=vision,
         text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_token_id=image_id,
         vision_feature_layer=-2,
         vision_feature_select_strategy="default",
         pad_token_id=tokenizer.pad_token_id,
     )
     if arch == "llava":
         return LlavaConfig(**common)
-    if arch == "llava_next":
-        grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
-        return LlavaNextConfig(**common, image_grid_pinpoints=grid)
-    raise ValueError(f"tiny model: arch must be 'llava' or 'llava_next', got {arch!r}")
+    return LlavaNextConfig(**common, image_grid_pinpoints=grid)
 
 
 def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kwargs: Any) -> Path:
-    """Write a tiny random LLaVA checkpoint (model, tokenizer, image processor) to ``out_dir``."""
+    """Write a tiny random checkpoint (model, tokenizer, image processor, video processor config) to ``out_dir``."""
     out = Path(out_dir)
-    tokenizer = build_tokenizer()
+    family = FAMILIES.get(config_kwargs.get("arch", "llava"))
+    tokenizer = build_tokenizer(video_token=family is not None and family.placeholder == "video_token_id")
     config = build_config(tokenizer, **config_kwargs)
-    cls = LlavaNextForConditionalGeneration if config.model_type == "llava_next" else LlavaForConditionalGeneration
     with torch.random.fork_rng(devices=[]):  # a first build must not shift the caller's RNG stream
         torch.manual_seed(seed)
-        model = cls(config)
+        model = ARCHES[config.model_type](config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    build_image_processor(config.vision_config.image_size).save_pretrained(out)
+    for processor in build_processors(config):
+        if processor is not None:
+            processor.save_pretrained(out)
     return out
 
 
