@@ -27,6 +27,7 @@ LEARNED = {
     "llama_2": " {} </s>",
     "mistral_instruct": " {}</s>",
     "chatml": "{}<|im_end|>",
+    "next_video": " {}</s>",
     "plain": "{}\n",
 }
 

@@ -1,8 +1,8 @@
-"""Batching SFT samples, and totalling the skip/truncation counts that batches carry.
+"""Batching SFT samples, and totalling the counts that batches carry.
 
 Skips and truncations happen inside DataLoader workers, whose counters die with them, so
-each sample carries its own record of them and each batch sums them; ``DataReport`` turns
-the batches a trainer sees into per-epoch and run totals.
+each sample carries its own record of them (and its frame and visual-token counts) and each
+batch sums them; ``DataReport`` turns the batches a trainer sees into per-epoch and run totals.
 """
 
 from __future__ import annotations
@@ -17,7 +17,19 @@ from tc_llava.data.templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values")  # what the model takes
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "num_frames")  # what the model takes
+
+
+def collate_frames(pixel_values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Samples' frames ``[T_b, C, H, W]`` -> ``pixel_values`` and ``num_frames [B]`` as the model takes them:
+    ``[B, T, C, H, W]`` when every sample has ``T`` frames, else all frames in one ``[N, C, H, W]``."""
+    frame_shapes = {tuple(p.shape[1:]) for p in pixel_values}
+    if len(frame_shapes) > 1 or any(p.ndim != 4 for p in pixel_values):
+        shapes = sorted({tuple(p.shape) for p in pixel_values})
+        raise ValueError(f"samples' pixel_values {shapes} must be [T, C, H, W] frames of one [C, H, W] shape")
+    counts = torch.tensor([p.shape[0] for p in pixel_values])
+    stacked = torch.stack(list(pixel_values)) if len(set(counts.tolist())) == 1 else torch.cat(list(pixel_values))
+    return stacked, counts
 
 
 def _pad(seqs: Sequence[torch.Tensor], value: int, side: str, multiple: int | None = None) -> torch.Tensor:
@@ -41,9 +53,11 @@ class SFTCollator:
     recompiling for every batch.
 
     Output: ``input_ids``, ``attention_mask``, ``labels`` (if the samples have them; padded
-    with IGNORE_INDEX) ``[B, L]``, ``pixel_values [B, T, C, H, W]``, and the batch's
-    ``skips`` (reason -> count), ``skipped`` (one dict per replaced sample), ``num_truncated``,
-    ``num_samples`` and ``sources``. Feed the model ``{k: batch[k] for k in MODEL_KEYS}``.
+    with IGNORE_INDEX) ``[B, L]``, ``pixel_values`` and ``num_frames`` (:func:`collate_frames`:
+    samples may differ in frame count, e.g. a one-frame image beside 8- and 32-frame videos),
+    and the batch's ``skips`` (reason -> count), ``skipped`` (one dict per replaced sample),
+    ``num_truncated``, ``num_samples``, ``media`` (frames, visual tokens, image samples) and
+    ``sources``. Feed the model ``{k: batch[k] for k in MODEL_KEYS}``.
     """
 
     def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
@@ -58,14 +72,13 @@ class SFTCollator:
         self.padding_side = padding_side
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        shapes = {tuple(s["pixel_values"].shape) for s in samples}
-        if len(shapes) > 1:
-            raise ValueError(f"samples' pixel_values differ in shape {sorted(shapes)}; expected one [T, C, H, W]")
         ids = [s["input_ids"] for s in samples]
+        pixel_values, num_frames = collate_frames([s["pixel_values"] for s in samples])
         batch = {
             "input_ids": _pad(ids, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
             "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, self.padding_side, self.pad_to_multiple_of),
-            "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
+            "pixel_values": pixel_values,
+            "num_frames": num_frames,
         }
         if all("labels" in s for s in samples):
             batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, self.padding_side,
@@ -75,12 +88,15 @@ class SFTCollator:
         batch["skips"] = dict(Counter(skip["reason"] for skip in skipped))
         batch["num_truncated"] = sum(bool(s.get("truncated", False)) for s in samples)
         batch["num_samples"] = len(samples)
+        batch["media"] = {"frames": int(num_frames.sum()), "visual_tokens": sum(s.get("num_visual_tokens", 0) for s in samples),
+                          "images": sum(bool(s.get("is_image", False)) for s in samples)}
         batch["sources"] = [s.get("source", "") for s in samples]
         return batch
 
 
 class DataReport:
-    """Totals of samples, truncations and skips over the batches a trainer consumed.
+    """Totals of samples, truncations, skips and media (frames, visual tokens, image samples) over the
+    batches a trainer consumed.
 
     ``load_skips`` are the dataset's load-time counts (malformed records), counted once.
     With several ranks, each rank reports its own batches. ``state_dict`` goes into
@@ -94,35 +110,43 @@ class DataReport:
 
     @staticmethod
     def _empty() -> dict[str, Any]:
-        return {"samples": 0, "truncated": 0, "skips": Counter()}
+        return {"samples": 0, "truncated": 0, "skips": Counter(), "media": Counter()}
 
     def update(self, batch: Mapping[str, Any]) -> None:
         for counts in (self.total, self.epoch):
             counts["samples"] += batch["num_samples"]
             counts["truncated"] += batch["num_truncated"]
             counts["skips"].update(batch["skips"])
+            counts["media"].update(batch.get("media", {}))
 
     def state_dict(self) -> dict[str, Any]:
         """The run's and the current epoch's counts so far (load-time skips apart: each run recounts them)."""
-        return {part: {**counts, "skips": dict(counts["skips"])}
+        return {part: {**counts, "skips": dict(counts["skips"]), "media": dict(counts["media"])}
                 for part, counts in (("total", self.total), ("epoch", self.epoch))}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         for part in ("total", "epoch"):
-            counts = state[part]
+            counts = state[part]  # checkpoints written before media were counted have none
             setattr(self, part, {"samples": counts["samples"], "truncated": counts["truncated"],
-                                 "skips": Counter(counts["skips"])})
+                                 "skips": Counter(counts["skips"]), "media": Counter(counts.get("media", {}))})
 
     def totals(self) -> dict[str, Any]:
         """Run totals: ``{samples, truncated, skips: {reason: n}}``, load-time skips included."""
-        return {**self.total, "skips": dict(self.total["skips"] + self.load_skips)}
+        return {"samples": self.total["samples"], "truncated": self.total["truncated"],
+                "skips": dict(self.total["skips"] + self.load_skips)}
+
+    def media_totals(self) -> dict[str, int]:
+        """Run totals of what the samples showed the model: ``{frames, visual_tokens, images}``."""
+        return {key: self.total["media"][key] for key in ("frames", "visual_tokens", "images")}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
         """Log and return this epoch's counts, then start counting the next epoch."""
-        counts = {**self.epoch, "skips": dict(self.epoch["skips"])}
+        counts = {**self.epoch, "skips": dict(self.epoch["skips"]), "media": dict(self.epoch["media"])}
+        media = self.epoch["media"]
         logger.info(
-            "data epoch %d: %d samples, %d truncated to max_txt_len, skipped %s (at load: %s)",
-            epoch, counts["samples"], counts["truncated"], counts["skips"] or "none", dict(self.load_skips) or "none",
+            "data epoch %d: %d samples (%d images), %d frames, %d visual tokens, %d truncated to max_txt_len, "
+            "skipped %s (at load: %s)", epoch, counts["samples"], media["images"], media["frames"],
+            media["visual_tokens"], counts["truncated"], counts["skips"] or "none", dict(self.load_skips) or "none",
         )
         self.epoch = self._empty()
         return counts

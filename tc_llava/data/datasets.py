@@ -10,9 +10,11 @@ Record formats
 * ``llava``: ``{id, image|video, conversations: [{from: human|gpt, value}]}``, strictly
   alternating from ``human``. ``<image>``/``<video>`` may appear only in the first human turn.
 
-Either way the sample gets one placeholder, ``"<image>\\n"`` before the first user text (an
-image is repeated to T frames), which the tokenization expands to ``num_visual_tokens``.
-A record without a media key is malformed: every sample of this model has one video.
+Either way the sample gets one placeholder (the model's ``<image>`` or ``<video>``, followed by
+``"\\n"``) before the first user text, which the tokenization expands to the sample's visual
+token count. A video gets ``num_frames`` frames (or its corpus's own ``num_frames``); a still
+image gets ``image_frames`` (1: an image is one frame; ``None``: repeated to ``num_frames``, as
+PLLaVA does). A record without a media key is malformed: every sample has one video or image.
 
 Mixture and epochs
 ------------------
@@ -45,14 +47,14 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
 from tc_llava.data.templates import get_template, image_token_of, tokenize_conversation
-from tc_llava.data.video import VideoReadError, sample_frames
+from tc_llava.data.video import IMAGE_SUFFIXES, VideoReadError, sample_frames
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +105,7 @@ class Corpus:
     media_root: str
     type: str
     weight: float | None = None
+    num_frames: int | None = None  # frames of this corpus's videos (None: the dataset's num_frames)
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,14 @@ class _Record:
     media: str  # absolute or cwd-relative path
     turns: tuple[tuple[str, str, str], ...]  # (question, answer, instruction), no placeholder
     bound: tuple[float, float] | None
+
+    @property
+    def is_image(self) -> bool:
+        return os.path.splitext(self.media)[1].lower() in IMAGE_SUFFIXES
+
+
+def _is_positive_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
 def _is_number(x: Any) -> bool:
@@ -186,13 +197,18 @@ def _parse(raw: Any, corpus: Corpus) -> _Record:
 def _corpus(name: str, spec: Mapping[str, Any]) -> Corpus:
     missing = {"json", "media_root", "type"} - set(spec)
     if missing:
-        raise ValueError(f"corpus {name!r}: missing fields {sorted(missing)} (expected json, media_root, type, weight)")
+        raise ValueError(f"corpus {name!r}: missing fields {sorted(missing)} (expected json, media_root, type, weight, "
+                         "num_frames)")
     if spec["type"] not in CORPUS_TYPES:
         raise ValueError(f"corpus {name!r}: type must be one of {CORPUS_TYPES}, got {spec['type']!r}")
     weight = spec.get("weight")
     if weight is not None and not (_is_number(weight) and weight >= 0):
         raise ValueError(f"corpus {name!r}: weight must be a number >= 0 or null, got {weight!r}")
-    corpus = Corpus(name, str(spec["json"]), str(spec["media_root"]), spec["type"], weight)
+    num_frames = spec.get("num_frames")
+    if num_frames is not None and not _is_positive_int(num_frames):
+        raise ValueError(f"corpus {name!r}: num_frames must be a positive integer or null, got {num_frames!r} "
+                         f"(data.corpora.{name}.num_frames)")
+    corpus = Corpus(name, str(spec["json"]), str(spec["media_root"]), spec["type"], weight, num_frames)
     if not os.path.isfile(corpus.json):
         raise FileNotFoundError(f"corpus {name!r}: json {corpus.json} not found (data.corpora.{name}.json)")
     if not os.path.isdir(corpus.media_root):
@@ -207,7 +223,7 @@ def check_sources(corpora: Mapping[str, Mapping[str, Any]], num_frames: int,
 
     Cheap (no JSON is parsed), so trainers call it before loading a model.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+    if not _is_positive_int(num_frames):
         raise ValueError(f"data.num_frames must be a positive integer (frames sampled per video), got {num_frames!r}")
     names = list(corpora) if select is None else list(select)
     unknown = sorted(set(names) - set(corpora))
@@ -225,14 +241,15 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Samples ``{input_ids, labels, pixel_values [T,C,H,W], truncated, skipped, source}``."""
+    """Samples ``{input_ids, labels, pixel_values [T,C,H,W], num_frames, num_visual_tokens, is_image, truncated,
+    skipped, source}``; ``T`` may differ between samples (images, corpora of their own frame counts)."""
 
     def __init__(
         self,
         corpora: Mapping[str, Mapping[str, Any]],
         tokenizer: PreTrainedTokenizerBase,
         image_processor: Any,
-        num_visual_tokens: int,
+        num_visual_tokens: int | Callable[[int], int],
         num_frames: int,
         template: str = "vicuna_v1",
         system: str | None = None,
@@ -246,13 +263,19 @@ class SFTDataset(torch.utils.data.Dataset):
         backend: str = "decord",
         decode_threads: int = 1,
         max_retries: int = 10,
+        image_frames: int | None = None,
     ):
-        """``corpora``: registry name -> {json, media_root, type, weight}; ``select`` picks names
-        (default all). ``train`` samples frames randomly (seeded per sample) and shuffles QA
-        turns if ``shuffle_qa`` (PLLaVA does); otherwise segment middles, records in order.
+        """``corpora``: registry name -> {json, media_root, type, weight, num_frames?}; ``select`` picks
+        names (default all). ``image_processor`` turns frames into ``pixel_values`` (the model's
+        ``frame_processor``); ``num_visual_tokens`` is the model's ``tokens_per_video`` (a frame
+        count -> its placeholder tokens), or one count when every sample has ``num_frames``
+        frames. ``train`` samples frames randomly (seeded per sample) and shuffles QA turns if
+        ``shuffle_qa`` (PLLaVA does); otherwise segment middles, records in order.
         ``system=None`` uses the template's system prompt."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+        if image_frames is not None and not _is_positive_int(image_frames):
+            raise ValueError(f"data.image_frames must be a positive integer or null, got {image_frames!r}")
         self.corpora = check_sources(corpora, num_frames, select)
         self.template = get_template(template)
         self.image_token = image_token_of(tokenizer)
@@ -260,6 +283,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.image_processor = image_processor
         self.num_visual_tokens = num_visual_tokens
         self.num_frames = num_frames
+        self.image_frames = image_frames
         self.system = system
         self.max_txt_len = max_txt_len
         self.on_error = on_error
@@ -273,6 +297,11 @@ class SFTDataset(torch.utils.data.Dataset):
         self.load_skips: Counter[str] = Counter()
         self._runtime_skips: Counter[str] = Counter()
         self.records = [self._load(c) for c in self.corpora]
+        counts = {self.frames_of(c, r) for c, records in zip(self.corpora, self.records) for r in records}
+        if not callable(num_visual_tokens) and counts - {num_frames}:
+            raise ValueError(f"num_visual_tokens={num_visual_tokens} is one count, for {num_frames} frames, but samples "
+                             f"will have {sorted(counts)} frames (data.image_frames, corpora's num_frames): pass the "
+                             "model's tokens_per_video")
         weights = []
         for corpus, records in zip(self.corpora, self.records):
             weight = len(records) if corpus.weight is None else corpus.weight
@@ -382,20 +411,29 @@ class SFTDataset(torch.utils.data.Dataset):
         system = f"{system} {instruction}".strip() if instruction else system
         first = f"{self.image_token}\n{turns[0][0]}" if turns[0][0] else self.image_token
         pairs = [(first, turns[0][1])] + [(q, a) for q, a, _ in turns[1:]]
-        frames = self._frames(corpus, int(r), record, seed)
-        encoded = tokenize_conversation(
-            self.tokenizer, self.template, pairs, self.num_visual_tokens, system, self.max_txt_len
-        )
+        count = self.frames_of(corpus, record)
+        frames = self._frames(corpus, int(r), record, seed, count)
+        visual = self.num_visual_tokens(count) if callable(self.num_visual_tokens) else self.num_visual_tokens
+        encoded = tokenize_conversation(self.tokenizer, self.template, pairs, visual, system, self.max_txt_len)
         pixel_values = self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
         return {
             "input_ids": encoded.input_ids,
             "labels": encoded.labels,
             "pixel_values": pixel_values,
+            "num_frames": count,
+            "num_visual_tokens": visual,
+            "is_image": record.is_image,
             "truncated": encoded.truncated,
             "source": f"{corpus.name}:{r}",
         }
 
-    def _frames(self, corpus: Corpus, index: int, record: _Record, seed: int) -> np.ndarray:
+    def frames_of(self, corpus: Corpus, record: _Record) -> int:
+        """Frames a record's sample gets: ``image_frames`` for a still image, else its corpus's or the dataset's count."""
+        if record.is_image and self.image_frames is not None:
+            return self.image_frames
+        return corpus.num_frames or self.num_frames
+
+    def _frames(self, corpus: Corpus, index: int, record: _Record, seed: int, count: int) -> np.ndarray:
         def fail(reason: str, detail: str) -> SampleError:
             skip = {"reason": reason, "corpus": corpus.name, "json": corpus.json, "record": index, "file": record.media}
             where = f"record {index} of {corpus.json} (corpus {corpus.name!r})"
@@ -406,7 +444,7 @@ class SFTDataset(torch.utils.data.Dataset):
         try:
             frames, _ = sample_frames(
                 record.media,
-                self.num_frames,
+                count,
                 strategy="random" if self.train else "middle",
                 bound=record.bound,
                 backend=self.backend,
@@ -416,6 +454,6 @@ class SFTDataset(torch.utils.data.Dataset):
         except VideoReadError as e:
             reason = ZERO_FRAMES if "no frames" in e.reason else UNREADABLE
             raise fail(reason, e.reason) from e
-        if len(frames) != self.num_frames:
-            raise fail(ZERO_FRAMES if not len(frames) else UNREADABLE, f"decoded {len(frames)} of {self.num_frames} frames")
+        if len(frames) != count:
+            raise fail(ZERO_FRAMES if not len(frames) else UNREADABLE, f"decoded {len(frames)} of {count} frames")
         return frames

@@ -10,8 +10,9 @@ segments start right after a pre-tokenizer boundary (e.g. vicuna learns `` {answ
 including the leading space, because the prompt ends at ``ASSISTANT:``), so each answer
 keeps the tokens it gets at generation time.
 
-The single video placeholder (the tokenizer's image token) is expanded here into
-``num_visual_tokens`` image-token ids, HF-processor style; the model checks that count.
+The single video placeholder (the tokenizer's declared video token, ``<video>`` on the video
+families, else its image token) is expanded here into ``num_visual_tokens`` placeholder ids,
+HF-processor style; the model checks that count.
 """
 
 from __future__ import annotations
@@ -93,6 +94,15 @@ TEMPLATES: dict[str, Template] = {
             answer_format="{content}<|im_end|>",
             answer_suffix="\n",
             add_bos=False,
+        ),
+        Template(  # LLaVA-NeXT-Video's chat_template.json: vicuna roles, no system prompt of its own
+            name="next_video",
+            system="",
+            system_format="{system} ",
+            system_in_first_user=False,
+            user_format="USER: {content} ",
+            assistant_prefix="ASSISTANT:",
+            answer_format=" {content}</s>",
         ),
         Template(  # LLaVA pretraining: the placeholder, then the caption and "\n"
             name="plain",
@@ -182,9 +192,27 @@ def build_prompt(
 
     The video placeholder is prepended to ``user_text`` (``"<image>\\n..."``) unless already in it.
     """
-    if image_token not in user_text:
-        user_text = f"{image_token}\n{user_text}"
-    return "".join(s.text for s in _render(get_template(template), [user_text], [], system, image_token, assistant_prefix))
+    return build_chat_prompt(template, system, [], user_text, assistant_prefix, image_token)
+
+
+def build_chat_prompt(
+    template: str | Template,
+    system: str | None,
+    history: Sequence[tuple[str, str]],
+    user_text: str,
+    assistant_prefix: str = "",
+    image_token: str = DEFAULT_IMAGE_TOKEN,
+) -> str:
+    """The generation prompt of a conversation's next turn: ``history`` (earlier questions and answers, as
+    training renders them), then ``user_text``, ending at the assistant's role prefix.
+
+    The video placeholder goes before the first question, once, as in training.
+    """
+    users = [q for q, _ in history] + [user_text]
+    if not any(image_token in u for u in users):
+        users[0] = f"{image_token}\n{users[0]}"
+    answers = [a for _, a in history]
+    return "".join(s.text for s in _render(get_template(template), users, answers, system, image_token, assistant_prefix))
 
 
 @dataclass
@@ -195,8 +223,9 @@ class Encoded:
 
 
 def image_token_of(tokenizer: PreTrainedTokenizerBase) -> str:
-    """The checkpoint's image placeholder token (``tokenizer.image_token``, default ``<image>``)."""
-    token = getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
+    """The checkpoint's video placeholder token: the ``tokenizer.video_token`` a video family declares
+    (``<video>``), else ``tokenizer.image_token``, default ``<image>``."""
+    token = getattr(tokenizer, "video_token", None) or getattr(tokenizer, "image_token", None) or DEFAULT_IMAGE_TOKEN
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id is None or token_id == tokenizer.unk_token_id:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no image token {token!r} in its vocabulary")

@@ -37,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from tc_llava.data.collate import collate_frames
 from tc_llava.data.templates import get_template, tokenize_prompt
 from tc_llava.data.video import sample_frames
 from tc_llava.eval import jsonl
@@ -144,8 +145,8 @@ class _LeftPad:
             for row, s in enumerate(ok):
                 input_ids[row, width - len(s["input_ids"]):] = s["input_ids"]
                 mask[row, width - len(s["input_ids"]):] = 1
-            batch.update(input_ids=input_ids, attention_mask=mask,
-                         pixel_values=torch.stack([s["pixel_values"] for s in ok]))
+            pixel_values, num_frames = collate_frames([s["pixel_values"] for s in ok])
+            batch.update(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, num_frames=num_frames)
         return batch
 
 
@@ -283,13 +284,13 @@ def generate_predictions(
 def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], path: Path, settings: GenerationSettings,
               state: PartialState) -> None:
     tokenizer = model.tokenizer
-    if tokenizer is None or model.image_processor is None:
+    if tokenizer is None or model.frame_processor is None:
         raise ValueError("the model has no tokenizer/image processor: its checkpoint must include them")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer runs in forked workers
     num_visual_tokens = model.tokens_per_video(settings.num_frames)
-    dataset = _ItemFrames(items, settings, tokenizer, model.image_processor, num_visual_tokens)
+    dataset = _ItemFrames(items, settings, tokenizer, model.frame_processor, num_visual_tokens)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers,
                         collate_fn=_LeftPad(pad))
     stops = _stop_ids(tokenizer, settings.template)
@@ -303,8 +304,8 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
             if batch["ids"]:
                 result = model.generate(
                     batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    batch["pixel_values"].to(device, dtype), max_new_tokens=settings.max_new_tokens,
-                    do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                    batch["pixel_values"].to(device, dtype), num_frames=batch["num_frames"],
+                    max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad,
                 )
                 for item_id, text in zip(batch["ids"], _decode(tokenizer, result.sequences, stops)):
                     out.write({"id": item_id, "item": digests[item_id], "output": text, "failed": None})

@@ -141,9 +141,9 @@ class TCLlava(nn.Module):
         tok = self.tokenizer
         if tok is not None:
             if kind == "video" and getattr(tok, "video_token", None) is None:
-                token = tok.convert_ids_to_tokens(token_id)  # declared, the data pipeline finds it on the tokenizer
-                if token is not None and token_id != tok.unk_token_id:
-                    declare_special_token(tok, "video_token", token)
+                added = tok.added_tokens_decoder.get(token_id)  # the checkpoint's own <video>, undeclared:
+                if added is not None and added.special:  # declared, the data pipeline finds it on the tokenizer
+                    declare_special_token(tok, "video_token", added.content)
             declared = getattr(tok, "video_token", None) or getattr(tok, "image_token", None) or DEFAULT_PLACEHOLDER
             if tok.convert_tokens_to_ids(declared) != token_id:
                 raise ValueError(

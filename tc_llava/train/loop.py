@@ -192,8 +192,8 @@ def setup(cfg: DictConfig) -> Run:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))
 
-    dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.image_processor,
-                          num_visual_tokens=model.tokens_per_video(cfg.data.num_frames))
+    dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.frame_processor,
+                          num_visual_tokens=model.tokens_per_video)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
         collate_fn=instantiate(cfg.data.collator, pad_token_id=model.tokenizer.pad_token_id),
@@ -279,15 +279,22 @@ def finish(run: Run) -> dict[str, Any]:
     """The data report and, with ``export.enabled``, the model exported to ``run_dir/export``."""
     cfg = run.cfg
     run.state.data = run.report.state_dict()
-    log.info("data: %s", run.report.totals())
+    log.info("data: %s, %s", run.report.totals(), run.report.media_totals())
     exported = None
     if cfg.export.enabled:
         def build_fresh():
             fresh = model_from_config(cfg)
+            fresh.frame_sampling = frame_sampling(cfg)
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
         exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",
                                 lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
     run.accelerator.end_training()
-    return {**asdict(run.state), "data": run.report.totals(), "export": str(exported) if exported else None,
-            "run_dir": str(run.run_dir)}
+    return {**asdict(run.state), "data": run.report.totals(), "media": run.report.media_totals(),
+            "export": str(exported) if exported else None, "run_dir": str(run.run_dir)}
+
+
+def frame_sampling(cfg: DictConfig) -> dict[str, Any]:
+    """How the run showed videos to the model, recorded in its export (the chat app's default frame count)."""
+    sampling = "random" if cfg.data.dataset.get("train", True) else "middle"  # SFTDataset's train switch
+    return {"num_frames": cfg.data.num_frames, "image_frames": cfg.data.get("image_frames"), "sampling": sampling}
