@@ -55,12 +55,15 @@ OPTIONS = _options()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_llama, tiny_next) -> dict[str, Path]:
+def world(tmp_path_factory, tiny_llama, tiny_next, tiny_onevision, tiny_next_video) -> dict[str, Path]:
     """Stand-ins for everything the options name on disk: checkpoints, data, a video."""
     root = tmp_path_factory.mktemp("world")
     checkpoints, data = root / "checkpoints", root / "data"
     shutil.copytree(tiny_llama, checkpoints / "llava-1.5-7b-hf")
     shutil.copytree(tiny_next, checkpoints / "llava-v1.6-vicuna-7b-hf")
+    for name in ("llava-onevision-qwen2-7b-ov-hf", "LLaVA-Video-7B-Qwen2-hf", "llava-onevision-qwen2-7b-si-hf"):
+        shutil.copytree(tiny_onevision, checkpoints / name)
+    shutil.copytree(tiny_next_video, checkpoints / "LLaVA-NeXT-Video-7B-hf")
     generate(data / "synthetic", num_train=4, num_eval_per_task=1, seed=0, num_frames=8)
     generate(data / "ablation", num_train=4, num_eval_per_task=1, seed=0, num_frames=8)
     video = next((data / "synthetic" / "videos").iterdir())
@@ -167,6 +170,7 @@ def instantiate_option(world, tmp_path, monkeypatch, primary: str, group: str, o
         assert isinstance(judge, Judge)
         return judge
     if group == "experiment":
+        _stand_in_corpora(cfg, world["video"])
         check_train_config(cfg)
         if option == "ablation":
             check_benchmark(cfg)

@@ -215,6 +215,17 @@ def build_chat_prompt(
     return "".join(s.text for s in _render(get_template(template), users, answers, system, image_token, assistant_prefix))
 
 
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | Template) -> list[int]:
+    """What ends an answer: EOS plus the template's end-of-turn token (chatml's ``<|im_end|>``) when it is one token."""
+    stops = {tokenizer.eos_token_id} - {None}
+    end = get_template(template).answer_format.split("{content}")[1].strip()
+    if end:
+        token_id = tokenizer.convert_tokens_to_ids(end)
+        if token_id is not None and token_id != tokenizer.unk_token_id:
+            stops.add(token_id)
+    return sorted(stops)
+
+
 @dataclass
 class Encoded:
     input_ids: torch.Tensor  # [L] long, the placeholder expanded

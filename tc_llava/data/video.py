@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 BACKENDS = ("decord", "pyav", "torchcodec")
-STRATEGIES = ("middle", "random", "uniform")
+STRATEGIES = ("middle", "random", "uniform", "fps")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FRAME_FOLDER_FPS = 3.0  # MVBench's "frame" data (TVQA frames_fps3_hq)
 
@@ -318,6 +318,7 @@ def _select(
     bound: tuple[float, float] | None,
     fps: float,
     seed: int | None,
+    sample_fps: float | None,
 ) -> list[int]:
     if isinstance(clip, _ImageClip):
         return [0] * num_frames
@@ -330,6 +331,11 @@ def _select(
         raise VideoReadError(
             path, f"bound {bound} s selects no frame of {clip.max_frame - clip.first_idx + 1} frames at {fps:g} fps"
         )
+    if strategy == "fps":  # sample_fps frames per second of the clip, at most num_frames, at least one
+        if sample_fps is None or not sample_fps > 0:
+            raise VideoReadError(path, f"strategy 'fps' needs sample_fps > 0 (frames per second), got {sample_fps!r}")
+        num_frames = min(num_frames, max(1, round((hi - lo + 1) / fps * sample_fps)))
+        strategy = "middle"
     if strategy == "middle":
         return frame_indices(num_frames, fps, clip.max_frame, bound, clip.first_idx)
     if strategy == "uniform":
@@ -349,11 +355,14 @@ def sample_frames(
     fps: float | None = None,
     seed: int | None = None,
     num_threads: int = 1,
+    sample_fps: float | None = None,
 ) -> tuple[np.ndarray, list[int]]:
     """Read ``num_frames`` RGB frames ``uint8 [T, H, W, 3]`` and the indices they came from.
 
     ``strategy``: ``middle`` (MVBench segment middles, evaluation), ``random`` (one
-    uniformly drawn frame per segment, seeded, training) or ``uniform`` (rounded linspace).
+    uniformly drawn frame per segment, seeded, training), ``uniform`` (rounded linspace) or
+    ``fps`` (``sample_fps`` frames per second of the clip as segment middles, at most
+    ``num_frames``: the frame count follows the duration).
     ``bound`` clips to ``(start_s, end_s)``. ``fps`` overrides the container's rate and is
     the rate of a frame folder (default 3). Frame folder indices are file numbers (from 1).
     ``num_threads`` goes to the decoder: some webm decode only with 1 thread.
@@ -369,7 +378,7 @@ def sample_frames(
         raise VideoReadError(path, "no such file or directory")
     clip = _open(path, backend, fps, num_threads)
     try:
-        indices = _select(clip, path, num_frames, strategy, bound, clip.fps if fps is None else fps, seed)
+        indices = _select(clip, path, num_frames, strategy, bound, clip.fps if fps is None else fps, seed, sample_fps)
         frames = clip.read(indices)
     finally:
         clip.close()

@@ -1,0 +1,175 @@
+"""``tc-llava-chat`` / ``python -m tc_llava.chat``: ask a model about your own video.
+
+    tc-llava-chat outputs/train/demo/export clip.mp4 -q "Which colour appears first?"
+    tc-llava-chat /ckpts/llava-onevision-qwen2-7b-ov-hf clip.mp4 --frames 32     # questions from stdin
+
+The model is any directory ``TCLlava.from_pretrained`` loads: an export (its rules, chat template
+and training frame count come with it) or a llava-hf checkpoint of any supported family. The
+video is a file, a gif, a folder of ``00001.jpg`` frames or a still image (one frame); its
+frames are sampled once, with the count and indices printed, and every turn asks about them:
+the prompt is the whole conversation so far with the video once before the first question,
+as in training. Answers stream token by token (greedy unless ``--temperature``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from tc_llava.cli import one_line_errors
+from tc_llava.data.templates import build_chat_prompt, image_token_of, stop_token_ids, tokenize_prompt
+from tc_llava.data.video import IMAGE_SUFFIXES, STRATEGIES, sample_frames
+from tc_llava.model.tc_llava import TCLlava
+
+log = logging.getLogger(__name__)
+DEFAULT_FRAMES = 16  # when the model records no training frame count
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="tc-llava-chat", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser.add_argument("model", help="an export or a llava-hf checkpoint directory")
+    parser.add_argument("video", help="a video file, gif, folder of 00001.jpg frames, or image")
+    parser.add_argument("-q", "--question", action="append", default=[],
+                        help="a question; repeat for more turns (default: read questions from stdin)")
+    parser.add_argument("--frames", type=int, help="frames to sample (default: what the model was trained with, "
+                        f"else {DEFAULT_FRAMES}); with --sampling fps, the most")
+    parser.add_argument("--sampling", choices=[s for s in STRATEGIES if s != "random"], default="middle",
+                        help="segment middles (MVBench), uniform (linspace), or fps (--fps frames per second)")
+    parser.add_argument("--fps", type=float, help="frames per second with --sampling fps")
+    parser.add_argument("--template", help="chat template (default: the one the checkpoint records)")
+    parser.add_argument("--system", help="system prompt (default: the template's)")
+    parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--backend", default="pyav", help="video decoder: pyav | decord | torchcodec")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--attn-implementation", default="auto")
+    return parser.parse_args(argv)
+
+
+class TokenStream:
+    """Prints an answer as its tokens arrive: the decoded text so far, less what is already printed
+    (holding back a half-decoded character), until a stop token."""
+
+    def __init__(self, tokenizer: Any, stops: Iterable[int], out: TextIO) -> None:
+        self.tokenizer, self.stops, self.out = tokenizer, set(stops), out
+        self.ids: list[int] = []
+        self.shown, self.stopped = "", False
+
+    def __call__(self, tokens: torch.Tensor) -> None:
+        token = int(tokens[0])
+        self.stopped = self.stopped or token in self.stops
+        if self.stopped:
+            return
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):
+            self.out.write(text[len(self.shown):])
+            self.out.flush()
+            self.shown = text
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+
+class Chat:
+    """A conversation about one video: its frames, decoded once, and the turns so far."""
+
+    def __init__(self, model: TCLlava, frames: Any, template: str, system: str | None = None,
+                 generate_kwargs: dict[str, Any] | None = None) -> None:
+        self.model, self.template, self.system = model, template, system
+        self.generate_kwargs = generate_kwargs or {}
+        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
+        pixels = model.frame_processor(images=list(frames), return_tensors="pt")["pixel_values"]
+        self.pixel_values = pixels[None].to(device, dtype)
+        self.num_frames = len(frames)
+        self.history: list[tuple[str, str]] = []
+
+    def ask(self, question: str, out: TextIO = sys.stdout) -> str:
+        """Stream the answer to ``question`` to ``out``; the turn joins the conversation."""
+        tokenizer = self.model.tokenizer
+        prompt = build_chat_prompt(self.template, self.system, self.history, question,
+                                   image_token=image_token_of(tokenizer))
+        visual = self.model.tokens_per_video(self.num_frames)
+        ids = tokenize_prompt(tokenizer, self.template, prompt, visual)[None].to(self.pixel_values.device)
+        stops = stop_token_ids(tokenizer, self.template)
+        stream = TokenStream(tokenizer, stops, out)
+        self.model.generate(ids, None, self.pixel_values, eos_token_id=stops, streamer=stream, **self.generate_kwargs)
+        out.write("\n")
+        self.history.append((question, stream.text))
+        return stream.text
+
+
+def frame_count(args: argparse.Namespace, model: TCLlava) -> tuple[int, str]:
+    """The frames to sample and where the count comes from (the flag, the model's training, the default)."""
+    recorded = model.frame_sampling or {}
+    if Path(args.video).suffix.lower() in IMAGE_SUFFIXES and recorded.get("image_frames", 1) is not None:
+        return recorded.get("image_frames", 1), "an image"
+    if args.frames is not None:
+        if args.frames < 1:
+            raise ValueError(f"--frames must be a positive integer, got {args.frames}")
+        return args.frames, "--frames"
+    if "num_frames" in recorded:
+        return recorded["num_frames"], f"the model was trained with {recorded['num_frames']} " \
+                                       f"({recorded.get('sampling', 'random')})"
+    return DEFAULT_FRAMES, "default"
+
+
+def questions(args: argparse.Namespace, read: Callable[[], str]) -> Iterable[str]:
+    """The ``-q`` questions, or lines read until an empty one or the end of input."""
+    if args.question:
+        yield from args.question
+        return
+    while True:
+        try:
+            line = read().strip()
+        except EOFError:
+            return
+        if not line:
+            return
+        yield line
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
+    """Load, sample the video once, answer every question; returns the answers."""
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    model = TCLlava.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation,
+                                    template=args.template)
+    model.to(args.device).eval()
+    if model.tokenizer is None:
+        raise ValueError(f"{args.model} has no tokenizer: chat needs a checkpoint that includes it")
+    template = model.template
+    if template is None:
+        raise ValueError(f"{args.model} records no chat template: pass --template (e.g. vicuna_v1, chatml, next_video)")
+    count, why = frame_count(args, model)
+    frames, indices = sample_frames(args.video, count, args.sampling, backend=args.backend, sample_fps=args.fps)
+    rate = f" at {args.fps:g} per second" if args.sampling == "fps" else ""
+    out.write(f"{args.video}: {len(frames)} frames, {args.sampling} sampling{rate} ({why}), indices {indices}\n")
+    sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p,
+                "max_new_tokens": args.max_new_tokens, "generator": torch.Generator(args.device).manual_seed(args.seed)}
+    chat = Chat(model, frames, template, args.system, sampling)
+    answers = []
+    for question in questions(args, lambda: input("> ")):
+        out.write(f"Q: {question}\nA: ")
+        answers.append(chat.ask(question, out))
+    return answers
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    args = parse_args(argv)
+    with one_line_errors(FileNotFoundError, ValueError):  # a wrong path, frame count or video: one line
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
