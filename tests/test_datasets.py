@@ -353,3 +353,40 @@ def test_configs_compose_and_instantiate(tmp_path, media, tok, proc):
     cfg = compose_data("llava", tmp_path)
     (spec,) = cfg.data.corpora.values()
     assert spec.type == "llava" and spec.json.startswith(str(tmp_path))
+
+
+def test_images_are_one_frame_and_corpora_keep_their_frame_counts(tmp_path, media, tok, proc):
+    """image_frames=1 and a corpus of 2-frame videos beside the 4-frame default: each sample has its own
+    frame and visual-token count, the batch packs them, and the report counts them."""
+    videos = [{"video": "a.mp4", "QA": [{"q": "Q", "a": "A"}]}]
+    images = [{"image": "still.png", "QA": [{"q": "Q", "a": "A"}]}]
+    corpora = {"short": {"json": write_json(tmp_path / "s.json", videos), "media_root": str(media),
+                         "type": "videochat2", "num_frames": 2},
+               "long": {"json": write_json(tmp_path / "l.json", videos), "media_root": str(media), "type": "videochat2"},
+               "images": {"json": write_json(tmp_path / "i.json", images), "media_root": str(media),
+                          "type": "videochat2"}}
+    tokens = lambda frames: 16 * frames + 1  # noqa: E731 - a stand-in tokens_per_video
+    ds = SFTDataset(corpora, tok, proc, tokens, num_frames=T, train=False, image_frames=1)
+    by_source = {ds.source(i)[0]: ds[i] for i in range(len(ds))}
+    image_id = tok.convert_tokens_to_ids("<image>")
+    for name, frames in (("short", 2), ("long", T), ("images", 1)):
+        sample = by_source[name]
+        assert sample["pixel_values"].shape == (frames, 3, 56, 56) and sample["num_frames"] == frames
+        assert sample["input_ids"].tolist().count(image_id) == sample["num_visual_tokens"] == tokens(frames)
+        assert sample["is_image"] == (name == "images")
+    samples = [by_source[name] for name in ("short", "long", "images")]
+    batch = SFTCollator(tok.pad_token_id)(samples)
+    assert batch["pixel_values"].shape == (2 + T + 1, 3, 56, 56) and batch["num_frames"].tolist() == [2, T, 1]
+    assert torch.equal(batch["pixel_values"], torch.cat([s["pixel_values"] for s in samples]))
+    assert batch["media"] == {"frames": 2 + T + 1, "visual_tokens": tokens(2) + tokens(T) + tokens(1), "images": 1}
+    report = DataReport()
+    report.update(batch)
+    assert report.media_totals() == batch["media"] and report.end_epoch(0)["media"] == batch["media"]
+    resumed = DataReport()
+    resumed.load_state_dict(report.state_dict())
+    assert resumed.media_totals() == batch["media"]
+    with pytest.raises(ValueError, match=r"num_visual_tokens=64 is one count, for 4 frames, but samples will have "
+                                         r"\[1, 2, 4\] frames .*pass the model's tokens_per_video"):
+        SFTDataset(corpora, tok, proc, N_VISUAL, num_frames=T, image_frames=1)
+    with pytest.raises(ValueError, match=r"corpus 'short': num_frames must be a positive integer or null, got 0"):
+        SFTDataset({**corpora, "short": {**corpora["short"], "num_frames": 0}}, tok, proc, tokens, num_frames=T)

@@ -221,3 +221,15 @@ def test_torchcodec_agrees_or_says_how_to_install(media, name):
     reference, _ = sample_frames(media[name], 8, bound=(1.0, 3.5), backend="decord")
     assert read_codes(frames) == indices
     np.testing.assert_array_equal(frames, reference)
+
+
+def test_fps_sampling_follows_the_duration(media):
+    """64 frames at 8 fps = 8 s: 2 per second gives 16 segment middles; the count is capped, and a
+    bound shortens the clip; an image stays the frames asked for."""
+    frames, indices = sample_frames(media["h264.mp4"], 32, "fps", backend="pyav", sample_fps=2)
+    assert indices == frame_indices(16, 8, 63) and read_codes(frames) == indices
+    assert sample_frames(media["h264.mp4"], 10, "fps", backend="pyav", sample_fps=2)[1] == frame_indices(10, 8, 63)
+    assert sample_frames(media["h264.mp4"], 32, "fps", (1.0, 3.5), backend="pyav", sample_fps=1)[1] == \
+        frame_indices(3, 8, 63, bound=(1.0, 3.5))
+    with pytest.raises(VideoReadError, match="strategy 'fps' needs sample_fps > 0"):
+        sample_frames(media["h264.mp4"], 8, "fps", backend="pyav")
