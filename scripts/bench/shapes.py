@@ -1,13 +1,17 @@
 """Random-weight LLaVA models of real shapes for GPU benchmarks (nothing is downloaded).
 
 CLIP ViT-L/336 vision tower (layer -2, 24x24 patches) and a Vicuna-7B-shaped Llama LLM,
-built directly on the device in the requested dtype, wrapped as TC-LLaVA.
+built directly on the device in the requested dtype, wrapped as TC-LLaVA; and
+LLaVA-OneVision-7B's shape (SigLIP-so400m/384, Qwen2-7B) as HF's own model.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
+)
 
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
@@ -61,3 +65,32 @@ def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before:
         mask[b, width - len(row):] = 1
     pixels = torch.randn(batch, num_frames, 3, 336, 336, generator=g)
     return ids.cuda(), mask.cuda(), pixels.cuda().to(model.hf.dtype)
+
+
+ONEVISION_VIDEO_TOKEN_ID = 151647
+ONEVISION_VOCAB = 152064
+
+
+def onevision_7b_config(num_layers: int = 28) -> LlavaOnevisionConfig:
+    """llava-onevision-qwen2-7b-ov-hf's shape: SigLIP-so400m/384 (26 layers, 27x27 patches, read at its last
+    layer), the 2-layer projector, Qwen2-7B (28 layers, 3584 wide, 28 query / 4 KV heads, RoPE base 1e6)."""
+    vision = SiglipVisionConfig(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                                image_size=384, patch_size=14, vision_use_head=False)
+    text = Qwen2Config(vocab_size=ONEVISION_VOCAB, hidden_size=3584, intermediate_size=18944,
+                       num_hidden_layers=num_layers, num_attention_heads=28, num_key_value_heads=4,
+                       max_position_embeddings=32768, rope_theta=1e6, use_sliding_window=False,
+                       tie_word_embeddings=False, pad_token_id=151643)
+    return LlavaOnevisionConfig(vision_config=vision, text_config=text, image_token_index=151646,
+                                video_token_index=ONEVISION_VIDEO_TOKEN_ID, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full")
+
+
+def random_onevision(num_layers: int = 28, attn: str = "sdpa", dtype: torch.dtype = torch.bfloat16,
+                     seed: int = 0) -> LlavaOnevisionForConditionalGeneration:
+    """HF's own ``LlavaOnevisionForConditionalGeneration`` of that shape, random weights, built on the GPU in ``dtype``."""
+    torch.manual_seed(seed)
+    config = onevision_7b_config(num_layers)
+    config.text_config._attn_implementation = attn
+    config.vision_config._attn_implementation = "sdpa"
+    with torch.device("cuda"):
+        return LlavaOnevisionForConditionalGeneration._from_config(config, dtype=dtype)

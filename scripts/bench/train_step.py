@@ -32,12 +32,14 @@ from tc_llava.train.loop import compile_layers
 PEAK = 989.5e12
 
 
-def flops(model, tokens: int, frames: int) -> float:
-    lm = sum(p.numel() for p in model.language_model.parameters()) + model.hf.lm_head.weight.numel()
-    vision = sum(p.numel() for p in model.hf.model.vision_tower.parameters())
-    cfg = model.config.text_config
+def flops(hf_model, tokens: int, frames: int) -> float:
+    """Training FLOPs of one step of an HF LLaVA-family model: the LLM's fwd+bwd (6 N per token plus causal
+    attention) and the vision tower's forward (2 N per patch)."""
+    lm = sum(p.numel() for p in hf_model.model.language_model.parameters()) + hf_model.lm_head.weight.numel()
+    vision = sum(p.numel() for p in hf_model.model.vision_tower.parameters())
+    cfg = hf_model.config.text_config
     attention = 3 * 2 * 2 * tokens * tokens * cfg.hidden_size * cfg.num_hidden_layers * 0.5
-    patches = frames * (model.config.vision_config.image_size // model.config.vision_config.patch_size) ** 2
+    patches = frames * (hf_model.config.vision_config.image_size // hf_model.config.vision_config.patch_size) ** 2
     return 6 * lm * tokens + attention + 2 * vision * patches
 
 
@@ -86,7 +88,7 @@ def main() -> None:
         tokens = ids.shape[1]
         layout = layout_ms(model, ids, mask, 16, args.reps) / 1e3
         rows[name] = {"step_s": step_s, "tokens_per_s": tokens / step_s, "samples_per_s": 1 / step_s,
-                      "mfu": flops(model, tokens, 16) / step_s / PEAK, "layout_s": layout,
+                      "mfu": flops(model.hf, tokens, 16) / step_s / PEAK, "layout_s": layout,
                       "layout_fraction": layout / step_s,
                       "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
         print(name, json.dumps(rows[name]))
