@@ -306,3 +306,34 @@ def test_a_frame_count_the_pooling_cannot_take_is_refused(ckpt, request):
     side = model.grid[0]
     with pytest.raises(ValueError, match=re.escape(f"its 4x4 spatial shape exceeds the {side}x{side} token grid")):
         too_wide.tokens_per_video(4)
+
+
+# --------------------------------------------------------------------------- the apps, unchanged
+@pytest.mark.parametrize("option", ["tiny_onevision", "tiny_next_video"])
+def test_an_ablation_job_trains_exports_and_scores_a_video_family(option, tmp_path):
+    """``python -m tc_llava.ablation model=tiny_onevision``'s job: train (the family's <video> placeholder and
+    video processor), export (with the processors and the frame sampling), then the MVBench protocol on it."""
+    from hydra import compose, initialize_config_dir
+
+    from tc_llava.ablation.job import evaluate_run
+    from tc_llava.data.synthetic import generate
+    from tc_llava.train.loop import train
+
+    from conftest import CONFIGS, TINY
+
+    data = tmp_path / "data"
+    generate(data / "ablation", num_train=8, num_eval_per_task=1, seed=0, num_frames=8)
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("train", overrides=[
+            "experiment=ablation", f"model={option}", "rope=tad", "mask=frame_block_causal", f"paths.data={data}",
+            f"run_dir={tmp_path / 'run'}", *[f"model.tiny.{k}={v}" for k, v in TINY.items()], "data.num_workers=0",
+            "data.batch_size=4", "trainer.max_steps=2", "ablation.benchmark.decode.num_workers=0",
+        ])
+    result = train(cfg)
+    export = TCLlava.from_pretrained(result["export"])
+    assert result["media"] == {"frames": 2 * 4 * 4, "visual_tokens": 2 * 4 * export.tokens_per_video(4), "images": 0}
+    assert export.config.model_type == option.replace("tiny_", "llava_") and export.template == cfg.model.template
+    assert export.frame_sampling == {"num_frames": 4, "image_frames": 1, "sampling": "random"}
+    assert (tmp_path / "run" / "export" / VIDEO_PREPROCESSOR_FILE).is_file()
+    summary = evaluate_run(cfg, result, train_seconds=1.0)
+    assert sum(task["total"] for task in summary["tasks"].values()) == 6
