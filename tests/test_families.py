@@ -21,10 +21,10 @@ from transformers.models.qwen2 import modeling_qwen2
 from tc_llava.data.collate import MODEL_KEYS, SFTCollator
 from tc_llava.data.datasets import SFTDataset
 from tc_llava.data.video import sample_frames
-from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
+from tc_llava.model.masks import BidirectionalVisualMask, CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE
-from tc_llava.model.rope import TADRoPE, VanillaRoPE
+from tc_llava.model.rope import MRoPE, TADRoPE, VanillaRoPE, VideoRoPE
 from tc_llava.model.tc_llava import TCLlava
 
 from test_datasets import write_video
@@ -141,13 +141,18 @@ def test_mixed_batch_layout_mask_and_angles_equal_the_references(ckpt, impl, req
         torch.testing.assert_close(captured["sin"][b][keep], torch.cat([angles, angles], -1).sin())
 
 
+RULES = {"tad": (TADRoPE(), FrameBlockCausalMask()), "mrope": (MRoPE(), BidirectionalVisualMask()),
+         "videorope": (VideoRoPE(), FrameBlockCausalMask())}
+
+
+@pytest.mark.parametrize("rules", sorted(RULES))
 @pytest.mark.parametrize("pooled", [False, True], ids=["mlp", "pllava_pool"])
 @pytest.mark.parametrize("ckpt", FAMILIES)
-def test_mixed_batch_equals_each_sample_alone(ckpt, pooled, request):
-    """Positions, mask and pooling follow each sample's frame count, and no sample leaks into another.
-    Pooled to (2, 2, 2): the image keeps its one frame, 2 and 4 frames pool to 2."""
+def test_mixed_batch_equals_each_sample_alone(ckpt, pooled, rules, request):
+    """Positions, mask and pooling follow each sample's frame count, and no sample leaks into another, under
+    every rope family. Pooled to (2, 2, 2): the image keeps its one frame, 2 and 4 frames pool to 2."""
     pooling = VideoPooling([2, 2, 2]) if pooled else None
-    model = load(request.getfixturevalue(ckpt), TADRoPE(), FrameBlockCausalMask(), pooling)
+    model = load(request.getfixturevalue(ckpt), *RULES[rules], pooling)
     pooled_frames = (lambda n: min(n, 2)) if pooled else None
     ids, mask, pixels, counts, expected = prompts(model, MIXED, "right", seed=2, pooled_frames=pooled_frames)
     with torch.no_grad():
@@ -157,6 +162,59 @@ def test_mixed_batch_equals_each_sample_alone(ckpt, pooled, request):
             real = mask[b].bool()
             alone = model(ids[b:b + 1, real], pixel_values=frames[None]).logits[0]
             torch.testing.assert_close(out.logits[b, real], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("ckpt", FAMILIES)
+def test_block_merge_equals_sdpa(ckpt, request, monkeypatch):
+    """The block decomposition (equal frames, right padding) and its fallback (a mixed batch) give SDPA's
+    loss and gradients with the families' layouts (OneVision's newline after the last frame)."""
+    from tc_llava.model import attention
+
+    calls = []
+    merge = attention.block_merge_attention
+    monkeypatch.setattr(attention, "block_merge_attention", lambda *a: calls.append(1) or merge(*a))
+    path = request.getfixturevalue(ckpt)
+    for layouts, decomposed in (([(3, 3, 4), (1, 3, 6)], True), (MIXED, False)):
+        calls.clear()
+        losses, grads = {}, {}
+        for impl in ("sdpa", "block_merge"):
+            model = load(path, TADRoPE(), FrameBlockCausalMask(), impl=impl).train()
+            ids, mask, pixels, counts, _ = prompts(model, layouts, "right", seed=4)
+            losses[impl] = model(ids, mask, pixels, labels=ids.masked_fill(mask == 0, -100), num_frames=counts).loss
+            losses[impl].backward()
+            grads[impl] = model.language_model.layers[0].self_attn.q_proj.weight.grad
+        assert len(calls) == (2 if decomposed else 0)  # one call per layer where the decomposition applies
+        torch.testing.assert_close(losses["block_merge"], losses["sdpa"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads["block_merge"], grads["sdpa"], rtol=1e-4, atol=1e-6)
+
+
+def test_qwen2_rope_base_and_scaling_are_respected(tiny_onevision):
+    """Positions go through the LLM's own rotary module: with linear scaling (factor 4) the angles inside the
+    layers are the dual-RoPE positions times Qwen2's inverse frequencies over 4, and vanilla is still HF."""
+    from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    config = AutoConfig.from_pretrained(tiny_onevision)
+    config.text_config.rope_parameters = {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}
+    config.text_config._attn_implementation = config.vision_config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    hf = LlavaOnevisionForConditionalGeneration(config).eval()
+    tokenizer = load(tiny_onevision).tokenizer
+    ids, mask, pixels, counts, expected = prompts(load(tiny_onevision), [(2, 2, 3)], "left")
+    with torch.no_grad():
+        reference = hf(input_ids=ids, pixel_values_videos=pixels[None]).logits
+        model = TCLlava(hf, tokenizer=tokenizer)
+        torch.testing.assert_close(model(ids, mask, pixels[None]).logits, reference, rtol=0, atol=1e-5)
+    model.rope = TADRoPE(gamma=0.5)
+    captured = {}
+    handle = model.language_model.layers[0].self_attn.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.update(cos=kwargs["position_embeddings"][0]), with_kwargs=True)
+    with torch.no_grad():
+        model(ids, mask, pixels[None])
+    handle.remove()
+    dim = config.text_config.hidden_size // config.text_config.num_attention_heads
+    inv_freq = 1.0 / (1e6 ** (torch.arange(0, dim, 2).float() / dim)) / 4.0
+    angles = torch.tensor(reference_positions(expected[0].tolist(), 0.5))[:, None] * inv_freq
+    torch.testing.assert_close(captured["cos"][0], torch.cat([angles, angles], -1).cos())
 
 
 @pytest.mark.parametrize("ckpt", FAMILIES)

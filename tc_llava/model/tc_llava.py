@@ -64,6 +64,8 @@ class TCLlavaOutput(ModelOutput):
 def frames_per_sample(pixel_values: torch.Tensor, num_frames: torch.Tensor | Sequence[int] | None,
                       batch: int) -> tuple[torch.Tensor, list[int]]:
     """``pixel_values`` as one ``[N, C, H, W]`` tensor of frames, and each sample's frame count."""
+    if isinstance(num_frames, torch.Tensor):
+        num_frames = num_frames.tolist()  # one host copy (the layout needs the counts on the host anyway)
     if pixel_values.ndim == 5:
         counts = [pixel_values.shape[1]] * pixel_values.shape[0]
         frames = pixel_values.flatten(0, 1)
