@@ -88,7 +88,8 @@ class SFTCollator:
         batch["skips"] = dict(Counter(skip["reason"] for skip in skipped))
         batch["num_truncated"] = sum(bool(s.get("truncated", False)) for s in samples)
         batch["num_samples"] = len(samples)
-        batch["media"] = {"frames": int(num_frames.sum()), "visual_tokens": sum(s.get("num_visual_tokens", 0) for s in samples),
+        batch["media"] = {"frames": int(num_frames.sum()),
+                          "visual_tokens": sum(s.get("num_visual_tokens", 0) for s in samples),
                           "images": sum(bool(s.get("is_image", False)) for s in samples)}
         batch["sources"] = [s.get("source", "") for s in samples]
         return batch

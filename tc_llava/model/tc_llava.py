@@ -131,8 +131,8 @@ class TCLlava(nn.Module):
         full = self.config.vision_feature_select_strategy == "full"
         self.keeps_cls = full and has_class_token(self.hf.model.vision_tower)
         if self.keeps_cls and self.family.model_type not in ("llava", "llava_next"):
-            raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which {self.family.model_type}'s "
-                             "spatial pooling of the patch grid cannot take")
+            raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which "
+                             f"{self.family.model_type}'s spatial pooling of the patch grid cannot take")
         if self.keeps_cls and self.pooling.pooling_shape is not None:
             raise ValueError("projector=pllava_pool needs vision_feature_select_strategy='default' (CLS dropped)")
         self._check_processors()
