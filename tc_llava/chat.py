@@ -32,7 +32,7 @@ DEFAULT_FRAMES = 16  # when the model records no training frame count
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="tc-llava-chat", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(prog="tc-llava-chat", description="Ask a model about your own video.")
     parser.add_argument("model", help="an export or a llava-hf checkpoint directory")
     parser.add_argument("video", help="a video file, gif, folder of 00001.jpg frames, or image")
     parser.add_argument("-q", "--question", action="append", default=[],
