@@ -395,3 +395,20 @@ def test_an_ablation_job_trains_exports_and_scores_a_video_family(option, tmp_pa
     assert (tmp_path / "run" / "export" / VIDEO_PREPROCESSOR_FILE).is_file()
     summary = evaluate_run(cfg, result, train_seconds=1.0)
     assert sum(task["total"] for task in summary["tasks"].values()) == 6
+
+
+def test_a_tiny_checkpoint_first_built_inside_a_zero3_run_is_whole(tmp_path):
+    """A ZeRO-3 run (transformers' DeepSpeed config set) that builds the tiny model on first use must write
+    real weights, not the empty partitions transformers would build there."""
+    from safetensors.torch import load_file
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig
+
+    from tc_llava.model.tiny import build_tiny_checkpoint
+
+    from conftest import TINY_NEXT_VIDEO
+
+    zero3 = HfDeepSpeedConfig({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1})
+    out = build_tiny_checkpoint(tmp_path / "tiny", **TINY_NEXT_VIDEO)
+    del zero3
+    weights = load_file(out / "model.safetensors")
+    assert len(weights) > 20 and all(t.numel() > 0 for t in weights.values())

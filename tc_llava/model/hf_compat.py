@@ -17,14 +17,17 @@ every release.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
+from transformers.integrations import deepspeed as hf_deepspeed
 from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 __all__ = ["AutoImageProcessor", "CACHE_ARG", "cache_kwargs", "declare_special_token", "enable_activation_checkpointing",
-           "output_cache"]
+           "output_cache", "whole_models"]
 
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -55,3 +58,15 @@ def declare_special_token(tokenizer: Any, name: str, token: str) -> None:
     transformers has no public call for a model-specific special token; this one exists from 5.17 on.
     """
     tokenizer._set_model_specific_special_tokens({name: token})
+
+
+@contextlib.contextmanager
+def whole_models() -> Iterator[None]:
+    """Build models whole inside a ZeRO-3 run: there transformers builds every model partitioned across ranks
+    (a collective call), which a model one process builds alone (an export copy, a tiny checkpoint) must not be."""
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved

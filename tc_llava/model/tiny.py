@@ -37,6 +37,7 @@ from transformers.models.llava_next.image_processing_pil_llava_next import Llava
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from tc_llava.model.families import FAMILIES
+from tc_llava.model.hf_compat import whole_models
 from tc_llava.model.processors import VideoPreprocessor
 
 try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
@@ -229,7 +230,7 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kw
     family = FAMILIES.get(config_kwargs.get("arch", "llava"))
     tokenizer = build_tokenizer(video_token=family is not None and family.placeholder == "video_token_id")
     config = build_config(tokenizer, **config_kwargs)
-    with torch.random.fork_rng(devices=[]):  # a first build must not shift the caller's RNG stream
+    with torch.random.fork_rng(devices=[]), whole_models():  # the caller's RNG stream stays; never partitioned
         torch.manual_seed(seed)
         model = ARCHES[config.model_type](config)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,6 @@ this run (and the runs it resumed) wrote.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -19,7 +18,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from transformers.integrations import deepspeed as hf_deepspeed
+
+from tc_llava.model.hf_compat import whole_models
 
 STATE_FILE = "trainer_state.json"
 # What a training run (and the ablation job's evaluation) writes into its run_dir; Hydra's own
@@ -157,18 +157,6 @@ def load_checkpoint(accelerator: Accelerator, path: Path, run_dir: Path) -> Trai
     return state
 
 
-@contextlib.contextmanager
-def _whole_models():
-    """Under ZeRO-3, transformers builds models partitioned across ranks (a collective call);
-    the main process alone builds the export copy, so it must be built whole."""
-    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
-
-
 def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, out_dir: Path,
                  lora: bool, merge_lora: bool) -> Path | None:
     """Write a llava-hf directory that ``TCLlava.from_pretrained`` (and the evaluator) loads.
@@ -182,7 +170,7 @@ def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, 
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return None
-    with _whole_models():
+    with whole_models():  # the main process alone builds the export copy
         fresh, handle = build_fresh()
     fresh.load_state_dict({k: v.to(torch.float32) for k, v in state.items()})
     out_dir.mkdir(parents=True, exist_ok=True)
