@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> Any:
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     torch.manual_seed(cfg.seed)
     benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
-    if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
+    if cfg.benchmark.get("stage") in ("score", "calibrate"):  # judging saved predictions needs no model
         return benchmark.evaluate(None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
