@@ -29,7 +29,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 
 from tc_llava.data import mcq as mcq_text
-from tc_llava.data.templates import image_token_of
+from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, image_token_of
 from tc_llava.data.video import frame_indices
 from tc_llava.eval import mcq
 from tc_llava.eval.mcq import Question
@@ -185,7 +185,7 @@ def load_questions(cfg: DictConfig, image_token: str, with_subtitles: bool = Tru
 def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState | None) -> None:
     """Generation settings, the files and every question row, before the model loads."""
     GenerationSettings.from_benchmark(cfg)
-    load_questions(cfg, "<image>", with_subtitles=False)
+    load_questions(cfg, DEFAULT_IMAGE_TOKEN, with_subtitles=False)
 
 
 def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState) -> dict[str, Any] | None:

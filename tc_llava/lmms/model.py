@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 TASK_FRAME_KEYS = ("num_frames", "max_num_frames", "frame_num")  # what lmms-eval tasks call a frame count
 SAMPLING = "middle"
+ROPE_PARAMS = ("gamma", "delta")  # the rope rules' parameters (TAD's gamma, VideoRoPE's delta)
 
 
 def _rule(registry: dict[str, type], kind: str, name: str | None, params: dict[str, Any]) -> Any:
@@ -105,14 +106,16 @@ class TCLlavaLMM(lmms):
         state = PartialState()
         self._rank, self._world_size = state.process_index, state.num_processes
         self._device = torch.device(device) if device else state.device
-        rope_params = {k: v for k, v in rule_params.items() if k in ("gamma", "delta")}
-        mask_params = {k: v for k, v in rule_params.items() if k not in rope_params}
+        unknown = sorted(set(rule_params) - set(ROPE_PARAMS))
+        if unknown:
+            raise ValueError(f"model_args {unknown} are not arguments of the tc_llava model; rope parameters are "
+                             f"{list(ROPE_PARAMS)}, the others are those of TCLlavaLMM.__init__")
         pooling = None
         if pooling_shape is not None:
             pooling = VideoPooling([int(x) for x in str(pooling_shape).split("x")])
         self.model = TCLlava.from_pretrained(
-            pretrained, rope=_rule(ROPE_RULES, "rope", rope, rope_params),
-            mask=_rule(MASK_RULES, "mask", mask, mask_params), pooling=pooling,
+            pretrained, rope=_rule(ROPE_RULES, "rope", rope, rule_params),
+            mask=_rule(MASK_RULES, "mask", mask, {}), pooling=pooling,
             attn_implementation=attn_implementation, dtype=getattr(torch, dtype), template=template,
         ).to(self._device).eval()
         if self.model.template is None:
