@@ -13,7 +13,8 @@ import pytest
 
 from tc_llava.ablation.collect import load_runs, paired, summarize, write_report
 from tc_llava.eval import compare as compare_app
-from tc_llava.eval.stats import compare_correct, mcnemar_exact, paired_bootstrap, wilson_interval
+from tc_llava.eval.judge import JudgeResult
+from tc_llava.eval.stats import mcnemar_exact, paired_bootstrap, wilson_interval
 
 from conftest import REPO
 
@@ -85,6 +86,29 @@ def test_compare_refuses_other_benchmarks_and_other_questions(tmp_path):
                                                            "correct": True}) + "\n")
     with pytest.raises(ValueError, match="'Count/0' differs between the runs"):
         compare_app.compare(dir_a, changed)
+
+
+def _judged_run(root: Path, name: str, verdicts: dict[str, dict]) -> Path:
+    """A zero-shot QA run directory: results.json naming its judge cache, the cache holding the verdicts."""
+    run = root / name
+    (run / "judge").mkdir(parents=True)
+    cache = run / "judge" / "zeroshot_msvd.judge.abc.jsonl"
+    cache.write_text("".join(json.dumps(JudgeResult(i, "ok", v, "raw", None, 1, "x").to_record()) + "\n"
+                             for i, v in verdicts.items()))
+    (run / "results.json").write_text(json.dumps({"benchmark": "zeroshot_qa", "dataset": "msvd",
+                                                  "judge": {"model": "judge"}, "cache": str(cache)}))
+    return run
+
+
+def test_compare_judged_runs_by_hand(tmp_path):
+    a = {f"v{k}_0": {"pred": "yes" if k < 3 else "no", "score": 3} for k in range(6)}
+    b = {f"v{k}_0": {"pred": "yes", "score": 3 + (k % 2)} for k in range(6)}  # scores +0/+1 alternately
+    report = compare_app.compare(_judged_run(tmp_path, "a", a), _judged_run(tmp_path, "b", b))
+    msvd = report["tasks"]["msvd"]
+    assert report["kind"] == "judged" and msvd["n"] == 6
+    assert (msvd["mean_a"], msvd["mean_b"], msvd["difference"]) == (3.0, 3.5, 0.5)
+    assert 0.0 <= msvd["difference_ci95"][0] <= 0.5 <= msvd["difference_ci95"][1] <= 1.0
+    assert (msvd["yes"]["only_a"], msvd["yes"]["only_b"], msvd["yes"]["mcnemar_p"]) == (0, 3, pytest.approx(0.25))
 
 
 def _job(root: Path, num: int, rope: str, seed: int, correct: dict[str, bool]) -> None:

@@ -105,12 +105,12 @@ def question_prompt(cfg: DictConfig, question: str, candidates: Sequence[str], i
     return build_prompt(cfg.template, cfg.prompt.system, user, cfg.prompt.answer_prefix, image_token)
 
 
-def check_record(record: Any, where: str, fields: Sequence[str] = ("video", "question", "answer")) -> None:
-    """A question record is an object whose ``fields`` are strings and whose ``candidates`` are 1-7
-    strings holding its ``answer``."""
+def check_record(record: Any, where: str) -> None:
+    """An MVBench-layout record is an object whose ``video``, ``question`` and ``answer`` are strings
+    and whose ``candidates`` are 1-7 strings holding its ``answer``."""
     if not isinstance(record, dict):
         raise ValueError(f"{where}: expected an object, got {type(record).__name__}")
-    for field in fields:
+    for field in ("video", "question", "answer"):
         if not isinstance(record.get(field), str):
             raise ValueError(f"{where}: field {field!r} must be a string, got {record.get(field)!r:.60}")
     candidates = record.get("candidates")
