@@ -2,6 +2,8 @@
 # Refresh the locks that scripts/setup.sh installs (the README path and CI), with uv:
 #   requirements/lock.txt         pyproject's ranges resolved to the newest releases (the README install)
 #   requirements/lock-oldest.txt  the same, with transformers at the oldest supported release (CI's other end)
+#   requirements/lock-lmms.txt    pyproject with the lmms extra (lmms-eval plugin), beside torch 2.14.1 +
+#                                 torchvision 0.29.1 (scripts/setup_lmms.sh; its pins do not fit lock.txt)
 # Both are for CPython 3.11 on Linux x86_64 (the CI machine) and leave torch out: setup.sh pins
 # torch itself (TORCH=..., a CPU or CUDA build). The CPU build's metadata is read from
 # TORCH_WHEELS (a folder holding it) so that no CUDA-only dependency enters the lock.
@@ -14,15 +16,16 @@ TORCH="${TORCH:-torch==2.13.0}"
 TORCH_WHEELS="${TORCH_WHEELS:-/opt/wheels}"
 tools=.cache/lock-tools
 [ -x "$tools/bin/uv" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install -q "uv==$UV_VERSION"; }
-compile() {  # compile OUT [extra constraint]
-    local out=$1; shift
-    printf '%s\n' "$TORCH" "$@" > .cache/lock-constraints.txt
-    "$tools/bin/uv" pip compile -q pyproject.toml requirements/build.in --extra dev \
+compile() {  # compile OUT TORCH_PINS EXTRAS [extra constraint]
+    local out=$1 torch=$2 extras=$3; shift 3
+    printf '%s\n' $torch "$@" > .cache/lock-constraints.txt
+    "$tools/bin/uv" pip compile -q pyproject.toml requirements/build.in $extras \
         --constraint .cache/lock-constraints.txt --find-links "$TORCH_WHEELS" \
         --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
-        --no-emit-package torch --no-header --no-annotate --output-file "$out"
-    sed -i "1i # Exact versions for CPython 3.11, Linux x86_64, torch installed separately ($TORCH). Refresh: bash scripts/lock.sh" "$out"
+        --no-emit-package torch --no-emit-package torchvision --no-header --no-annotate --output-file "$out"
+    sed -i "1i # Exact versions for CPython 3.11, Linux x86_64, torch installed separately ($torch). Refresh: bash scripts/lock.sh" "$out"
 }
-compile requirements/lock.txt
-compile requirements/lock-oldest.txt "transformers==$OLDEST_TRANSFORMERS"
+compile requirements/lock.txt "$TORCH" "--extra dev"
+compile requirements/lock-oldest.txt "$TORCH" "--extra dev" "transformers==$OLDEST_TRANSFORMERS"
+compile requirements/lock-lmms.txt "torch==2.14.1 torchvision==0.29.1" "--extra dev --extra lmms"
 git diff --stat -- requirements/

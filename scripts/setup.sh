@@ -3,7 +3,8 @@
 #   LOCK=requirements/lock.txt (default): the exact versions CI tested, for CPython 3.11 on
 #        Linux x86_64 (refresh: bash scripts/lock.sh); LOCK=none: pyproject's ranges instead.
 #   TORCH=torch==2.13.0 (default, the CPU build): torch is installed apart from the lock, pinned
-#        in every pip command so that nothing pulls a different (multi-GB CUDA) build.
+#        in every pip command so that nothing pulls a different (multi-GB CUDA) build. It may name
+#        several requirements ("torch==2.14.1 torchvision==0.29.1": scripts/setup_lmms.sh).
 #   VENV=.venv, PYTHON=python3.
 # DeepSpeed ships as source only and builds against the installed torch, hence torch first
 # and --no-build-isolation.
@@ -25,11 +26,11 @@ fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
 if [ "$LOCK" = none ]; then
     "$PY" -m pip install -q --upgrade pip setuptools wheel
-    "$PY" -m pip install -q "$TORCH"
-    "$PY" -m pip install -q --no-build-isolation "$TORCH" -e ".[dev]"
+    "$PY" -m pip install -q $TORCH
+    "$PY" -m pip install -q --no-build-isolation $TORCH -e ".[dev]"
 else
     "$PY" -m pip install -q $(grep -E '^(pip|setuptools|wheel)==' "$LOCK")
-    "$PY" -m pip install -q "$TORCH"
+    "$PY" -m pip install -q $TORCH  # word-split on purpose: TORCH may name torch and torchvision
     # --no-deps: exactly the lock; pip check below proves it complete and consistent.
     "$PY" -m pip install -q --no-deps --no-build-isolation -r "$LOCK"
     "$PY" -m pip install -q --no-deps --no-build-isolation -e .

@@ -111,6 +111,20 @@ def _stand_in_benchmark(cfg, video: Path) -> None:
         for split, file in bench.splits.items():
             fields = {"Q1": "What?", "Q2": "And?"} if split == "consistency" else {"Q": "What?"}
             (root / bench.json_dir / file).write_text(json.dumps([{"video_name": "clip", "A": "This.", **fields}]))
+    elif bench.protocol == "nextqa":
+        (root / bench.video_dir / "0001").mkdir(parents=True, exist_ok=True)
+        shutil.copy(video, root / bench.video_dir / "0001" / f"7{bench.video_extension}")
+        (root / bench.video_map).write_text(json.dumps({"7": "0001/7"}))
+        (root / bench.annotation).write_text("video,frame_count,width,height,question,answer,qid,type,a0,a1,a2,a3,a4\n"
+                                             "7,8,64,64,why,1,0,CW,a,b,c,d,e\n")
+    elif bench.protocol == "videomme":
+        for folder in (bench.video_dir, bench.subtitle_dir):
+            (root / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(video, root / bench.video_dir / f"v1{bench.video_extension}")
+        (root / bench.subtitle_dir / "v1.srt").write_text("1\n00:00:00,000 --> 00:00:09,000\nhello\n")
+        (root / bench.annotation).write_text(json.dumps([{
+            "videoID": "v1", "duration": "short", "question_id": "001-1", "task_type": "Counting",
+            "question": "How many?", "options": ["A. 1", "B. 2", "C. 3", "D. 4"], "answer": "B"}]))
     else:  # zeroshot_qa
         spec = bench.datasets[bench.dataset]
         (root / spec.video_dir).mkdir(parents=True, exist_ok=True)
@@ -126,6 +140,8 @@ def instantiate_option(world, tmp_path, monkeypatch, primary: str, group: str, o
              "judge": [f"judge.model_path={world['tiny']}"] if option == "local" else [],
              "model": [f"model.checkpoint={world['tiny']}"] if option == "pretrained" else [],
              "experiment": [f"run_dir={tmp_path / 'run'}", "hydra.mode=RUN"]}.get(group, [])
+    if group == "benchmark" and option.startswith("videomme"):
+        extra.append("benchmark.annotation=videomme.json")  # the official parquet needs pyarrow
     if primary == "eval" and group == "benchmark" and option in ("videochatgpt", "zeroshot_qa"):
         extra.append("benchmark.stage=generate")  # the judge is checked by the judge group
     cfg = _compose(world, primary, f"{group}={option}", *extra)

@@ -14,10 +14,11 @@ import tc_llava
 PACKAGE = Path(tc_llava.__file__).parent
 # room -> rooms it must never import (top-level modules such as configs, cli, provenance are shared)
 FORBIDDEN = {
-    "model": {"data", "train", "eval", "ablation"},
-    "data": {"model", "train", "eval", "ablation"},
-    "train": {"eval", "ablation"},
-    "eval": {"train", "ablation"},
+    "model": {"data", "train", "eval", "ablation", "lmms"},
+    "data": {"model", "train", "eval", "ablation", "lmms"},
+    "train": {"eval", "ablation", "lmms"},
+    "eval": {"train", "ablation", "lmms"},
+    "ablation": {"lmms"},  # the lmms-eval plugin sits above everything; nothing imports it
 }
 
 

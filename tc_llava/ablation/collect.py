@@ -4,9 +4,13 @@ Each job of ``experiment=ablation`` leaves an ``ablation.json`` (rope, mask, see
 and per task its family, accuracy and chance level). Per job, a family's score is the
 mean accuracy of its tasks (every task has the same number of questions) and ``overall``
 the mean over all tasks; the table gives, per (rope, mask), the mean and sample standard
-deviation of these over seeds, plus every task's mean. Written beside the jobs:
-``ablation.md``, ``ablation.csv`` and ``ablation.png`` (family means with +-1 std bars,
-chance dashed).
+deviation of these over seeds, plus every task's mean. Seed spread alone does not say whether
+a rope/mask difference is real: every variant is also compared with a baseline (the first
+variant, or ``--baseline rope/mask``) question by question, pooling the seeds both ran
+(:func:`paired`: B - A with a paired bootstrap 95% interval and McNemar's exact p, per family
+and overall, from each job's ``eval/predictions.jsonl``). Written beside the jobs:
+``ablation.md``, ``ablation.csv``, ``ablation.png`` (family means with +-1 std bars, chance
+dashed) and ``ablation_paired.json``.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from tc_llava.eval.stats import compare_correct
 
 FAMILIES = ("temporal", "static")
 SCORES = (*FAMILIES, "overall")
@@ -70,6 +76,66 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[key] = statistics.fmean(j[key] for j in jobs)
         rows.append(row)
     return rows
+
+
+def _correct_by_question(run: dict[str, Any]) -> dict[str, tuple[str, bool]] | None:
+    """Question id -> (task, correct) from the job's ``predictions.jsonl``; None where it has none."""
+    path = Path(run["results"]).parent / "predictions.jsonl" if run.get("results") else None
+    if path is None or not path.is_file():
+        return None
+    rows = map(json.loads, path.read_text(encoding="utf-8").splitlines())
+    return {r["id"]: (r["task"], r["correct"]) for r in rows if r["correct"] is not None}
+
+
+def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+    """Each other variant against ``baseline`` (default: the first), per question, over the seeds both ran.
+
+    Pairs are (seed, question id) answered in both jobs of a seed; the families follow each
+    question's task. Variants without per-question predictions are left out.
+    """
+    groups: dict[tuple[str, str], dict[int, dict[str, tuple[str, bool]]]] = {}
+    family: dict[str, str] = {}
+    for run in runs:
+        correct = _correct_by_question(run)
+        if correct is not None:
+            groups.setdefault((run["rope"], run["mask"]), {})[run["seed"]] = correct
+            family.update({t: v["family"] for t, v in run["tasks"].items()})
+    base = baseline or next(iter(groups), None)
+    if base not in groups:
+        return []
+    out = []
+    for variant, seeds in groups.items():
+        if variant == base:
+            continue
+        pairs = [(family.get(seeds[s][q][0]), groups[base][s][q][1], seeds[s][q][1])
+                 for s in sorted(seeds.keys() & groups[base].keys()) for q in sorted(seeds[s].keys() & groups[base][s].keys())]
+        row: dict[str, Any] = {"baseline": list(base), "variant": list(variant),
+                               "seeds": sorted(seeds.keys() & groups[base].keys())}
+        for score in SCORES:
+            chosen = [(a, b) for f, a, b in pairs if score == "overall" or f == score]
+            if chosen:
+                row[score] = compare_correct([a for a, _ in chosen], [b for _, b in chosen])
+        out.append(row)
+    return out
+
+
+def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """The paired comparisons as a table: B - A (points) [95% CI], McNemar p, per family and overall."""
+    if not rows:
+        return ""
+    base = "/".join(rows[0]["baseline"])
+    lines = [f"Paired against {base} (same seeds, question by question): B - A in points [95% bootstrap CI], "
+             "McNemar exact p.", "", "| rope | mask | seeds | " + " | ".join(SCORES) + " |",
+             "|---|---|---:|" + "---:|" * len(SCORES)]
+    for r in rows:
+        cells = []
+        for score in SCORES:
+            c = r.get(score)
+            cells.append("n/a" if c is None or c["difference"] is None else
+                         f"{c['difference']:+.1f} [{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}], "
+                         f"p={c['mcnemar_p']:.3g} (n={c['n']})")
+        lines.append(f"| {r['variant'][0]} | {r['variant'][1]} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def chance(run: dict[str, Any]) -> dict[str, float]:
@@ -126,12 +192,16 @@ def plot(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], path: P
     fig.savefig(path, dpi=100)
 
 
-def write_report(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
-    """``ablation.md``, ``ablation.csv`` and ``ablation.png`` in ``out_dir``."""
+def write_report(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], out_dir: str | Path,
+                 baseline: tuple[str, str] | None = None) -> dict[str, Path]:
+    """``ablation.md``, ``ablation.csv``, ``ablation.png`` and ``ablation_paired.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"md": out / "ablation.md", "csv": out / "ablation.csv", "png": out / "ablation.png"}
-    paths["md"].write_text(markdown(rows, runs))
+    paths = {"md": out / "ablation.md", "csv": out / "ablation.csv", "png": out / "ablation.png",
+             "paired": out / "ablation_paired.json"}
+    comparisons = paired(runs, baseline)
+    paths["md"].write_text(markdown(rows, runs) + ("\n" + paired_markdown(comparisons) if comparisons else ""))
+    paths["paired"].write_text(json.dumps(comparisons, indent=1) + "\n")
     fields = ["rope", "mask", "seeds"] + [f"{s}_{k}" for s in SCORES for k in ("mean", "std")]
     fields += [f"{t}_{k}" for t in runs[0]["tasks"] for k in ("mean", "std")] + ["train_seconds", "eval_seconds"]
     with paths["csv"].open("w", newline="") as f:
@@ -147,9 +217,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tc_llava.ablation.collect", description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir", type=Path, help="the sweep's directory (holds one folder per job)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: multirun_dir)")
+    parser.add_argument("--baseline", default=None, metavar="ROPE/MASK",
+                        help="the variant the others are paired against (default: the first)")
     args = parser.parse_args(argv)
     runs = load_runs(args.multirun_dir)
-    paths = write_report(summarize(runs), runs, args.out or args.multirun_dir)
+    baseline = tuple(args.baseline.split("/", 1)) if args.baseline else None
+    if baseline is not None and len(baseline) != 2:
+        parser.exit(2, f"error: --baseline {args.baseline!r}: expected ROPE/MASK, e.g. vanilla/causal\n")
+    paths = write_report(summarize(runs), runs, args.out or args.multirun_dir, baseline)
     print(paths["md"].read_text(), flush=True)
     print("\n".join(f"wrote {p}" for p in paths.values()))
 

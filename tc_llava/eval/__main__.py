@@ -19,7 +19,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 
 from tc_llava.cli import one_line_errors
-from tc_llava.eval import mvbench, videochatgpt, zeroshot_qa
+from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
 from tc_llava.eval.judge import JudgeError
 from tc_llava.model.build import model_from_config
 
@@ -38,7 +38,9 @@ class Benchmark(Protocol):
 
 # benchmark.protocol -> the module that runs it
 BENCHMARKS: dict[str, Benchmark] = {
-    "mvbench": mvbench,
+    "mvbench": mvbench,  # and every benchmark in its layout: TVBench, MLVU, the synthetic set
+    "nextqa": nextqa,
+    "videomme": videomme,
     "videochatgpt": videochatgpt,
     "zeroshot_qa": zeroshot_qa,
 }
@@ -55,7 +57,7 @@ def run(cfg: DictConfig) -> Any:
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     torch.manual_seed(cfg.seed)
     benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
-    if cfg.benchmark.get("stage") == "score":  # judging saved predictions needs no model
+    if cfg.benchmark.get("stage") in ("score", "calibrate"):  # judging saved predictions needs no model
         return benchmark.evaluate(None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)

@@ -46,6 +46,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from tc_llava.eval import jsonl
+from tc_llava.provenance import model_hash
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +356,14 @@ class Judge:
         """What to record next to every score: the judge changes the numbers."""
         raise NotImplementedError
 
+    def provenance(self) -> dict[str, Any]:
+        """Which weights judged: model id, revision or weights hash, and the kind of endpoint.
+
+        Recorded beside :meth:`describe` in every result file; a closed API model can only name
+        its dated snapshot, an open one its revision (and, run locally, the hash of its weights).
+        """
+        raise NotImplementedError
+
     def retry_delay(self, attempt: int, retry_after: float | None) -> float:
         return 0.0
 
@@ -469,6 +478,10 @@ class Judge:
         return results
 
 
+TOKEN_LIMIT_FIELDS = ("auto", "max_tokens", "max_completion_tokens")
+# OpenAI's reasoning models (o1, o3, o4-mini, gpt-5*, gpt-6*) take max_completion_tokens and refuse max_tokens.
+_REASONING_MODEL = re.compile(r"^(o\d|gpt-[5-9])")
+
 # Exceptions of a request that never reached the server (urllib wraps connect-phase errors,
 # DNS and connect timeouts included, in URLError; a connection closed without a reply is a
 # ConnectionError). Catch HTTPError, a URLError, before these.
@@ -523,7 +536,7 @@ class OpenAIJudge(Judge):
 
     def __init__(
         self,
-        model: str = "gpt-3.5-turbo-0125",
+        model: str = "gpt-5.6-terra",
         base_url: str = "https://api.openai.com/v1",
         api_key_env: str | None = "OPENAI_API_KEY",
         temperature: float = 0.0,
@@ -535,8 +548,14 @@ class OpenAIJudge(Judge):
         backoff_max_s: float = 60.0,
         backoff_jitter: float = 0.25,
         max_consecutive_failures: int = 5,
+        revision: str | None = None,
+        token_limit_field: str = "auto",
     ):
+        if token_limit_field not in TOKEN_LIMIT_FIELDS:
+            raise JudgeError(f"judge.token_limit_field={token_limit_field!r}: expected one of {TOKEN_LIMIT_FIELDS}")
         self.model = model
+        self.revision = revision
+        self.token_limit_field = token_limit_field
         self.base_url = base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.temperature = float(temperature)
@@ -557,6 +576,16 @@ class OpenAIJudge(Judge):
             "temperature": self.temperature,
             "max_tokens": self.max_tokens,
         }
+
+    def provenance(self) -> dict[str, Any]:
+        return {"model": self.model, "revision": self.revision, "weights_sha256": None,
+                "endpoint": "openai-compatible", "base_url": self.base_url}
+
+    def _limit_field(self) -> str:
+        """``max_completion_tokens`` for OpenAI's reasoning families, which refuse ``max_tokens``; else ``max_tokens``."""
+        if self.token_limit_field != "auto":
+            return self.token_limit_field
+        return "max_completion_tokens" if _REASONING_MODEL.match(self.model) else "max_tokens"
 
     def retry_delay(self, attempt: int, retry_after: float | None) -> float:
         delay = min(self.backoff_max_s, self.backoff_base_s * 2 ** (attempt - 1))
@@ -580,7 +609,10 @@ class OpenAIJudge(Judge):
 
     def _refused(self, message: str, code: int) -> JudgeError:
         """401/403/404 fail every item alike: say which key, URL and model were used."""
-        if code == 404:
+        if code == 404 and "model_not_found" in message:
+            hint = (f"model not found: judge.model={self.model} is retired, renamed or not served at "
+                    f"{self.base_url}; name a current model, or use the open judge (judge=served or judge=local)")
+        elif code == 404:
             hint = f"no such URL, or the server does not serve judge.model={self.model}"
         elif self.api_key_env:
             hint = f"the key in {self.api_key_env} was refused for judge.model={self.model}"
@@ -616,8 +648,12 @@ class OpenAIJudge(Judge):
             ) from exc
         except (OSError, http.client.HTTPException):
             pass  # a slow or garbled answer is still an answer: the chat request decides
-        if self.model in _served_models(payload):
+        served = _served_models(payload)
+        if self.model in served:
             return
+        if served:
+            log.warning("judge preflight: %s/models does not list judge.model=%s (it lists %s); asking once",
+                        self.base_url, self.model, ", ".join(sorted(served)[:8]))
         try:
             self.complete([{"role": "user", "content": "Reply with {'score': 0}"}])
         except UnreachableError as exc:
@@ -636,7 +672,7 @@ class OpenAIJudge(Judge):
             "model": self.model,
             "messages": messages,
             "temperature": self.temperature,
-            "max_tokens": self.max_tokens,
+            self._limit_field(): self.max_tokens,
         }
         request = urllib.request.Request(
             url, json.dumps(body).encode(), self._headers(), method="POST"
@@ -666,6 +702,11 @@ class OpenAIJudge(Judge):
         return content if isinstance(content, str) else ""
 
 
+def _hub_snapshot(path: Path) -> str | None:
+    """The commit of a Hugging Face cache snapshot directory (``.../snapshots/<commit>``), else None."""
+    return path.name if path.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", path.name) else None
+
+
 class LocalJudge(Judge):
     """Judge with a local Hugging Face causal LM, greedy decoding, one item at a time.
 
@@ -683,6 +724,8 @@ class LocalJudge(Judge):
         dtype: str = "float32",
         max_new_tokens: int = 64,
         max_retries: int = 0,
+        model_id: str | None = None,
+        revision: str | None = None,
     ):
         if not (Path(model_path) / "config.json").is_file():
             raise JudgeError(
@@ -691,6 +734,11 @@ class LocalJudge(Judge):
             )
         self.model_path = str(model_path)
         self.model = Path(model_path).resolve().name
+        self.model_id, self.revision = model_id, revision
+        snapshot = _hub_snapshot(Path(model_path).resolve())
+        if revision and snapshot and snapshot != revision:
+            raise JudgeError(f"judge.revision={revision}: judge.model_path={model_path} is the hub snapshot {snapshot}; "
+                             "download the pinned revision or set judge.revision to the one you judge with")
         self.device = device
         self.dtype = dtype
         self.max_new_tokens = int(max_new_tokens)
@@ -721,6 +769,15 @@ class LocalJudge(Judge):
             "temperature": 0.0,
             "max_new_tokens": self.max_new_tokens,
         }
+
+    @cached_property
+    def weights_sha256(self) -> str | None:
+        """SHA-256 over the judge's config and weight files (read once per process; 15 GB at 7B)."""
+        return model_hash(self.model_path)["sha256"]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"model": self.model_id or self.model, "revision": self.revision,
+                "weights_sha256": self.weights_sha256, "endpoint": "local-transformers", "model_path": self.model_path}
 
     def prompt_text(self, messages: list[dict[str, str]]) -> str:
         if getattr(self.tokenizer, "chat_template", None):

@@ -13,11 +13,15 @@ whose answers it needs), a scoring call and a results table; this module does th
 - **Stages**: ``stage`` separates the halves because they need different machines:
   ``generate`` on GPUs, ``score`` later (or with another judge) from the saved predictions
   without loading the model, ``all`` both. Re-running either half only does what its cache lacks.
+  ``calibrate`` scores the saved predictions like ``score`` and then measures the judge's
+  agreement with a reference judge (:mod:`tc_llava.eval.calibrate`).
 - **Checks before the model loads** (:func:`check_inputs`): the benchmark's files for
   generation, the saved predictions for ``score``, and the judge (key, endpoint, model)
   for scoring.
 - **Results** (:func:`write_results`): a scoring that judges no item at all stops with an
-  error and keeps the earlier results; a partial one says so.
+  error and keeps the earlier results; a partial one says so. ``results.json`` carries the
+  judge (``judge``, ``judge_provenance``), the prompt hashes and the generation's
+  ``provenance`` (annotation hashes, missing or failed videos, model export hash, frames, git).
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from tc_llava.data.templates import build_prompt, image_token_of
+from tc_llava.eval import calibrate
 from tc_llava.eval.judge import Judge, JudgeError
 from tc_llava.eval.runner import GenerationSettings, Item, generate_predictions, model_settings, require_path
-from tc_llava.provenance import git_state
+from tc_llava.provenance import data_fingerprint, git_state, model_hash, results_provenance
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "score", "all")
+STAGES = ("generate", "score", "all", "calibrate")
 PREDICTIONS = "predictions"  # folder of run_dir holding the prediction files and meta.json
 
 
@@ -55,6 +60,7 @@ class Entry:
     video: Path | None  # None: no candidate path exists
     tried: tuple[str, ...]  # candidate paths in lookup order
     questions: dict[str, str]  # prediction field -> question text
+    sources: tuple[Path, ...] = ()  # the annotation files the record came from
 
     def item_id(self, field: str) -> str:
         return f"{self.split}/{self.index}/{field}"
@@ -103,10 +109,10 @@ def prompt_text(cfg: DictConfig, question: str, image_token: str) -> str:
 
 
 def config_record(cfg: DictConfig) -> dict[str, Any]:
-    """The benchmark config of the generation, without ``stage`` and ``judge`` (the scoring records its judge)."""
+    """The benchmark config of the generation, without ``stage``, ``judge`` and ``calibrate`` (scoring records its judge)."""
     out = {}
     for key in cfg:
-        if key not in ("stage", "judge"):
+        if key not in ("stage", "judge", "calibrate"):
             value = cfg[key]
             out[key] = OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
     return out
@@ -151,6 +157,11 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
         write_json(path, predictions[split])
     counts = {split: {"records": sum(e.split == split for e in entries), "predicted": len(predictions[split]),
                       "failed": sum(f["split"] == split for f in failed)} for split in files}
+    described = model_settings(model)
+    missing = sorted({t for e in entries if e.video is None for t in e.tried[:1]})
+    undecodable = sorted({str(e.video) for e in entries if e.video is not None and
+                          any(outputs[e.item_id(f)]["failed"] for f in e.questions)})
+    settings = GenerationSettings.from_benchmark(cfg)
     meta = {
         "benchmark": cfg.name,
         "predictions": {split: str(path) for split, path in files.items()},
@@ -160,10 +171,15 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
             "benchmark": config_record(cfg),
             "frame_sampling": "segment middles (MVBench / PLLaVA get_index)",
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "whole output, stripped"},
-            "model": model_settings(model),
+            "model": described,
             "git": git_state(),
             "num_processes": state.num_processes,
         },
+        "provenance": results_provenance(
+            data_fingerprint({p for e in entries for p in e.sources}, cfg.root, len(items), missing, undecodable),
+            model_hash(described["checkpoint"], run_dir / "cache" / "model_hash.json"),
+            {"num_frames": settings.num_frames, "sampling": "middle"},
+        ),
     }
     write_json(run_dir / PREDICTIONS / "meta.json", meta)
     log.info("%s: %d records, %d failed; predictions in %s", cfg.name, len(entries), len(failed), run_dir / PREDICTIONS)
@@ -177,7 +193,7 @@ def predictions_stage(model: Any, cfg: DictConfig, files: Mapping[str, Path], ru
     Returns the generation meta on the main process (None when scoring files made elsewhere,
     without ``meta.json``), and None on the other ranks.
     """
-    if check_stage(cfg) != "score":
+    if check_stage(cfg) in ("generate", "all"):
         return _generate(model, entries(cfg), cfg, files, run_dir, state)
     if not state.is_main_process:
         return None
@@ -222,13 +238,15 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState, chec
     (:meth:`Judge.preflight`), or its local model exists.
     """
     stage = check_stage(cfg)
-    if stage != "score":
+    if stage in ("generate", "all"):
         GenerationSettings.from_benchmark(cfg)
         check_files(cfg)
     if not state.is_main_process:
         return
-    if stage == "score":
+    if stage in ("score", "calibrate"):
         require_predictions(prediction_files(Path(run_dir), splits))
+    if stage == "calibrate":
+        calibrate.load_reference(cfg.calibrate.reference or "")
     if stage != "generate":
         make_judge(cfg).preflight()
 
@@ -281,5 +299,17 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
         return meta
     results = score(make_judge(cfg), files, run_dir / "judge", cfg)
     results["generation"] = meta
+    if meta is not None:
+        results["provenance"] = meta["provenance"]
+    else:  # predictions made elsewhere: what was judged is the prediction files themselves
+        results["provenance"] = results_provenance(
+            data_fingerprint(files.values(), run_dir, results["judged"] + results["failed"], [], []),
+            {"checkpoint": None, "sha256": None}, {})
+    if cfg.stage == "calibrate":
+        report = calibrate.calibrate(results, cfg.calibrate.reference)
+        write_json(run_dir / "calibration.json", report)
+        (run_dir / "calibration.md").write_text(calibrate.markdown(report), encoding="utf-8")
+        print(calibrate.markdown(report), flush=True)
+        return report
     write_results(run_dir, cfg.name, results, table(results))
     return results

@@ -8,7 +8,8 @@ accuracy = yes / (yes + no) and the mean score over judged items.
 Items whose judgement failed after the retry budget are excluded from the means and
 reported as ``failed`` counts (and ids), so a partly judged run is visible as such.
 Judge versions and prompts move the numbers, so every result records the judge
-(model, base URL, temperature) and the prompt hashes.
+(model, base URL, temperature), which weights judged (``judge_provenance``: model id,
+revision or weights hash, endpoint kind) and the prompt hashes.
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def run_videochatgpt(
     result = {
         "benchmark": "videochatgpt",
         "judge": judge.describe(),
+        "judge_provenance": judge.provenance(),
         "prompts": {"file": str(prompts_path), "sha": {d: prompts[d].sha for d in dimensions}},
         "predictions": {k: str(v) for k, v in predictions.items()},
         "cache": {d: str(p) for d, p in caches.items()},
@@ -187,6 +189,7 @@ def run_zeroshot_qa(
         "benchmark": "zeroshot_qa",
         "dataset": dataset,
         "judge": judge.describe(),
+        "judge_provenance": judge.provenance(),
         "prompts": {"file": str(prompts_path), "sha": {"qa": prompt.sha}},
         "predictions": str(predictions),
         "cache": str(cache_path),

@@ -58,7 +58,7 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
             text_field(record, "A", where)
             questions = {pred: text_field(record, q, where) for q, pred in QUESTION_FIELDS[split]}
             video, tried = locate_video(root / cfg.video_dir, name, cfg.video_extensions)
-            entries.append(Entry(split, k, dict(record), video, tried, questions))
+            entries.append(Entry(split, k, dict(record), video, tried, questions, (path,)))
     return entries
 
 

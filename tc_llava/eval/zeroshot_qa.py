@@ -55,7 +55,7 @@ def load_entries(cfg: DictConfig) -> list[Entry]:
         if "type" in answer:
             record["type"] = answer["type"]
         video, tried = locate_video(root / spec.video_dir, f"{spec.video_prefix}{name}", spec.video_extensions)
-        entries.append(Entry(cfg.dataset, k, record, video, tried, {"pred": text}))
+        entries.append(Entry(cfg.dataset, k, record, video, tried, {"pred": text}, (q_path, a_path)))
     return entries
 
 
