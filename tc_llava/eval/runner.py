@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tc_llava.data.collate import collate_frames
-from tc_llava.data.templates import get_template, tokenize_prompt
+from tc_llava.data.templates import stop_token_ids, tokenize_prompt
 from tc_llava.data.video import sample_frames
 from tc_llava.eval import jsonl
 
@@ -221,17 +221,6 @@ def _current(records: Sequence[Mapping[str, Any]], digest: str) -> Mapping[str, 
     return ok[0] if ok else (matching[-1] if matching else None)
 
 
-def _stop_ids(tokenizer: Any, template: str) -> list[int]:
-    """EOS plus the template's end-of-turn token (chatml's ``<|im_end|>``) when it is one token."""
-    stops = {tokenizer.eos_token_id} - {None}
-    end = get_template(template).answer_format.split("{content}")[1].strip()
-    if end:
-        token_id = tokenizer.convert_tokens_to_ids(end)
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            stops.add(token_id)
-    return sorted(stops)
-
-
 def _decode(tokenizer: Any, sequences: torch.Tensor, stops: list[int]) -> list[str]:
     texts = []
     for row in sequences.tolist():
@@ -293,7 +282,7 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
     dataset = _ItemFrames(items, settings, tokenizer, model.frame_processor, num_visual_tokens)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers,
                         collate_fn=_LeftPad(pad))
-    stops = _stop_ids(tokenizer, settings.template)
+    stops = stop_token_ids(tokenizer, settings.template)
     device, dtype = state.device, next(model.parameters()).dtype
     out = jsonl.Appender(path)
     bar = tqdm(total=len(items), desc=f"generate (rank {state.process_index})", disable=not state.is_main_process)
