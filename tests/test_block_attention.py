@@ -90,14 +90,15 @@ def test_spans_refuse_layouts_the_decomposition_cannot_take():
     assert block_spans(frame_ids, mask).index[1, 1].tolist() == [10, 11, 12, 13]
     left = mask.clone()
     left[0, 0] = 0
-    assert block_spans(frame_ids, left) is None  # left padding: causal keys would include pads
+    segmented = block_spans(frame_ids, left)  # left padding: the pads are a segment of their own
+    assert segmented.segments.tolist() == [0, 1, 30, 60] and segmented.starts.tolist() == [[2, 6, 36, 40]]
     unequal = frame_ids.clone()
     unequal[0, 9] = -1  # frame 1 of row 0 is one token short
     assert block_spans(unequal, mask) is None
     split = frame_ids.clone()
     split[1, 9] = -1  # row 1's frame 0 is no longer one run
     assert block_spans(split, mask) is None
-    assert block_spans(torch.full_like(frame_ids, -1), mask) is None
+    assert block_spans(torch.full_like(frame_ids, -1), mask).starts.numel() == 0  # no blocks: causal segments
     twice = torch.full_like(frame_ids, -1)
     twice[:, 2:6], twice[:, 10:14] = 0, 1
     assert block_spans(twice, mask).starts.tolist() == [[2, 10], [2, 10]]
@@ -140,19 +141,26 @@ def test_model_loss_and_gradients_equal_sdpa(tiny_llama, rope, rule, pooling, ba
         torch.testing.assert_close(grads[backend][name], grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_generation_equals_sdpa(tiny_llama, lively):
-    """Prefill through block_merge (one prompt, no padding) and through sdpa's mask (left-padded batch)."""
+def test_generation_equals_sdpa_and_batch_one(tiny_llama, lively):
+    """block_merge prefills one prompt (no padding) and a left-padded batch (its segments) with sdpa's logits
+    on every real token, and generates sdpa's tokens and each prompt's own tokens at batch size one."""
     rope, rule = TADRoPE(gamma=1.0), FrameBlockCausalMask()
     models = {impl: load(lively, rope, rule, impl=impl) for impl in ("sdpa", NAME)}
-    ids, mask, pixels = video_batch(models["sdpa"], [(4, 6), (9, 3)], side="left")
+    ids, mask, pixels = video_batch(models["sdpa"], [(4, 6), (9, 3), (1, 1)], side="left")
     with torch.no_grad():
-        for rows in (slice(1, 2), slice(0, 2)):
+        for rows in (slice(1, 2), slice(0, 3)):
             out = {impl: m.generate(ids[rows], mask[rows], pixels[rows], max_new_tokens=6, do_sample=False)
                    for impl, m in models.items()}
             assert torch.equal(out[NAME].sequences, out["sdpa"].sequences)
             single = models[NAME](ids[rows], mask[rows], pixels[rows]).logits
-            torch.testing.assert_close(single, models["sdpa"](ids[rows], mask[rows], pixels[rows]).logits,
+            real = mask[rows].bool()
+            torch.testing.assert_close(single[real], models["sdpa"](ids[rows], mask[rows], pixels[rows]).logits[real],
                                        rtol=1e-4, atol=1e-5)
+        batched = out[NAME].sequences
+        for b in range(3):
+            one = models[NAME].generate(ids[b:b + 1, mask[b].bool()], None, pixels[b:b + 1], max_new_tokens=6,
+                                        do_sample=False)
+            assert torch.equal(one.sequences[0], batched[b])
 
 
 def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
@@ -177,29 +185,37 @@ def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
     assert block == "block mask" and len(built) == 1
 
 
-def _merge_inputs():
+def _merge_inputs(segmented: bool = False):
+    """A right-padded batch (one row each), or a left-padded one (segments on one token axis)."""
     torch.manual_seed(0)
     frame_ids, mask = layout([3, 11, 0], 64, frames=3, per_frame=5, pad_right=[0, 0, 0])
+    if segmented:
+        frame_ids, mask = frame_ids.roll(7, -1), mask.clone()
+        mask[:, :7] = 0
     spans = block_spans(frame_ids, mask)
+    assert (spans.segments is not None) == segmented
     qkv = [torch.randn(3, 64, 4, 16, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3)]
-    return spans, qkv, block_causal_mask(frame_ids)
+    return spans, qkv, block_causal_mask(frame_ids, mask) | torch.eye(64, dtype=torch.bool), mask[:, None, :, None]
 
 
-def test_block_merge_ops_pass_torch_library_opcheck():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_block_merge_ops_pass_torch_library_opcheck(segmented):
     """The custom ops' schemas, fake kernels (shapes, strides, dtypes) and autograd registration, checked by
     torch.library itself against real calls."""
-    spans, (q, k, v), _ = _merge_inputs()
-    torch.library.opcheck(block_merge_op, (q, k, v, spans.starts, spans.size, 0.25))
-    out, lse = block_merge_op(q, k, v, spans.starts, spans.size, 0.25)
+    spans, (q, k, v), _, _ = _merge_inputs(segmented)
+    extra = (spans.segments, spans.max_segment)
+    torch.library.opcheck(block_merge_op, (q, k, v, spans.starts, spans.size, 0.25, *extra))
+    out, lse = block_merge_op(q, k, v, spans.starts, spans.size, 0.25, *extra)
     grad = torch.randn_like(out)
     torch.library.opcheck(block_merge_backward_op, (grad, q.detach(), k.detach(), v.detach(), out.detach(),
-                                                    lse.detach(), spans.starts, spans.size, 0.25))
+                                                    lse.detach(), spans.starts, spans.size, 0.25, *extra))
 
 
-def test_compiled_block_merge_is_one_graph_around_the_op():
+@pytest.mark.parametrize("segmented", [False, True])
+def test_compiled_block_merge_is_one_graph_around_the_op(segmented):
     """Under torch.compile the attention is one opaque op in one graph (no break at SDPA's kernel choice), and
     its output and gradients are eager's."""
-    spans, (q, k, v), dense = _merge_inputs()
+    spans, (q, k, v), dense, real = _merge_inputs(segmented)  # padding queries' rows are no one's business
     graphs = []
 
     def backend(gm, example_inputs):
@@ -212,7 +228,7 @@ def test_compiled_block_merge_is_one_graph_around_the_op():
     assert len(graphs) == 1
     assert [n.target for n in graphs[0].graph.nodes if n.op == "call_function"].count(block_merge_op._opoverload) == 1
     ref = sdpa(q, k, v, attn_mask=dense)
-    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
-    grad = torch.randn_like(out)
+    torch.testing.assert_close(out * real, ref * real, rtol=1e-12, atol=1e-12)
+    grad = torch.randn_like(out) * real
     for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

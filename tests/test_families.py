@@ -166,15 +166,16 @@ def test_mixed_batch_equals_each_sample_alone(ckpt, pooled, rules, request):
 
 @pytest.mark.parametrize("ckpt", FAMILIES)
 def test_block_merge_equals_sdpa(ckpt, request, monkeypatch):
-    """The block decomposition (equal frames, right padding) and its fallback (a mixed batch) give SDPA's
-    loss and gradients with the families' layouts (OneVision's newline after the last frame)."""
+    """The block decomposition, on rows of equal frame counts and (through its variable-length segments) on a
+    mixed image/video batch, gives SDPA's loss and gradients with the families' layouts (OneVision's newline
+    after the last frame)."""
     from tc_llava.model import attention
 
     calls = []
     merge = attention.block_merge_attention
     monkeypatch.setattr(attention, "block_merge_attention", lambda *a: calls.append(1) or merge(*a))
     path = request.getfixturevalue(ckpt)
-    for layouts, decomposed in (([(3, 3, 4), (1, 3, 6)], True), (MIXED, False)):
+    for layouts in ([(3, 3, 4), (1, 3, 6)], MIXED):
         calls.clear()
         losses, grads = {}, {}
         for impl in ("sdpa", "block_merge"):
@@ -183,7 +184,7 @@ def test_block_merge_equals_sdpa(ckpt, request, monkeypatch):
             losses[impl] = model(ids, mask, pixels, labels=ids.masked_fill(mask == 0, -100), num_frames=counts).loss
             losses[impl].backward()
             grads[impl] = model.language_model.layers[0].self_attn.q_proj.weight.grad
-        assert len(calls) == (2 if decomposed else 0)  # one call per layer where the decomposition applies
+        assert len(calls) == 2  # one call per layer: the decomposition applies
         torch.testing.assert_close(losses["block_merge"], losses["sdpa"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grads["block_merge"], grads["sdpa"], rtol=1e-4, atol=1e-6)
 

@@ -9,12 +9,13 @@ Two backends are registered in transformers' ``AttentionInterface`` and
 
 - ``block_merge``: the decomposition of :mod:`tc_llava.model.block_attention` wherever it
   applies, with :func:`~tc_llava.model.block_attention.block_spans` handed to the layers as
-  a keyword argument and no mask built. Where it does not apply (left padding, a filled KV
-  cache, fp32 on CUDA, blocks of unequal size) it gets transformers' SDPA mask and runs SDPA.
-- ``block_auto``: the fastest correct path measured on the H100 (README, *Performance*):
-  the decomposition wherever it applies; a GPU prefill it cannot take (a left-padded
-  evaluation batch) gets flex attention with transformers' BlockMask rather than a dense
-  mask; decoding steps SDPA.
+  a keyword argument and no mask built. It takes packed rows, left-padded evaluation
+  prefills and mixed frame counts through its variable-length segments. Where it does not
+  apply (a filled KV cache, fp32 on CUDA, blocks of unequal size) it gets transformers' SDPA
+  mask and runs SDPA.
+- ``block_auto``: the fastest correct path measured on the H200 (docs/performance.md):
+  the decomposition wherever it applies; a GPU prefill it cannot take gets flex attention
+  with transformers' BlockMask rather than a dense mask; decoding steps SDPA.
 
 ``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
 and SDPA on CPU. :func:`llm_attention` turns a call's layout into the LLM's arguments.
@@ -33,12 +34,13 @@ from transformers.cache_utils import Cache
 from transformers.integrations.flex_attention import flex_attention_forward
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import (
-    AttentionMaskInterface, causal_mask_function, create_causal_mask, flex_attention_mask, sdpa_mask,
+    AttentionMaskInterface, causal_mask_function, create_causal_mask, flex_attention_mask,
+    packed_sequence_mask_function, sdpa_mask,
 )
 
 from tc_llava.model.block_attention import BlockSpans, block_merge_attention, block_spans, flash_available
 from tc_llava.model.hf_compat import cache_kwargs
-from tc_llava.model.masks import MaskRule
+from tc_llava.model.masks import MaskRule, sample_block_ids
 
 BLOCK_MERGE = "block_merge"
 BLOCK_AUTO = "block_auto"
@@ -81,23 +83,29 @@ class LLMAttention:
 def llm_attention(
     config: PreTrainedConfig, mask_rule: MaskRule, frame_ids: torch.Tensor | None, attention_mask: torch.Tensor,
     position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None = None,
+    sample_ids: torch.Tensor | None = None,
 ) -> LLMAttention:
     """The mask, position ids and layer arguments of one call of the LLM configured by ``config``.
 
-    ``frame_ids`` is the call's layout (-1 text, ``f`` frame ``f``), or None for a decode
-    step: its new tokens are text and see every earlier key, so decoding is plain causal.
-    ``attention_mask`` is the 2D padding mask, ``position_ids`` the real-token index HF's
-    mask code reads (the rotary positions go to the rotary module only), ``inputs_embeds``
-    gives the batch, length, device and dtype.
+    ``frame_ids`` is the call's layout (-1 text, ``f`` frame ``f`` of its sample), or None for
+    a decode step: its new tokens are text and see every earlier key, so decoding is plain
+    causal. ``attention_mask`` is the 2D padding mask, ``position_ids`` the real-token index
+    HF's mask code reads (the rotary positions go to the rotary module only),
+    ``inputs_embeds`` gives the batch, length, device and dtype. ``sample_ids`` marks packed
+    rows (-1 padding, ``k`` the row's k-th sample): every rule, causal included, then keeps
+    each sample to its own keys.
 
-    Causal rules and decode steps get the 2D padding mask (HF builds the rest). Block rules
-    get the block layout for the ``block_merge``/``block_auto`` decomposition where it
-    applies: no mask is built, and no ``position_ids`` either (the rotary positions are ours;
-    with no mask HF would read a right-padded, non-arange ``position_ids`` as packed sequences
-    and build a mask for nothing). Elsewhere they get the backend's own block mask from
-    transformers' ``create_causal_mask``.
+    Causal rules and decode steps of unpacked rows get the 2D padding mask (HF builds the
+    rest). Otherwise the layers get the block layout for the ``block_merge``/``block_auto``
+    decomposition where it applies: no mask is built, and no ``position_ids`` either (the
+    rotary positions are ours; with no mask HF would read a non-arange ``position_ids`` as
+    packed sequences and build a mask for nothing). Elsewhere they get the backend's own mask
+    from transformers' ``create_causal_mask``, with ``block_sequence_ids`` for the blocks and
+    transformers' packed-sequence mask function for the samples.
     """
     block_ids = None if frame_ids is None else mask_rule.block_ids(frame_ids)
+    if sample_ids is not None:
+        block_ids = sample_block_ids(block_ids, sample_ids)
     if block_ids is None:
         return LLMAttention(attention_mask, position_ids)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -105,12 +113,13 @@ def llm_attention(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
     if (config._attn_implementation in (BLOCK_MERGE, BLOCK_AUTO)
             and flash_available(inputs_embeds.device, dtype, head_dim)):
-        spans = block_spans(block_ids, attention_mask)
+        spans = block_spans(block_ids, attention_mask, sample_ids)
         if spans is not None:
             return LLMAttention(None, None, {"block_spans": spans})
     mask = create_causal_mask(
         config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
         position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(cache),
+        and_mask_function=None if sample_ids is None else packed_sequence_mask_function(sample_ids),
     )
     return LLMAttention(mask, position_ids)
 

@@ -14,7 +14,13 @@ then adds ``B``'s gradients, so no ``L x L`` mask or score matrix is ever built.
 ``B`` is two fused Triton kernels (:mod:`tc_llava.model.block_triton`) that fold it into
 ``A``'s results in place; elsewhere the blocks are reversed, which makes ``B`` an ordinary
 causal attention of all blocks as one batch, and merged with PyTorch ops. ``B`` costs
-about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``. Forward and backward are the
+about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``.
+
+Packed rows (several samples in one row), left-padded evaluation batches and batches whose
+rows hold different numbers of blocks take the same route on one token axis: the rows laid
+end to end, ``A`` causal within each *segment* (a sample, a row's real tokens, a row's
+padding) on the variable-length (``cu_seqlens``) flash kernel, ``B`` per block as before.
+No mask, no per-shape compilation. Forward and backward are the
 custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
 ``torch.compile``, and an autograd.Function over the same two functions in eager mode.
 
@@ -34,10 +40,17 @@ from torch.nn.attention import SDPBackend
 @dataclass(frozen=True)
 class BlockSpans:
     """Equal-sized contiguous blocks: ``starts[b, k]`` (int32) is the first position of block ``k`` of
-    row ``b``, and every block has ``size`` tokens. Built once per forward; every layer reads it."""
+    row ``b``, and every block has ``size`` tokens. Built once per forward; every layer reads it.
+
+    With ``segments`` the rows are one token axis (``B * L`` tokens, row after row): ``starts``
+    is ``[1, K]`` positions on it, and ``segments`` (int32 ``cu_seqlens``, ``[S + 1]``) cuts it
+    into the runs ``A`` is causal within; ``max_segment`` is the longest.
+    """
 
     starts: torch.Tensor
     size: int
+    segments: torch.Tensor | None = None
+    max_segment: int = 0
 
     @property
     def index(self) -> torch.Tensor:
@@ -56,33 +69,48 @@ def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
             and head_dim % 8 == 0 and torch.cuda.get_device_capability(device) >= (8, 0))
 
 
-def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor) -> BlockSpans | None:
+def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor,
+                sample_ids: torch.Tensor | None = None) -> BlockSpans | None:
     """The equal-sized contiguous blocks of ``block_ids`` (-1: none), or None where the decomposition does not apply.
 
-    It applies when no row has left padding (keys after a row's end are never seen by its
-    real tokens, so right padding is harmless) and every row holds the same number of runs
-    of one id, all of one size, with ids rising along the row (an id that comes back after
-    a gap would be one block to the mask but two runs here). The ids and mask make one
-    copy to the host (a single sync, once per forward), where a few dozen vector ops on a
-    few thousand elements cost less than launching them on the GPU; the starts go back.
+    Rows of right-padded samples with the same number of blocks (keys after a row's end are
+    never seen by its real tokens) keep the batch layout. Packed rows (``sample_ids``: -1
+    padding, ``k`` the row's k-th sample), left padding, and rows with different block
+    counts get segments: each sample, and each run of real or padding tokens, is a segment
+    of its own, so no token attends across one. Either way every block must be one run of
+    one size inside one segment, with ids rising along the row (an id that comes back after
+    a gap would be one block to the mask but two runs here). The inputs make one copy to the
+    host (a single sync, once per forward), where a few dozen vector ops on a few thousand
+    elements cost less than launching them on the GPU; the results go back.
     """
     device = block_ids.device
-    block_ids, attention_mask = torch.stack([block_ids, attention_mask.to(block_ids.dtype)]).cpu()
+    real = attention_mask.to(block_ids.dtype)
+    doc = real if sample_ids is None else torch.where(real.bool(), sample_ids.to(block_ids.dtype), -1)
+    block_ids, real, doc = torch.stack([block_ids, real, doc]).cpu()
     batch, length = block_ids.shape
-    in_block = block_ids >= 0
+    segment_start = torch.ones_like(real, dtype=torch.bool)
+    segment_start[:, 1:] = doc[:, 1:] != doc[:, :-1]
+    in_block = (block_ids >= 0) & real.bool()
     before = nn.functional.pad(block_ids[:, :-1], (1, 0), value=-1)
-    run_starts = in_block & (block_ids != before)
+    run_starts = in_block & ((block_ids != before) | segment_start)
     run = run_starts.long().cumsum(-1) * in_block  # 1-based run of each block token, 0 elsewhere
     sizes = torch.zeros(batch, length + 1, dtype=torch.long)
     sizes = sizes.scatter_add_(1, run, in_block.long())[:, 1:]
     start_ids = torch.where(run_starts, block_ids, -1).cummax(-1).values
     rising = (block_ids > nn.functional.pad(start_ids[:, :-1], (1, 0), value=-1)) | ~run_starts
     runs, sizes = run_starts.sum(-1), sizes[sizes > 0]
-    left_padded = (attention_mask[:, 1:].bool() & ~attention_mask[:, :-1].bool()).any()
-    if left_padded or runs.min() == 0 or (runs != runs[0]).any() or (sizes != sizes[0]).any() or not rising.all():
+    if (sizes != sizes[:1]).any() or not rising.all():
         return None
-    starts = run_starts.nonzero()[:, 1].view(batch, int(runs[0])).to(torch.int32)
-    return BlockSpans(starts.to(device, non_blocking=True), int(sizes[0]))
+    size = int(sizes[0]) if len(sizes) else 0
+    left_padded = (real[:, 1:].bool() & ~real[:, :-1].bool()).any()
+    if sample_ids is None and not left_padded and runs.min() > 0 and (runs == runs[0]).all():
+        starts = run_starts.nonzero()[:, 1].view(batch, int(runs[0])).to(torch.int32)
+        return BlockSpans(starts.to(device, non_blocking=True), size)
+    cuts = segment_start.flatten().nonzero()[:, 0]
+    segments = torch.cat([cuts, torch.tensor([batch * length])]).to(torch.int32)
+    starts = run_starts.flatten().nonzero()[:, 0].to(torch.int32)[None]
+    return BlockSpans(starts.to(device, non_blocking=True), size, segments.to(device, non_blocking=True),
+                      int((segments[1:] - segments[:-1]).max()))
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -124,6 +152,48 @@ def _attend_backward(grad, q, k, v, out, lse, scale, kernel) -> tuple[torch.Tens
     seed = torch.empty(2, dtype=torch.uint64, device=q.device)
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
         grad, q, k, v, out, lse, None, None, length, length, 0.0, True, seed, seed[0], scale=scale)
+
+
+def _attend_segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: torch.Tensor, max_segment: int,
+                     scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention within each segment of ``[T, H, D]`` tokens -> output ``[T, H, D]`` and fp32 log-sum-exp
+    ``[H, T]``: the variable-length flash kernel on CUDA; on CPU, the CPU flash kernel segment by segment."""
+    if q.is_cuda:
+        out, lse, *_ = torch.ops.aten._flash_attention_forward(
+            q, k, v, segments, segments, max_segment, max_segment, 0.0, True, False, scale=scale)
+        return out, lse
+    outs, lses = [], []
+    for a, b in _segment_bounds(segments):
+        out, lse = _attend(*(_head_major_segment(x, a, b) for x in (q, k, v)), scale, "flash")
+        outs.append(out[0].transpose(0, 1))
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, 1)
+
+
+def _attend_segments_backward(grad, q, k, v, out, lse, segments, max_segment, scale) -> tuple[torch.Tensor, ...]:
+    """:func:`_attend_segments`'s kernel backward (no dropout: the RNG state goes unread)."""
+    if q.is_cuda:
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        return torch.ops.aten._flash_attention_backward(
+            grad, q, k, v, out, lse, segments, segments, max_segment, max_segment, 0.0, True, seed, seed[:0],
+            scale=scale)
+    grads = [[], [], []]
+    for a, b in _segment_bounds(segments):
+        parts = _attend_backward(*(_head_major_segment(x, a, b) for x in (grad, q, k, v, out)),
+                                 lse[None, :, a:b].contiguous(), scale, "flash")
+        for acc, part in zip(grads, parts):
+            acc.append(part[0].transpose(0, 1))
+    return tuple(torch.cat(acc) for acc in grads)
+
+
+def _segment_bounds(segments: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = segments.tolist()
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _head_major_segment(x: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Tokens ``a:b`` of ``[T, H, D]`` as a ``[1, H, b - a, D]`` view."""
+    return x[a:b].transpose(0, 1)[None]
 
 
 # ----------------------------------------------------------------------------- part B
@@ -202,26 +272,58 @@ def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, size: int,
-                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``A`` on the whole sequence, then ``B`` merged into its output and log-sum-exp.
+                   scale: float, segments: torch.Tensor | None = None,
+                   max_segment: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` on the whole sequence (or within each segment), then ``B`` merged into its output and log-sum-exp.
 
     Returns the output token-major (``[B, L, H, D]``, the layout the output projection
-    reads) and the log-sum-exp ``[B, H, L]``.
+    reads) and the log-sum-exp: ``[B, H, L]``, or ``[1, H, B * L]`` with segments.
     """
-    out, lse = _attend(q, k, v, scale, sdpa_kernel(q, k, v))
-    out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
-    return out.transpose(1, 2).contiguous(), lse.contiguous()
+    if segments is None:
+        out, lse = _attend(q, k, v, scale, sdpa_kernel(q, k, v))
+        if size > 1 and starts.numel():
+            out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
+        return out.transpose(1, 2).contiguous(), lse.contiguous()
+    flat = [_tokens(x) for x in (q, k, v)]
+    out, lse = _attend_segments(*flat, segments, max_segment, scale)
+    out, lse = _one_row(out), lse[None]
+    if size > 1 and starts.numel():
+        out, lse = _inblock(q.device)[0](*(_one_row(x) for x in flat), out, lse, starts, size, scale)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), lse.contiguous()
+
+
+def _tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, L, D]`` -> ``[B * L, H, D]``, the rows end to end (a view of token-major storage)."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
+
+
+def _one_row(x: torch.Tensor) -> torch.Tensor:
+    """``[T, H, D]`` -> a ``[1, H, T, D]`` view: the token axis as one row for the in-block kernels."""
+    return x.transpose(0, 1)[None]
 
 
 def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                    lse: torch.Tensor, starts: torch.Tensor, size: int,
-                    scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    lse: torch.Tensor, starts: torch.Tensor, size: int, scale: float,
+                    segments: torch.Tensor | None = None,
+                    max_segment: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``A``'s kernel backward with the merged output and log-sum-exp, then ``B``'s gradients added."""
     grad = grad.to(out.dtype)
-    grad = (grad if grad.stride(-1) == 1 else grad.contiguous()).transpose(1, 2)
-    out, kernel = out.transpose(1, 2), sdpa_kernel(q, k, v)
-    dq, dk, dv = _attend_backward(grad, q, k, v, out, lse, scale, kernel)
-    grads = _inblock(q.device)[1](grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale)
+    grad = grad if grad.stride(-1) == 1 else grad.contiguous()
+    if segments is None:
+        grad, out, kernel = grad.transpose(1, 2), out.transpose(1, 2), sdpa_kernel(q, k, v)
+        grads = _attend_backward(grad, q, k, v, out, lse, scale, kernel)
+        if size > 1 and starts.numel():
+            grads = _inblock(q.device)[1](grad, q, k, v, out, lse, *grads, starts, size, scale)
+    else:
+        shape = (q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [B, L, H, D]
+        grad, out = grad.reshape(-1, *shape[2:]), out.reshape(-1, *shape[2:])
+        flat = [_tokens(x) for x in (q, k, v)]
+        grads = _attend_segments_backward(grad, *flat, out, lse[0], segments, max_segment, scale)
+        if size > 1 and starts.numel():
+            grads = _inblock(q.device)[1](*(_one_row(x) for x in (grad, *flat, out)), lse,
+                                          *(_one_row(g) for g in grads), starts, size, scale)
+            grads = [g[0].transpose(0, 1) for g in grads]
+        grads = [g.view(shape).transpose(1, 2) for g in grads]
     return tuple(_strided_like(g, t) for g, t in zip(grads, (q, k, v)))
 
 
@@ -234,27 +336,29 @@ block_merge_backward_op = torch.library.custom_op("tc_llava::block_merge_backwar
 
 
 @block_merge_op.register_fake
-def _(q, k, v, starts, size, scale):
+def _(q, k, v, starts, size, scale, segments=None, max_segment=0):
     batch, heads, length, dim = q.shape
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
-    return q.new_empty(batch, length, heads, dim), q.new_empty(batch, heads, length, dtype=lse_dtype)
+    lse_shape = (batch, heads, length) if segments is None else (1, heads, batch * length)
+    return q.new_empty(batch, length, heads, dim), q.new_empty(lse_shape, dtype=lse_dtype)
 
 
 @block_merge_backward_op.register_fake
-def _(grad, q, k, v, out, lse, starts, size, scale):
+def _(grad, q, k, v, out, lse, starts, size, scale, segments=None, max_segment=0):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, starts, size, scale = inputs
-    ctx.save_for_backward(q, k, v, *output, starts)
-    ctx.size, ctx.scale = size, scale
+    q, k, v, starts, size, scale, segments, max_segment = inputs
+    ctx.save_for_backward(q, k, v, *output, starts, segments)
+    ctx.size, ctx.scale, ctx.max_segment = size, scale, max_segment
 
 
 def _backward_with(merge_backward):
     def backward(ctx, grad, _grad_lse):
-        q, k, v, out, lse, starts = ctx.saved_tensors
-        return (*merge_backward(grad, q, k, v, out, lse, starts, ctx.size, ctx.scale), None, None, None)
+        q, k, v, out, lse, starts, segments = ctx.saved_tensors
+        grads = merge_backward(grad, q, k, v, out, lse, starts, ctx.size, ctx.scale, segments, ctx.max_segment)
+        return (*grads, None, None, None, None, None)
 
     return backward
 
@@ -274,8 +378,8 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
 
     Part ``A`` runs on the kernel SDPA itself picks for causal attention (cuDNN or flash).
     """
-    if spans.size < 2:  # one-token blocks: the rule is plain causal
+    if spans.size < 2 and spans.segments is None:  # one-token blocks, one sequence per row: plain causal
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     merge = block_merge_op if torch.compiler.is_compiling() else _BlockMerge.apply
-    return merge(q, k, v, spans.starts, spans.size, scale)[0].transpose(1, 2)
+    return merge(q, k, v, spans.starts, spans.size, scale, spans.segments, spans.max_segment)[0].transpose(1, 2)

@@ -37,3 +37,49 @@ def check_visual_token_count(input_ids: torch.Tensor, token_id: int, tokens_per_
                 f"placeholder expanded to {tokens_per_video[b]} tokens for {num_frames[b]} frames. Put exactly one "
                 f"placeholder per video in the prompt and expand it with the model's tokens_per_video(num_frames)."
             )
+
+
+class PackedSamples:
+    """The samples of packed rows, each as a row of its own, and the way back.
+
+    ``sample_ids [B, L]`` marks the packed rows: -1 padding, ``k`` the row's k-th sample,
+    each sample one contiguous run. Samples are numbered row after row, left to right: the
+    order of ``num_frames`` and of the frames in ``pixel_values``. Every per-sample rule
+    (frame ids, rotary positions, real-token index) runs on :meth:`unpack`'s rows exactly as
+    on an unpacked batch, and :meth:`pack` puts the results back, so positions restart at
+    each sample for every rule.
+    """
+
+    def __init__(self, sample_ids: torch.Tensor) -> None:
+        batch, length = sample_ids.shape
+        flat = sample_ids.flatten()
+        real = flat >= 0
+        pos = torch.arange(flat.numel(), device=flat.device)
+        key = torch.where(real, pos // length * length + flat, -1)
+        starts = real & (key != torch.nn.functional.pad(key[:-1], (1, 0), value=-1))
+        sample = starts.long().cumsum(0) - 1
+        count = int(starts.sum())
+        if count != torch.unique(key[real]).numel():
+            raise ValueError("sample_ids must give each packed sample one contiguous run of one id per row "
+                             f"(-1 on padding); got {sample_ids.tolist()}")
+        first = pos[starts]
+        offset = pos - first[sample.clamp(min=0)]
+        lengths = torch.bincount(sample[real], minlength=count)
+        self.shape = (batch, length)
+        self.valid = torch.arange(int(lengths.max()) if count else 0, device=flat.device) < lengths[:, None]
+        self.index = torch.zeros(self.valid.shape, dtype=torch.long, device=flat.device)
+        self.index[sample[real], offset[real]] = pos[real]
+
+    def __len__(self) -> int:
+        return self.valid.shape[0]
+
+    def unpack(self, x: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """``[B, L]`` packed rows -> ``[S, L_max]``, one sample per row, right-padded with ``fill``."""
+        return torch.where(self.valid, x.flatten()[self.index], torch.full_like(self.index, fill, dtype=x.dtype))
+
+    def pack(self, y: torch.Tensor, fill: int | float = 0) -> torch.Tensor:
+        """``[..., S, L_max]`` per-sample rows -> ``[..., B, L]`` packed rows, ``fill`` on padding."""
+        lead = y.shape[:-2]
+        out = torch.full((*lead, self.shape[0] * self.shape[1]), fill, dtype=y.dtype, device=y.device)
+        out[..., self.index[self.valid]] = y[..., self.valid]
+        return out.view(*lead, *self.shape)

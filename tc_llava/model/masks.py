@@ -23,8 +23,13 @@ from typing import ClassVar
 import torch
 
 
-def block_causal_mask(block_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Dense boolean ``[B, 1, L, L]`` mask of a block rule (True = may attend; padding keys never)."""
+def block_causal_mask(block_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      sample_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Dense boolean ``[B, 1, L, L]`` mask of a block rule (True = may attend; padding keys never).
+
+    With ``sample_ids`` (packed rows) a query sees only its own sample's keys; ``block_ids``
+    are then unique along the row (:func:`sample_block_ids`).
+    """
     length = block_ids.shape[-1]
     idx = torch.arange(length, device=block_ids.device)
     causal = idx[None, :] <= idx[:, None]
@@ -32,7 +37,19 @@ def block_causal_mask(block_ids: torch.Tensor, attention_mask: torch.Tensor | No
     mask = causal[None] | same_block
     if attention_mask is not None:
         mask = mask & attention_mask.bool()[:, None, :]
+    if sample_ids is not None:
+        mask = mask & (sample_ids[:, :, None] == sample_ids[:, None, :])
     return mask[:, None]
+
+
+def sample_block_ids(block_ids: torch.Tensor | None, sample_ids: torch.Tensor) -> torch.Tensor:
+    """Block ids of packed rows, unique along each row: a rule's per-sample ids (frame ``f`` of every
+    sample is block ``f``) shifted by ``sample * L``, so no block spans two samples and ids keep rising.
+    A causal rule (no blocks) gives -1 everywhere."""
+    if block_ids is None:
+        return torch.full_like(sample_ids, -1)
+    keep = (block_ids >= 0) & (sample_ids >= 0)
+    return torch.where(keep, block_ids + sample_ids * sample_ids.shape[-1], torch.full_like(block_ids, -1))
 
 
 def frame_block_causal_mask(frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

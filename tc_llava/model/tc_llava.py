@@ -15,6 +15,10 @@ Samples may hold different frame counts (an image is one frame): ``pixel_values`
 every sample's frames in one ``[N, C, H, W]`` tensor with ``num_frames`` per sample; equal
 counts may come as ``[B, T, C, H, W]`` as well. Positions, mask and pooling follow each
 sample's own count.
+
+Training may pack several samples into one row (``sample_ids``, see
+:class:`tc_llava.model.layout.PackedSamples`): every sample gets the positions and mask it
+would get alone, and no token attends across samples.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from tc_llava.model.attention import check_backend, llm_attention, resolve_atten
 from tc_llava.model.families import SUPPORTED_MODEL_TYPES, family_of, frame_features, frame_grid, has_class_token
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
-from tc_llava.model.layout import check_visual_token_count, frame_ids_from_tokens
+from tc_llava.model.layout import PackedSamples, check_visual_token_count, frame_ids_from_tokens
 from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
@@ -255,6 +259,7 @@ class TCLlava(nn.Module):
         logits_to_keep: int = 0,
         num_items_in_batch: torch.Tensor | int | None = None,
         num_frames: torch.Tensor | Sequence[int] | None = None,
+        sample_ids: torch.Tensor | None = None,
     ) -> TCLlavaOutput:
         """Prefill/training forward, or (with a filled cache and ``rope_positions``) a decode step.
 
@@ -262,9 +267,18 @@ class TCLlava(nn.Module):
         sample (see the module docstring). With ``labels`` the loss is computed from the
         labelled positions only (their logits are never materialised for the whole sequence)
         and ``logits`` is None; ``num_items_in_batch`` normalises the summed loss across
-        accumulated micro-batches.
+        accumulated micro-batches. ``sample_ids [B, L]`` packs several samples per row (-1
+        padding, ``k`` the row's k-th sample; frames and ``num_frames`` sample after sample,
+        row after row); ``attention_mask`` is then ``sample_ids >= 0``.
         """
         lm = self.language_model
+        if sample_ids is not None:
+            if use_cache or cache is not None:
+                raise ValueError("packed rows (sample_ids) are for training forwards; generate from left-padded "
+                                 "batches instead")
+            attention_mask = (sample_ids >= 0).long() if attention_mask is None else attention_mask
+            if not torch.equal(attention_mask.bool(), sample_ids >= 0):
+                raise ValueError("attention_mask must be sample_ids >= 0 for packed rows (padding is sample id -1)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
@@ -273,15 +287,15 @@ class TCLlava(nn.Module):
             if rope_positions is None:
                 raise ValueError("a decode step (a filled cache) needs rope_positions")
         else:
+            packed = None if sample_ids is None else PackedSamples(sample_ids)
             if pixel_values is not None:
-                frames, counts = frames_per_sample(pixel_values, num_frames, input_ids.shape[0])
-            frame_ids = self.frame_ids(input_ids, counts)
-            grid = self.token_grid(None if counts is None else counts[0])
-            rope_positions = self.rope.positions(frame_ids, attention_mask, grid)
-            position_ids = real_token_index(frame_ids, attention_mask)
+                samples = input_ids.shape[0] if packed is None else len(packed)
+                frames, counts = frames_per_sample(pixel_values, num_frames, samples)
+            frame_ids, rope_positions, position_ids = self._layout(input_ids, attention_mask, counts, packed)
         # Positions and mask before the vision tower: the layout's host sync then waits for
         # little, and the tower's kernels keep the GPU busy while the host goes on.
-        attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache)
+        attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache,
+                                  sample_ids)
         if counts is not None:
             visual = self.visual_tokens(frames, counts).to(embeds.dtype)
             embeds = embeds.masked_scatter((input_ids == self.placeholder_token_id)[..., None], visual)
@@ -291,7 +305,7 @@ class TCLlava(nn.Module):
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None:
-            loss = self._loss(hidden, labels, num_items_in_batch)
+            loss = self._loss(hidden, labels, num_items_in_batch, sample_ids)
         else:
             logits = self.hf.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TCLlavaOutput(
@@ -299,9 +313,26 @@ class TCLlava(nn.Module):
             rope_positions=rope_positions, frame_ids=frame_ids,
         )
 
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    def _layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int] | None,
+                packed: PackedSamples | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frame ids, rotary positions and real-token index of a prefill; packed rows get each sample's own,
+        computed on the samples unpacked and packed back."""
+        grid = self.token_grid(None if counts is None else counts[0])
+        if packed is None:
+            frame_ids = self.frame_ids(input_ids, counts)
+            return (frame_ids, self.rope.positions(frame_ids, attention_mask, grid),
+                    real_token_index(frame_ids, attention_mask))
+        frame_ids = self.frame_ids(packed.unpack(input_ids, fill=-1), counts)
+        positions = self.rope.positions(frame_ids, packed.valid, grid)
+        return (packed.pack(frame_ids, fill=-1), packed.pack(positions),
+                packed.pack(real_token_index(frame_ids, packed.valid)))
+
+    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
+              sample_ids: torch.Tensor | None = None) -> torch.Tensor:
         targets = labels[:, 1:]
         keep = targets != -100
+        if sample_ids is not None:  # a sample's last token never predicts the next sample's first
+            keep = keep & (sample_ids[:, 1:] == sample_ids[:, :-1])
         logits = self.hf.lm_head(hidden[:, :-1][keep]).float()
         total = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
         denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
