@@ -112,11 +112,13 @@ def test_auto_is_sdpa_on_cpu():
     assert resolve_attention("flex_attention") == "flex_attention"
 
 
-def test_block_auto_hands_gpu_prefills_the_decomposition_cannot_take_to_flex():
+def test_block_auto_hands_gpu_training_prefills_the_decomposition_cannot_take_to_flex():
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert uses_flex(AUTO, cuda, 2395) and uses_flex(AUTO, cuda, 20000)  # e.g. a left-padded batch
+    assert uses_flex(AUTO, cuda, 2395) and uses_flex(AUTO, cuda, 20000)  # e.g. an fp32 training batch
     assert not uses_flex(AUTO, cuda, 1)  # decoding step: SDPA
     assert not uses_flex(AUTO, cpu, 2395) and not uses_flex(NAME, cuda, 2395)
+    with torch.no_grad():  # evaluation: no flex compile or BlockMask per padded width
+        assert not uses_flex(AUTO, cuda, 2395)
 
 
 @pytest.mark.parametrize("rope,rule,pooling", [

@@ -67,12 +67,61 @@ def test_block_merge_matches_the_dense_reference_in_bf16():
         assert (got.float() - want).abs().max() <= 2 * (bf16.float() - want).abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("case", ["packed", "left_padded"])
+def test_segments_match_the_dense_reference_in_bf16(case):
+    """The variable-length flash part plus the Triton in-block part, on packed rows of different frame counts
+    and on left-padded rows, is as close to the fp32 dense reference as bf16 SDPA with the mask is."""
+    from tc_llava.model.block_attention import block_merge_attention, block_spans
+    from tc_llava.model.masks import block_causal_mask, sample_block_ids
+
+    torch.manual_seed(1)
+    length, per_frame = 3072, 144
+    frame_ids = torch.full((2, length), -1, device="cuda")
+    sample_ids = torch.full((2, length), -1, device="cuda")
+    if case == "packed":  # row 0: 8 frames + 1 frame + 4 frames; row 1: 16 frames, then padding
+        for row, samples in ((0, [(0, 40, 8), (1300, 17, 1), (1500, 3, 4)]), (1, [(0, 60, 16)])):
+            for k, (start, text, frames) in enumerate(samples):
+                end = start + text + frames * per_frame + 30
+                sample_ids[row, start:end] = k
+                frame_ids[row, start + text:start + text + frames * per_frame] = (
+                    torch.arange(frames, device="cuda").repeat_interleave(per_frame))
+    else:  # left padding: 12 and 16 frames
+        for row, frames in ((0, 12), (1, 16)):
+            start = length - (frames * per_frame + 200)
+            sample_ids[row, start:] = 0
+            frame_ids[row, start + 50:start + 50 + frames * per_frame] = (
+                torch.arange(frames, device="cuda").repeat_interleave(per_frame))
+    mask = (sample_ids >= 0).long()
+    blocks = sample_block_ids(frame_ids, sample_ids)
+    spans = block_spans(blocks, mask, sample_ids if case == "packed" else None)
+    assert spans is not None and spans.segments is not None
+    dense = block_causal_mask(blocks, mask, sample_ids) | torch.eye(length, dtype=torch.bool, device="cuda")
+    q, k, v = (torch.randn(2, length, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    real = mask.bool()[:, None, :, None]
+    weight = torch.randn(2, 32, length, 128, device="cuda") * real
+    runs = {
+        "reference": lambda: sdpa(q.float(), k.float(), v.float(), attn_mask=dense),
+        "sdpa_bf16": lambda: sdpa(q, k, v, attn_mask=dense),
+        "block_merge": lambda: block_merge_attention(q, k, v, spans),
+    }
+    outs, grads = {}, {}
+    for name, fn in runs.items():
+        outs[name] = fn().float() * real
+        grads[name] = torch.autograd.grad((outs[name] * weight).sum(), (q, k, v))
+    assert torch.isfinite(outs["block_merge"]).all() and all(torch.isfinite(g).all() for g in grads["block_merge"])
+    error = {n: (outs[n] - outs["reference"]).abs().max().item() for n in ("sdpa_bf16", "block_merge")}
+    assert error["block_merge"] <= 2 * error["sdpa_bf16"] + 1e-3, error
+    for got, bf16, want in zip(grads["block_merge"], grads["sdpa_bf16"], grads["reference"]):
+        assert (got.float() - want).abs().max() <= 2 * (bf16.float() - want).abs().max() + 1e-3
+
+
 def test_block_backends_match_sdpa_logits():
     """auto -> block_auto, and block_merge, against the dense SDPA mask.
 
     One prompt (both decompose it, the in-block term in the Triton kernels) and a left-padded
-    pair (block_auto: flex with the padding; block_merge: SDPA's dense mask), then KV-cached
-    generation through block_auto.
+    pair (both decompose it through variable-length segments), then KV-cached generation
+    through block_auto.
     """
     from shapes import random_tc_llava, video_prompts
 

@@ -14,8 +14,9 @@ Two backends are registered in transformers' ``AttentionInterface`` and
   apply (a filled KV cache, fp32 on CUDA, blocks of unequal size) it gets transformers' SDPA
   mask and runs SDPA.
 - ``block_auto``: the fastest correct path measured on the H200 (docs/performance.md):
-  the decomposition wherever it applies; a GPU prefill it cannot take gets flex attention
-  with transformers' BlockMask rather than a dense mask; decoding steps SDPA.
+  the decomposition wherever it applies; a GPU training prefill it cannot take gets flex
+  attention with transformers' BlockMask rather than a dense mask; evaluation prefills and
+  decoding steps SDPA.
 
 ``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
 and SDPA on CPU. :func:`llm_attention` turns a call's layout into the LLM's arguments.
@@ -125,11 +126,14 @@ def llm_attention(
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
-    """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU prefill."""
-    # Measured on the H100 (README, Performance): flex with a BlockMask costs 1.04-1.14x of vanilla, SDPA with
-    # the dense mask 1.10-1.38x. A decoding step has one query and nothing after it to see: SDPA. On CPU torch
-    # has no flex backward, so SDPA there too.
-    return attn_implementation == BLOCK_AUTO and device.type == "cuda" and q_length > 1
+    """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU training
+    prefill (fp32, unequal blocks)."""
+    # Measured on the H100: in training, flex with a BlockMask costs 1.04-1.14x of vanilla, SDPA with the dense
+    # mask 1.10-1.38x. Without gradients (evaluation) every new padded width would compile flex and build a
+    # BlockMask (seconds each), while the causal baseline of a left-padded batch runs SDPA with a dense mask too:
+    # SDPA. A decoding step has one query and nothing after it to see: SDPA. On CPU torch has no flex backward.
+    return (attn_implementation == BLOCK_AUTO and device.type == "cuda" and q_length > 1
+            and torch.is_grad_enabled())
 
 
 def _block_backend_mask(*args: Any, **kwargs: Any):
