@@ -160,15 +160,15 @@ class PackingCollator(SFTCollator):
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         lengths = [len(s["input_ids"]) for s in samples]
         for s, n in zip(samples, lengths):
-            if self.max_tokens is not None and n > self.max_tokens:
+            if n > (self.max_tokens or n):
                 raise DataError(f"sample {s.get('source', '?')} has {n} tokens, more than one packed row holds "
                                 f"(data.pack.max_tokens={self.max_tokens}); raise it or lower data.max_txt_len")
-        rows = pack(lengths, self.max_tokens, self.strategy)
-        ordered = [samples[i] for row in rows for i in row]
+        packed = [[samples[i] for i in row] for row in pack(lengths, self.max_tokens, self.strategy)]
+        ordered = [s for row in packed for s in row]
         pixel_values, num_frames = collate_frames([s["pixel_values"] for s in ordered])
-        packed = [[samples[i] for i in row] for row in rows]
         ids = [torch.cat([s["input_ids"] for s in row]) for row in packed]
-        sample_ids = [torch.cat([torch.full_like(s["input_ids"], k) for k, s in enumerate(row)]) for row in packed]
+        sample_ids = [torch.cat([torch.full_like(s["input_ids"], k, dtype=torch.long) for k, s in enumerate(row)])
+                      for row in packed]
         batch = {
             "input_ids": _pad(ids, self.pad_token_id, "right", self.pad_to_multiple_of),
             "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, "right", self.pad_to_multiple_of),
@@ -179,7 +179,7 @@ class PackingCollator(SFTCollator):
         if all("labels" in s for s in samples):
             batch["labels"] = _pad([torch.cat([_unlearn_first(s["labels"]) for s in row]) for row in packed],
                                    IGNORE_INDEX, "right", self.pad_to_multiple_of)
-        batch["packing"] = {"rows": len(rows), "tokens": sum(lengths), "capacity": batch["input_ids"].numel(),
+        batch["packing"] = {"rows": len(packed), "tokens": sum(lengths), "capacity": batch["input_ids"].numel(),
                             "samples": len(samples)}
         return {**batch, **_counts(ordered, num_frames)}
 
