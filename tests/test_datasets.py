@@ -285,7 +285,7 @@ def test_collator_shapes_and_padding(tmp_path, media, tok, proc, side):
         assert (batch["attention_mask"][i, real] == 1).all() and (batch["attention_mask"][i, pad] == 0).all()
         assert (batch["input_ids"][i, pad] == tok.pad_token_id).all()
         assert (batch["labels"][i, pad] == IGNORE_INDEX).all()
-    assert set(MODEL_KEYS) <= set(batch)
+    assert set(MODEL_KEYS) - {"sample_ids"} <= set(batch)  # sample_ids: packed batches only
     assert batch["skips"] == {} and batch["num_truncated"] == 0
     with pytest.raises(ValueError, match="padding_side"):
         SFTCollator(tok.pad_token_id, padding_side="middle")

@@ -298,6 +298,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self._runtime_skips: Counter[str] = Counter()
         self.records = [self._load(c) for c in self.corpora]
         counts = {self.frames_of(c, r) for c, records in zip(self.corpora, self.records) for r in records}
+        self.frame_counts = sorted(counts)
         if not callable(num_visual_tokens) and counts - {num_frames}:
             raise ValueError(f"num_visual_tokens={num_visual_tokens} is one count, for {num_frames} frames, but samples "
                              f"will have {sorted(counts)} frames (data.image_frames, corpora's num_frames): pass the "
@@ -426,6 +427,14 @@ class SFTDataset(torch.utils.data.Dataset):
             "truncated": encoded.truncated,
             "source": f"{corpus.name}:{r}",
         }
+
+    def max_length(self) -> int | None:
+        """The most tokens a sample can have: ``max_txt_len`` text tokens and the most visual tokens of any
+        record's frame count (``None`` when ``max_txt_len`` is: text is not capped)."""
+        if self.max_txt_len is None or not self.frame_counts:
+            return None
+        visual = self.num_visual_tokens
+        return self.max_txt_len + max(visual(n) if callable(visual) else visual for n in self.frame_counts)
 
     def frames_of(self, corpus: Corpus, record: _Record) -> int:
         """Frames a record's sample gets: ``image_frames`` for a still image, else its corpus's or the dataset's count."""

@@ -28,7 +28,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from tc_llava.data.collate import MODEL_KEYS, DataReport
+from tc_llava.data.collate import MODEL_KEYS, DataReport, PackingCollator, SFTCollator
 from tc_llava.data.datasets import DataError
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -66,6 +66,22 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         log_with="wandb" if cfg.logging.wandb.mode != "disabled" else None,
         kwargs_handlers=[InitProcessGroupKwargs(backend=t.backend)] if t.backend and distributed else [],
     )
+
+
+def make_collator(data: DictConfig, pad_token_id: int, longest: int | None = None) -> SFTCollator:
+    """The training collator, the one place packing is decided: ``data.collator``, or with ``data.packing`` a
+    :class:`PackingCollator` of ``data.pack`` and the collator's ``pad_to_multiple_of`` (evaluation never packs).
+
+    ``longest``, the most tokens the dataset's samples can have, is refused above ``data.pack.max_tokens``
+    here, before any batch is drawn, rather than when the first sample that long comes.
+    """
+    if not data.packing:
+        return instantiate(data.collator, pad_token_id=pad_token_id)
+    max_tokens = data.pack.max_tokens
+    if longest is not None and max_tokens is not None and longest > max_tokens:
+        raise SettingsError(f"data.pack.max_tokens={max_tokens}: expected >= {longest}, the most tokens a sample can "
+                            f"have (data.max_txt_len={data.max_txt_len} text tokens and the most visual tokens)")
+    return PackingCollator(pad_token_id, max_tokens, data.pack.strategy, data.collator.pad_to_multiple_of)
 
 
 def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
@@ -196,7 +212,7 @@ def setup(cfg: DictConfig) -> Run:
                           num_visual_tokens=model.tokens_per_video)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
-        collate_fn=instantiate(cfg.data.collator, pad_token_id=model.tokenizer.pad_token_id),
+        collate_fn=make_collator(cfg.data, model.tokenizer.pad_token_id, dataset.max_length()),
         generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
     )
     steps_per_epoch = len(loader) // (t.grad_accum * accelerator.num_processes)
@@ -233,7 +249,7 @@ def step(run: Run) -> dict[str, Any]:
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in window:
         with accelerator.accumulate(model):
-            loss = model(**{k: batch[k] for k in MODEL_KEYS}, num_items_in_batch=n_items).loss
+            loss = model(**{k: batch[k] for k in MODEL_KEYS if k in batch}, num_items_in_batch=n_items).loss
             if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
                 raise NonFiniteError(
                     f"non-finite loss at step {run.state.step + 1} (sources {batch['sources']}); stopping. "
@@ -259,11 +275,15 @@ def step(run: Run) -> dict[str, Any]:
     step_loss = accelerator.reduce(loss_sum, "sum").item()
     run.state.losses.append(step_loss)
     elapsed = time.perf_counter() - tic
-    tokens = accelerator.reduce(sum(b["attention_mask"].sum() for b in window).to(accelerator.device)).item()
+    # Real tokens and the slots they were padded (or packed) into: their ratio is the batches' fill.
+    tokens, slots = accelerator.reduce(torch.tensor(
+        [sum(int(b["attention_mask"].sum()) for b in window), sum(b["attention_mask"].numel() for b in window)],
+        device=accelerator.device)).tolist()
     samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
     return {"step": run.state.step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
-            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "peak_mem_gb": peak_memory_gb(),
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "pad_fraction": 1 - tokens / slots,
+            "peak_mem_gb": peak_memory_gb(),
             "compiled_graphs": compiled_graphs()}
 
 

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from tc_llava.configs import CONFIG_DIR
+from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import check_sources
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.rope import ROPE_RULES
@@ -121,12 +122,33 @@ def check_trainer(trainer: DictConfig) -> None:
                 "without one, use trainer=cpu or trainer=ddp")
 
 
+def _is_int(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_packing(data: DictConfig) -> None:
+    """``data.packing`` and ``data.pack``; the row size is checked against the samples' visual tokens once the
+    model has counted them (``make_collator``), here against the text alone."""
+    _require(isinstance(data.packing, bool), "data.packing", data.packing, "true or false")
+    max_tokens, max_txt_len = data.pack.max_tokens, data.max_txt_len
+    _require(max_tokens is None or _is_int(max_tokens, 1), "data.pack.max_tokens", max_tokens,
+             "null or an integer >= 1")
+    _require(data.pack.strategy in PACKING_STRATEGIES, "data.pack.strategy", data.pack.strategy,
+             f"one of {PACKING_STRATEGIES}")
+    if data.packing:
+        _require(data.collator.padding_side == "right", "data.collator.padding_side", data.collator.padding_side,
+                 "right with data.packing=true (packed rows are right-padded)")
+        if max_tokens is not None and max_txt_len is not None:
+            _require(max_tokens > max_txt_len, "data.pack.max_tokens", max_tokens, f"more than data.max_txt_len="
+                     f"{max_txt_len}: a sample holds up to that many text tokens besides its visual ones")
+
+
 def check_data(data: DictConfig) -> None:
-    """Loader numbers, the frame count and the corpora's files (no JSON is parsed yet)."""
+    """Loader numbers, packing, the frame count and the corpora's files (no JSON is parsed yet)."""
     for key, low in (("batch_size", 1), ("num_workers", 0)):
         value = data.get(key)
-        _require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"data.{key}", value,
-                 f"an integer >= {low}")
+        _require(_is_int(value, low), f"data.{key}", value, f"an integer >= {low}")
+    check_packing(data)
     dataset = data.dataset
     corpora = OmegaConf.to_container(dataset.corpora, resolve=True)
     select = dataset.get("select")
