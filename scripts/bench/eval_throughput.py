@@ -72,7 +72,8 @@ def build_model(shape: str, mask: str, args: argparse.Namespace) -> tuple[TCLlav
     if shape == "7B":
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         base = random_tc_llava(args.layers, attn, tc=True, dtype=dtype, device=args.device, smoke=args.smoke)
-        return TCLlava(base.hf, TADRoPE(1.0), MASKS[mask](), base.pooling), IMAGE_TOKEN_ID, base.config.text_config.vocab_size
+        model = TCLlava(base.hf, TADRoPE(1.0), MASKS[mask](), base.pooling)
+        return model, IMAGE_TOKEN_ID, model.config.text_config.vocab_size
     tokenizer = build_tokenizer()
     config = build_config(tokenizer, **(SMOKE_27M if args.smoke else RECIPE_27M))
     config.text_config._attn_implementation = attn
