@@ -2,7 +2,9 @@
 
 CLIP ViT-L/336 vision tower (layer -2, 24x24 patches) and a Vicuna-7B-shaped Llama LLM,
 built directly on the device in the requested dtype, wrapped as TC-LLaVA; and
-LLaVA-OneVision-7B's shape (SigLIP-so400m/384, Qwen2-7B) as HF's own model.
+LLaVA-OneVision-7B's shape (SigLIP-so400m/384, Qwen2-7B) as HF's own model. ``smoke=True``
+swaps the 7B shape for a tiny one of the same structure (a 2-layer 56 px CLIP tower, a 64-wide
+Llama), so that a benchmark can be checked end to end on CPU in seconds.
 """
 
 from __future__ import annotations
@@ -32,15 +34,34 @@ def llava_7b_config(num_layers: int = 32) -> LlavaConfig:
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
+def smoke_config(num_layers: int = 1) -> LlavaConfig:
+    """The 7B config's structure at toy size: 56 px frames (4x4 patches), a 64-wide Llama, the same vocabulary."""
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                              image_size=56, patch_size=14, projection_dim=32)
+    text = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=32768,
+                       pad_token_id=0, tie_word_embeddings=False)
+    return LlavaConfig(vision_config=vision, text_config=text, image_token_id=IMAGE_TOKEN_ID,
+                       vision_feature_layer=-2, vision_feature_select_strategy="default")
+
+
+SMOKE_POOLING = (16, 2, 2)  # the smoke tower's 4x4 grid pooled as the 7B's 24x24 is to 12x12
+
+
 def random_tc_llava(num_layers: int = 32, attn: str = "sdpa", tc: bool = True,
                     pooling_shape: tuple[int, int, int] | None = (16, 12, 12),
-                    dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> TCLlava:
-    """TC-LLaVA (tad + frame-block mask) or, with ``tc=False``, vanilla LLaVA (1D RoPE, causal)."""
+                    dtype: torch.dtype = torch.bfloat16, seed: int = 0, device: str = "cuda",
+                    smoke: bool = False) -> TCLlava:
+    """TC-LLaVA (tad + frame-block mask) or, with ``tc=False``, vanilla LLaVA (1D RoPE, causal).
+
+    ``smoke``: :func:`smoke_config` instead of the 7B shape, pooled to :data:`SMOKE_POOLING` when pooling."""
     torch.manual_seed(seed)
-    config = llava_7b_config(num_layers)
+    config = smoke_config(num_layers) if smoke else llava_7b_config(num_layers)
+    if smoke and pooling_shape is not None:
+        pooling_shape = SMOKE_POOLING
     config.text_config._attn_implementation = attn
     config.vision_config._attn_implementation = "sdpa"
-    with torch.device("cuda"):
+    with torch.device(device):
         hf = LlavaForConditionalGeneration(config).to(dtype)
     rope, mask = (TADRoPE(1.0), FrameBlockCausalMask()) if tc else (VanillaRoPE(), CausalMask())
     return TCLlava(hf, rope, mask, VideoPooling(pooling_shape))
@@ -48,7 +69,7 @@ def random_tc_llava(num_layers: int = 32, attn: str = "sdpa", tc: bool = True,
 
 def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before: int = 48,
                   text_after: int = 40, seed: int = 0, ragged: bool = True):
-    """Left-padded random prompts around one video each, and random frames (CUDA tensors)."""
+    """Left-padded random prompts around one video each, and random frames (on the model's device)."""
     g = torch.Generator().manual_seed(seed)
     n_vis = model.tokens_per_video(num_frames)
     rows = []
@@ -63,8 +84,10 @@ def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before:
     for b, row in enumerate(rows):
         ids[b, width - len(row):] = torch.tensor(row)
         mask[b, width - len(row):] = 1
-    pixels = torch.randn(batch, num_frames, 3, 336, 336, generator=g)
-    return ids.cuda(), mask.cuda(), pixels.cuda().to(model.hf.dtype)
+    size = model.config.vision_config.image_size
+    pixels = torch.randn(batch, num_frames, 3, size, size, generator=g)
+    device = model.hf.device
+    return ids.to(device), mask.to(device), pixels.to(device, model.hf.dtype)
 
 
 ONEVISION_VIDEO_TOKEN_ID = 151647
