@@ -2,8 +2,9 @@
 
 **Realistic** (default): what a benchmark run costs from its first batch on, causal mask against
 the frame-block-causal mask, both with the tad rope and ``attn_implementation=auto``
-(``block_auto`` on the GPU: a left-padded prefill under the block mask goes through flex
-attention with a BlockMask, which compiles for each new padded width; the causal mask runs SDPA).
+(``block_auto`` on the GPU: a left-padded bf16 prefill under the block mask takes the block
+decomposition's variable-length segments, an fp32 one SDPA with the dense block mask; the
+causal mask runs SDPA with the padding mask; ``prefill_attention`` in the JSON says which).
 A stream of ``--batches`` left-padded batches of ``--batch`` questions, generated through
 ``TCLlava.generate`` exactly as ``tc_llava.eval.runner`` calls it (frames ``[B, T, C, H, W]``
 moved to the GPU per batch, ``num_frames``, greedy, EOS disabled so both masks do the same
@@ -116,7 +117,10 @@ def attention_path(model: TCLlava, ids: torch.Tensor, mask: torch.Tensor, frames
     embeds = torch.empty(*ids.shape, model.config.text_config.hidden_size, device=ids.device, dtype=model.hf.dtype)
     chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
                            real_token_index(frame_ids, mask), embeds)
-    return "block decomposition" if "block_spans" in chosen.layer_kwargs else type(chosen.attention_mask).__name__
+    spans = chosen.layer_kwargs.get("block_spans")
+    if spans is None:
+        return type(chosen.attention_mask).__name__
+    return "block decomposition" + (" (segments)" if spans.segments is not None else "")
 
 
 @torch.no_grad()

@@ -30,22 +30,20 @@ the packed side as ``PackingCollator(pad, max_tokens=--max-tokens)`` rows, each 
 without the optimizer step (as train_step.py). Reported side by side: useful (non-pad) tokens/s,
 samples/s, the pad fraction, per-step times (the first steps include any compilation), peak
 memory, and the summed loss and label-token count of both (they must agree to bf16 noise: the
-same samples, the same targets). ``--warmup`` steps are run and left out of the throughput. A
-padded batch mixing 1-frame and 16-frame rows is outside the block decomposition, so on the GPU
-it attends through flex with a BlockMask, compiled for each new padded width (``attention`` in the
-JSON; ``--pad-to-multiple-of`` buckets widths as the data config's ``pad_to_multiple_of`` does).
+same samples, the same targets). ``--warmup`` steps are run and left out of the throughput. Both
+sides attend through the block decomposition (``attention`` in the JSON): the padded batch's rows
+hold different frame counts and the packed rows several samples, so both take its variable-length
+segments.
 
     python scripts/bench/sft_mixture.py                                          # 1 + 3 steps, about 1.5 minutes
     python scripts/bench/sft_mixture.py --device cpu --smoke --layers 1 --steps 1 --warmup 0   # CPU check
 
-Writes scripts/bench/results/sft_mixture.json. Until PackingCollator exists the packed side is
-recorded as skipped and the padded side still runs.
+Writes scripts/bench/results/sft_mixture.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 from pathlib import Path
 
@@ -55,7 +53,7 @@ import transformers
 
 from shapes import IMAGE_TOKEN_ID, random_tc_llava
 from timing import memory_gb, once_s
-from tc_llava.data.collate import SFTCollator
+from tc_llava.data.collate import PackingCollator, SFTCollator
 from tc_llava.data.templates import IGNORE_INDEX
 from tc_llava.model.attention import llm_attention, resolve_attention
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -111,28 +109,18 @@ def mixture_samples(rng: np.random.Generator, n: int, model, image_size: int) ->
     return samples
 
 
-def packing_collator(max_tokens: int | None):
-    """``PackingCollator`` (being built in tc_llava.data.collate), or the reason it is not there."""
-    try:
-        from tc_llava.data.collate import PackingCollator
-    except ImportError as e:
-        return None, f"tc_llava.data.collate.PackingCollator is not available ({e})"
-    return PackingCollator(PAD, max_tokens=max_tokens, strategy="best_fit"), None
-
-
-def model_inputs(batch: dict, device: str, dtype: torch.dtype, takes_sample_ids: bool) -> dict:
+def model_inputs(batch: dict, device: str, dtype: torch.dtype) -> dict:
     inputs = {k: batch[k].to(device) for k in ("input_ids", "attention_mask", "labels")}
     inputs["pixel_values"] = batch["pixel_values"].to(device, dtype)
     inputs["num_frames"] = batch["num_frames"]  # read on the host
-    if takes_sample_ids:  # None for the padded batch
-        sample_ids = batch.get("sample_ids")
-        inputs["sample_ids"] = None if sample_ids is None else sample_ids.to(device)
+    sample_ids = batch.get("sample_ids")  # packed rows only
+    inputs["sample_ids"] = None if sample_ids is None else sample_ids.to(device)
     return inputs
 
 
-def run_side(model, batch: dict, device: str, dtype: torch.dtype, takes_sample_ids: bool) -> dict:
+def run_side(model, batch: dict, device: str, dtype: torch.dtype) -> dict:
     """One fwd+bwd of a collated batch: its time, tokens and loss (summed over its label tokens)."""
-    inputs = model_inputs(batch, device, dtype, takes_sample_ids)
+    inputs = model_inputs(batch, device, dtype)
     label_tokens = int((inputs["labels"][:, 1:] != IGNORE_INDEX).sum())
 
     def step():
@@ -150,15 +138,21 @@ def run_side(model, batch: dict, device: str, dtype: torch.dtype, takes_sample_i
             "peak_mem_gb": memory_gb(device)["peak_mem_gb"]}
 
 
-def padded_attention(model, batch: dict, device: str) -> str:
-    """What the padded batch's LLM attends with: the block decomposition applies only when every row has the
-    same number of frames, so a batch mixing images and videos gets the backend's mask (flex's BlockMask on GPU)."""
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    frame_ids = model.frame_ids(ids, batch["num_frames"].tolist())
-    embeds = torch.empty(*ids.shape, model.config.text_config.hidden_size, device=device, dtype=model.hf.dtype)
-    chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
-                           real_token_index(frame_ids, mask), embeds)
-    return "block decomposition" if "block_spans" in chosen.layer_kwargs else type(chosen.attention_mask).__name__
+def attention_path(model, batch: dict, device: str) -> str:
+    """What a batch's LLM attends with: the block decomposition (with variable-length segments or not), or the
+    backend's mask where it does not apply."""
+    inputs = model_inputs(batch, device, model.hf.dtype)
+    with torch.no_grad():
+        frame_ids = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1).frame_ids
+    sample_ids, mask = inputs["sample_ids"], inputs["attention_mask"]
+    embeds = torch.empty(*mask.shape, model.config.text_config.hidden_size, device=device, dtype=model.hf.dtype)
+    with torch.enable_grad():  # as in training: block_auto's fallback would be flex
+        chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
+                               real_token_index(frame_ids, mask), embeds, sample_ids=sample_ids)
+    spans = chosen.layer_kwargs.get("block_spans")
+    if spans is None:
+        return type(chosen.attention_mask).__name__
+    return "block decomposition" + (" (segments)" if spans.segments is not None else "")
 
 
 def summary(steps: list[dict], batch: int) -> dict:
@@ -194,21 +188,19 @@ def main() -> None:
     model.hf.model.vision_tower.requires_grad_(False)
     if args.checkpointing:
         enable_activation_checkpointing(model.hf)
-    takes_sample_ids = "sample_ids" in inspect.signature(model.forward).parameters
-    padded_collator = SFTCollator(PAD, pad_to_multiple_of=args.pad_to_multiple_of)
-    packed_collator, skipped = packing_collator(args.max_tokens or None)
+    collators = {"padded": SFTCollator(PAD, pad_to_multiple_of=args.pad_to_multiple_of),
+                 "packed": PackingCollator(PAD, max_tokens=args.max_tokens or None, strategy="best_fit",
+                                           pad_to_multiple_of=args.pad_to_multiple_of)}
     rng = np.random.default_rng(args.seed)
     image_size = model.config.vision_config.image_size
     steps: dict[str, list[dict]] = {"padded": [], "packed": []}
-    drawn, padded_batch = [], None
+    drawn, last = [], {}
     for index in range(args.warmup + args.steps):
         samples = mixture_samples(rng, args.batch, model, image_size)
         drawn += samples
-        sides = {"padded": (padded_batch := padded_collator(samples))}
-        if packed_collator is not None:
-            sides["packed"] = packed_collator(samples)
-        for side, batch in sides.items():
-            row = run_side(model, batch, args.device, dtype, takes_sample_ids)
+        for side, collate in collators.items():
+            batch = last[side] = collate(samples)
+            row = run_side(model, batch, args.device, dtype)
             row["warmup"] = index < args.warmup
             steps[side].append(row)
             print(f"step {index} {side}: {json.dumps(row)}", flush=True)
@@ -216,21 +208,15 @@ def main() -> None:
     sides = {}
     for side, rows in steps.items():
         timed = [r for r in rows if not r["warmup"]]
-        if timed:
-            sides[side] = {**summary(timed, args.batch), "steps": rows,
-                           **({"attention": padded_attention(model, padded_batch, args.device)}
-                              if side == "padded" else {}),
-                           "loss_all_steps": sum(r["loss_sum"] for r in rows),
-                           "label_tokens_all_steps": sum(r["label_tokens"] for r in rows)}
-    if skipped:
-        sides["packed"] = {"skipped": skipped}
-    comparison = None
-    if "useful_tokens_per_s" in sides.get("packed", {}):
-        pad, pack = sides["padded"], sides["packed"]
-        per_token = [s["loss_all_steps"] / s["label_tokens_all_steps"] for s in (pad, pack)]
-        comparison = {"packed_over_padded_tokens_per_s": pack["useful_tokens_per_s"] / pad["useful_tokens_per_s"],
-                      "label_tokens_equal": pad["label_tokens_all_steps"] == pack["label_tokens_all_steps"],
-                      "loss_per_token": per_token, "loss_relative_difference": abs(per_token[1] / per_token[0] - 1)}
+        sides[side] = {**summary(timed, args.batch), "steps": rows,
+                       "attention": attention_path(model, last[side], args.device),
+                       "loss_all_steps": sum(r["loss_sum"] for r in rows),
+                       "label_tokens_all_steps": sum(r["label_tokens"] for r in rows)}
+    pad, pack = sides["padded"], sides["packed"]
+    per_token = [s["loss_all_steps"] / s["label_tokens_all_steps"] for s in (pad, pack)]
+    comparison = {"packed_over_padded_tokens_per_s": pack["useful_tokens_per_s"] / pad["useful_tokens_per_s"],
+                  "label_tokens_equal": pad["label_tokens_all_steps"] == pack["label_tokens_all_steps"],
+                  "loss_per_token": per_token, "loss_relative_difference": abs(per_token[1] / per_token[0] - 1)}
     images = sum(s["is_image"] for s in drawn)
     text = [len(s["input_ids"]) - s["num_visual_tokens"] for s in drawn]
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "torch": torch.__version__,
