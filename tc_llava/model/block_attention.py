@@ -14,15 +14,15 @@ then adds ``B``'s gradients, so no ``L x L`` mask or score matrix is ever built.
 ``B`` is two fused Triton kernels (:mod:`tc_llava.model.block_triton`) that fold it into
 ``A``'s results in place; elsewhere the blocks are reversed, which makes ``B`` an ordinary
 causal attention of all blocks as one batch, and merged with PyTorch ops. ``B`` costs
-about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``.
+about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``. Forward and backward are the
+custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
+``torch.compile``, and an autograd.Function over the same two functions in eager mode.
 
 Packed rows (several samples in one row), left-padded evaluation batches and batches whose
 rows hold different numbers of blocks take the same route on one token axis: the rows laid
 end to end, ``A`` causal within each *segment* (a sample, a row's real tokens, a row's
 padding) on the variable-length (``cu_seqlens``) flash kernel, ``B`` per block as before.
-No mask, no per-shape compilation. Forward and backward are the
-custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
-``torch.compile``, and an autograd.Function over the same two functions in eager mode.
+No mask, no per-shape compilation.
 
 The attention backends built on it (``block_merge``, ``block_auto``) and the choice of when it
 applies live in :mod:`tc_llava.model.attention`.
