@@ -79,6 +79,12 @@ def time_ms(fn, reps: int) -> tuple[list[float], float]:
     return cuda_times_ms(fn, reps), torch.cuda.max_memory_allocated() / 2**30
 
 
+VARIANTS = {"vanilla_sdpa": ("sdpa", VanillaRoPE(), CausalMask()),
+            "tc_sdpa": ("sdpa", TADRoPE(), FrameBlockCausalMask()),
+            "tc_flex": ("flex_attention", TADRoPE(), FrameBlockCausalMask()),
+            "tc_merge": (BLOCK_MERGE, TADRoPE(), FrameBlockCausalMask())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--lengths", type=int, nargs="+", default=[2560, 4864, 9472])
@@ -86,6 +92,8 @@ def main() -> None:
                         help="LLM depth per length (one value: all); 32 is Vicuna-7B, 16 is what fits at 9,472 tokens")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="any subset; ratios are to vanilla_sdpa when it is measured in the same run")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
     args = parser.parse_args()
     depths = args.layers * len(args.lengths) if len(args.layers) == 1 else args.layers
@@ -93,10 +101,7 @@ def main() -> None:
     config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=max(depths),
                          num_attention_heads=32, num_key_value_heads=32, vocab_size=32064,
                          max_position_embeddings=32768)
-    variants = {"vanilla_sdpa": ("sdpa", VanillaRoPE(), CausalMask()),
-                "tc_sdpa": ("sdpa", TADRoPE(), FrameBlockCausalMask()),
-                "tc_flex": ("flex_attention", TADRoPE(), FrameBlockCausalMask()),
-                "tc_merge": (BLOCK_MERGE, TADRoPE(), FrameBlockCausalMask())}
+    variants = {name: VARIANTS[name] for name in args.variants}
     with torch.device("cuda"):
         lm = LlamaModel(config).to(torch.bfloat16)
     lm.rotary_emb = RotaryPositions(lm.rotary_emb)
@@ -121,10 +126,11 @@ def main() -> None:
                 ms_per_layer=per_layer,
                 layout_ms=statistics.median(time_ms(layout_fn(lm, rope, mask, frame_ids, embeds), args.reps)[0]),
                 mfu=layer_flops(length) / (per_layer / 1e3) / (PEAK_TFLOPS * 1e12))
-        base = row["vanilla_sdpa"]
-        for name in ("tc_sdpa", "tc_flex", "tc_merge"):
-            row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / base["ms_per_layer"]
-            row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / base["peak_mem_gb"]
+        base = row.get("vanilla_sdpa")
+        for name in variants:
+            if base is not None and name != "vanilla_sdpa":
+                row[name]["ratio_to_vanilla"] = row[name]["ms_per_layer"] / base["ms_per_layer"]
+                row[name]["mem_ratio_to_vanilla"] = row[name]["peak_mem_gb"] / base["peak_mem_gb"]
         rows.append(row)
         print(json.dumps(row))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
