@@ -143,3 +143,43 @@ def test_block_backends_match_sdpa_logits():
     with torch.no_grad():
         out = model.generate(ids, mask, pixels, max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert out.sequences.shape == (2, 4)
+
+
+def test_packed_training_step_matches_padded_and_compiles_once_per_layer():
+    """A packed image/video batch of the 7B-shaped layers through block_auto (segments on the variable-length flash
+    kernel) gives the padded batch's loss, eager and with compiled layers, and packings of new shapes do not
+    recompile the layers once their shapes are dynamic."""
+    import numpy as np
+    from shapes import random_tc_llava
+    from sft_mixture import PAD, mixture_samples, model_inputs
+
+    from tc_llava.data.collate import PackingCollator, SFTCollator
+    from tc_llava.model.attention import BLOCK_AUTO
+    from tc_llava.train.loop import compile_layers, compiled_graphs
+
+    model = random_tc_llava(num_layers=2, attn=BLOCK_AUTO).train()
+    model.hf.model.vision_tower.requires_grad_(False)
+    rng = np.random.default_rng(0)
+    size = model.config.vision_config.image_size
+    batches = [mixture_samples(rng, 6, model, size) for _ in range(4)]
+    assert {s["is_image"] for s in batches[0] + batches[1]} == {True, False}
+
+    def loss(collate, samples):
+        return model(**model_inputs(collate(samples), "cuda", torch.bfloat16)).loss
+
+    packed, padded = PackingCollator(PAD, max_tokens=6000), SFTCollator(PAD)
+    for samples in batches[:2]:
+        a, b = loss(packed, samples), loss(padded, samples)
+        assert torch.isfinite(a) and abs(a.item() - b.item()) < 1e-2 * abs(b.item()), (a.item(), b.item())
+    eager = [loss(packed, samples).item() for samples in batches]
+    torch._dynamo.reset()
+    compile_layers(model)
+    compiled, graphs = [], []
+    for samples in batches:
+        out = loss(packed, samples)
+        out.backward()
+        compiled.append(out.item())
+        graphs.append(compiled_graphs())
+    np.testing.assert_allclose(compiled, eager, rtol=1e-2)
+    # a static graph, then one with dynamic shapes; the last packings add none
+    assert graphs[-1] == graphs[-2] <= 4, graphs
