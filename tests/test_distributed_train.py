@@ -84,3 +84,11 @@ def test_two_ranks_train_save_resume(trainer, synthetic, tmp_path, cache_dir, si
         for key, value in adapter.items():
             ours = "hf." + key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
             torch.testing.assert_close(value, shards[ours].to(value.dtype))
+
+
+def test_two_ranks_packed_equal_one_rank_padded(synthetic, tmp_path, cache_dir, single_process_losses):
+    """Packed batches on two DDP ranks, through block_merge's segments, give the losses of the padded batches of
+    one process (the window's label tokens are counted across ranks either way)."""
+    losses = torchrun(synthetic, tmp_path / "packed", cache_dir, "trainer=ddp", "export.enabled=false",
+                      "data.packing=true", "model.attn_implementation=block_merge")
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses), rtol=1e-4, atol=0)
