@@ -97,7 +97,7 @@ def test_packed_rows_equal_the_samples_unpacked(tiny_llama, rope, mask, impl):
         n = len(items[i]["input_ids"])
         with torch.no_grad():
             alone = model(items[i]["input_ids"][None], pixel_values=items[i]["frames"][None].double())
-        torch.testing.assert_close(logits[s, :n], alone.logits[0], rtol=0, atol=1e-10)
+        torch.testing.assert_close(logits[s, :n], alone.logits[0], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(positions[..., s, :n], alone.rope_positions[..., 0, :])
 
     def loss_and_grads(batch):
@@ -108,10 +108,10 @@ def test_packed_rows_equal_the_samples_unpacked(tiny_llama, rope, mask, impl):
 
     packed_loss, packed_grads = loss_and_grads(packed)
     padded_loss, padded_grads = loss_and_grads(padded_batch(items, pad))
-    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(packed_loss, padded_loss, rtol=1e-10, atol=1e-10)
     assert packed_grads.keys() == padded_grads.keys() and len(packed_grads) > 10
     for name, grad in packed_grads.items():
-        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-9, atol=1e-11, msg=name)
+        torch.testing.assert_close(grad, padded_grads[name], rtol=1e-9, atol=1e-10, msg=name)
 
 
 @pytest.mark.parametrize("mask", MASKS[1:], ids=lambda m: m.name)

@@ -47,7 +47,7 @@ import torch
 import transformers
 from transformers import LlavaForConditionalGeneration
 
-from shapes import IMAGE_TOKEN_ID, random_tc_llava, video_prompts
+from shapes import IMAGE_TOKEN_ID, left_padded, random_tc_llava, video_prompts
 from timing import memory_gb, once_s, run_fresh
 from tc_llava.model.attention import llm_attention, resolve_attention
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
@@ -99,13 +99,7 @@ def question_batches(n_batches: int, batch: int, visual: int, placeholder: int, 
         for n in lengths:
             text = rng.integers(16, min(vocab, 30000), n).tolist()  # ids above the special tokens
             rows.append([1] + text[: n // 3] + [placeholder] * visual + text[n // 3:])
-        width = max(map(len, rows))
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            ids[b, width - len(row):] = torch.tensor(row)
-            mask[b, width - len(row):] = 1
-        out.append((ids, mask))
+        out.append(left_padded(rows))
     return out
 
 

@@ -67,6 +67,17 @@ def random_tc_llava(num_layers: int = 32, attn: str = "sdpa", tc: bool = True,
     return TCLlava(hf, rope, mask, VideoPooling(pooling_shape))
 
 
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows as a left-padded ``(input_ids, attention_mask)`` batch (pad id 0), as evaluation batches them."""
+    width = max(map(len, rows))
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = torch.tensor(row)
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
 def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before: int = 48,
                   text_after: int = 40, seed: int = 0, ragged: bool = True):
     """Left-padded random prompts around one video each, and random frames (on the model's device)."""
@@ -78,12 +89,7 @@ def video_prompts(model: TCLlava, batch: int, num_frames: int = 16, text_before:
         before = torch.randint(100, 30000, (text_before + extra,), generator=g).tolist()
         after = torch.randint(100, 30000, (text_after,), generator=g).tolist()
         rows.append([1] + before + [IMAGE_TOKEN_ID] * n_vis + after)
-    width = max(map(len, rows))
-    ids = torch.zeros(batch, width, dtype=torch.long)
-    mask = torch.zeros(batch, width, dtype=torch.long)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = torch.tensor(row)
-        mask[b, width - len(row):] = 1
+    ids, mask = left_padded(rows)
     size = model.config.vision_config.image_size
     pixels = torch.randn(batch, num_frames, 3, size, size, generator=g)
     device = model.hf.device
