@@ -1,4 +1,5 @@
-"""Append-only JSON-lines caches: the runner's generations and the judge's verdicts.
+"""Append-only JSON-lines caches (the runner's generations, the judge's verdicts), and reading a
+record file given either as one JSON list or as JSON lines.
 
 Both must survive a crash at any moment, so each record is one line, written and flushed
 as soon as it exists: a killed run loses at most the line being written. Reading skips
@@ -40,6 +41,15 @@ def read(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T]:
                 log.warning("%s:%d: unreadable cache line skipped (%s)", path, lineno, exc)
                 continue
             yield record
+
+
+def load_records(path: Path) -> Any:
+    """A file of records as users write them: one JSON document (a list), or one JSON object per line."""
+    text = path.read_text(encoding="utf-8")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def _torn(path: Path) -> bool:

@@ -22,6 +22,7 @@ from typing import Any
 
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.eval.judge import Judge, JudgeResult, PromptTemplate, load_prompts
+from tc_llava.eval.jsonl import load_records
 
 PROMPTS_DIR = CONFIG_DIR / "judge" / "prompts"
 VCG_PROMPTS = PROMPTS_DIR / "videochatgpt.yaml"
@@ -40,11 +41,7 @@ VCG_SPLITS: dict[str, str] = {
 def load_predictions(path: str | os.PathLike, required: Iterable[str]) -> list[dict[str, Any]]:
     """Prediction records from a JSON list or a JSONL file, each checked for ``required`` keys."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError:
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    records = load_records(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a JSON list of prediction records or JSONL")
     required = list(required)

@@ -19,7 +19,6 @@ the official regex and from lmms-eval's ``videomme`` task).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +31,7 @@ from tc_llava.data import mcq as mcq_text
 from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, image_token_of
 from tc_llava.data.video import frame_indices
 from tc_llava.eval import mcq
+from tc_llava.eval.jsonl import load_records
 from tc_llava.eval.mcq import Question
 from tc_llava.eval.runner import GenerationSettings, Item, require_path
 
@@ -53,11 +53,7 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
                              "orient='records')\" and set benchmark.annotation to the JSON") from None
         records = pq.read_table(path).to_pylist()
     else:
-        text = path.read_text(encoding="utf-8")
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        records = load_records(path)
     if not isinstance(records, list):
         raise ValueError(f"{path}: expected a list of question rows")
     rows = []
