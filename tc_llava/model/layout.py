@@ -51,10 +51,12 @@ class PackedSamples:
     """
 
     def __init__(self, sample_ids: torch.Tensor) -> None:
+        # A few vector ops on a few thousand ids: on the host, after one copy (as block_spans does), not as a
+        # string of small GPU launches each waited for.
         batch, length = sample_ids.shape
-        flat = sample_ids.flatten()
+        flat = sample_ids.flatten().cpu()
         real = flat >= 0
-        pos = torch.arange(flat.numel(), device=flat.device)
+        pos = torch.arange(flat.numel())
         key = torch.where(real, pos // length * length + flat, -1)
         starts = real & (key != torch.nn.functional.pad(key[:-1], (1, 0), value=-1))
         sample = starts.long().cumsum(0) - 1
@@ -62,13 +64,14 @@ class PackedSamples:
         if count != torch.unique(key[real]).numel():
             raise ValueError("sample_ids must give each packed sample one contiguous run of one id per row "
                              f"(-1 on padding); got {sample_ids.tolist()}")
-        first = pos[starts]
-        offset = pos - first[sample.clamp(min=0)]
+        offset = pos - pos[starts][sample.clamp(min=0)]
         lengths = torch.bincount(sample[real], minlength=count)
+        valid = torch.arange(int(lengths.max()) if count else 0) < lengths[:, None]
+        index = torch.zeros(valid.shape, dtype=torch.long)
+        index[sample[real], offset[real]] = pos[real]
         self.shape = (batch, length)
-        self.valid = torch.arange(int(lengths.max()) if count else 0, device=flat.device) < lengths[:, None]
-        self.index = torch.zeros(self.valid.shape, dtype=torch.long, device=flat.device)
-        self.index[sample[real], offset[real]] = pos[real]
+        self.valid, self.index = valid.to(sample_ids.device), index.to(sample_ids.device)
+        self.positions = pos[real].to(sample_ids.device)  # where each valid entry goes back, in ``valid``'s order
 
     def __len__(self) -> int:
         return self.valid.shape[0]
@@ -81,5 +84,5 @@ class PackedSamples:
         """``[..., S, L_max]`` per-sample rows -> ``[..., B, L]`` packed rows, ``fill`` on padding."""
         lead = y.shape[:-2]
         out = torch.full((*lead, self.shape[0] * self.shape[1]), fill, dtype=y.dtype, device=y.device)
-        out[..., self.index[self.valid]] = y[..., self.valid]
+        out[..., self.positions] = y[..., self.valid]
         return out.view(*lead, *self.shape)
