@@ -47,12 +47,12 @@ import torch
 import transformers
 from transformers import LlavaForConditionalGeneration
 
-from shapes import IMAGE_TOKEN_ID, left_padded, random_tc_llava, video_prompts
+from shapes import IMAGE_TOKEN_ID, attention_path, left_padded, random_tc_llava, video_prompts
 from timing import memory_gb, once_s, run_fresh
-from tc_llava.model.attention import llm_attention, resolve_attention
+from tc_llava.model.attention import resolve_attention
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import TADRoPE, real_token_index
+from tc_llava.model.rope import TADRoPE
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiny import build_config, build_tokenizer
 
@@ -103,18 +103,11 @@ def question_batches(n_batches: int, batch: int, visual: int, placeholder: int, 
     return out
 
 
-def attention_path(model: TCLlava, ids: torch.Tensor, mask: torch.Tensor, frames: int) -> str:
+def prefill_attention(model: TCLlava, ids: torch.Tensor, mask: torch.Tensor, frames: int) -> str:
     """What a prefill of this batch attends with: plain causal, the block decomposition, or a mask of which kind."""
     if model.mask.is_causal:
         return f"causal ({model.language_model.config._attn_implementation})"
-    frame_ids = model.frame_ids(ids, [frames] * ids.shape[0])
-    embeds = torch.empty(*ids.shape, model.config.text_config.hidden_size, device=ids.device, dtype=model.hf.dtype)
-    chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
-                           real_token_index(frame_ids, mask), embeds)
-    spans = chosen.layer_kwargs.get("block_spans")
-    if spans is None:
-        return type(chosen.attention_mask).__name__
-    return "block decomposition" + (" (segments)" if spans.segments is not None else "")
+    return attention_path(model, model.frame_ids(ids, [frames] * ids.shape[0]), mask)
 
 
 @torch.no_grad()
@@ -150,7 +143,7 @@ def measure_stream(shape: str, mask: str, args: argparse.Namespace) -> dict:
             "rest_median_batch_s": statistics.median(rest) if rest else None,
             "batch_s": times, "widths": [ids.shape[1] for ids, _ in batches],
             "distinct_widths": len({ids.shape[1] for ids, _ in batches}),
-            "prefill_attention": attention_path(model, ids.to(device), attention_mask.to(device), frames),
+            "prefill_attention": prefill_attention(model, ids.to(device), attention_mask.to(device), frames),
             **memory_gb(device)}
 
 

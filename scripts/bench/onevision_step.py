@@ -32,13 +32,13 @@ from pathlib import Path
 import torch
 import transformers
 
-from shapes import ONEVISION_VIDEO_TOKEN_ID, random_onevision
+from shapes import ONEVISION_VIDEO_TOKEN_ID, attention_path, random_onevision
 from timing import cuda_times_ms
 from train_step import PEAK, flops
-from tc_llava.model.attention import BLOCK_AUTO, llm_attention
+from tc_llava.model.attention import BLOCK_AUTO
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
-from tc_llava.model.rope import TADRoPE, VanillaRoPE, real_token_index
+from tc_llava.model.rope import TADRoPE, VanillaRoPE
 from tc_llava.model.tc_llava import TCLlava
 
 VARIANTS = ("hf", "tc_vanilla", "tc", "tc_checkpointing")
@@ -59,15 +59,11 @@ def prompt(frames: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torc
     return ids, labels, pixels
 
 
-def attention_path(model: TCLlava, ids: torch.Tensor, frames: int) -> str:
+def step_attention(model: TCLlava, ids: torch.Tensor, frames: int) -> str:
     """What the LLM attends with in this step: the block decomposition, plain causal, or a mask of which kind."""
     if model.mask.is_causal:
         return "causal"
-    frame_ids = model.frame_ids(ids, frames)
-    embeds = torch.empty(*ids.shape, model.config.text_config.hidden_size, device=ids.device, dtype=torch.bfloat16)
-    chosen = llm_attention(model.language_model.config, model.mask, frame_ids, torch.ones_like(ids),
-                           real_token_index(frame_ids), embeds)
-    return "block decomposition" if "block_spans" in chosen.layer_kwargs else type(chosen.attention_mask).__name__
+    return attention_path(model, model.frame_ids(ids, frames), torch.ones_like(ids))
 
 
 def measure(variant: str, frames: int, layers: int, reps: int) -> dict:
@@ -90,7 +86,7 @@ def measure(variant: str, frames: int, layers: int, reps: int) -> dict:
         def step():
             model(ids, None, pixels, labels=labels).loss.backward()
             model.zero_grad(set_to_none=True)
-        path = attention_path(model, ids, frames)
+        path = step_attention(model, ids, frames)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     try:

@@ -51,13 +51,12 @@ import numpy as np
 import torch
 import transformers
 
-from shapes import IMAGE_TOKEN_ID, random_tc_llava
+from shapes import IMAGE_TOKEN_ID, attention_path, random_tc_llava
 from timing import memory_gb, once_s
 from tc_llava.data.collate import PackingCollator, SFTCollator
 from tc_llava.data.templates import IGNORE_INDEX
-from tc_llava.model.attention import llm_attention, resolve_attention
+from tc_llava.model.attention import resolve_attention
 from tc_llava.model.hf_compat import enable_activation_checkpointing
-from tc_llava.model.rope import real_token_index
 
 RESULTS = Path(__file__).parent / "results"
 CORPUS = "VideoChat2-IT"
@@ -138,21 +137,12 @@ def run_side(model, batch: dict, device: str, dtype: torch.dtype) -> dict:
             "peak_mem_gb": memory_gb(device)["peak_mem_gb"]}
 
 
-def attention_path(model, batch: dict, device: str) -> str:
-    """What a batch's LLM attends with: the block decomposition (with variable-length segments or not), or the
-    backend's mask where it does not apply."""
+def batch_attention(model, batch: dict, device: str) -> str:
+    """What a training batch's LLM attends with (:func:`shapes.attention_path`)."""
     inputs = model_inputs(batch, device, model.hf.dtype)
     with torch.no_grad():
         frame_ids = model(**{k: v for k, v in inputs.items() if k != "labels"}, logits_to_keep=1).frame_ids
-    sample_ids, mask = inputs["sample_ids"], inputs["attention_mask"]
-    embeds = torch.empty(*mask.shape, model.config.text_config.hidden_size, device=device, dtype=model.hf.dtype)
-    with torch.enable_grad():  # as in training: block_auto's fallback would be flex
-        chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
-                               real_token_index(frame_ids, mask), embeds, sample_ids=sample_ids)
-    spans = chosen.layer_kwargs.get("block_spans")
-    if spans is None:
-        return type(chosen.attention_mask).__name__
-    return "block decomposition" + (" (segments)" if spans.segments is not None else "")
+    return attention_path(model, frame_ids, inputs["attention_mask"], inputs["sample_ids"])
 
 
 def summary(steps: list[dict], batch: int) -> dict:
@@ -209,7 +199,7 @@ def main() -> None:
     for side, rows in steps.items():
         timed = [r for r in rows if not r["warmup"]]
         sides[side] = {**summary(timed, args.batch), "steps": rows,
-                       "attention": attention_path(model, last[side], args.device),
+                       "attention": batch_attention(model, last[side], args.device),
                        "loss_all_steps": sum(r["loss_sum"] for r in rows),
                        "label_tokens_all_steps": sum(r["label_tokens"] for r in rows)}
     pad, pack = sides["padded"], sides["packed"]

@@ -15,9 +15,10 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig,
 )
 
+from tc_llava.model.attention import llm_attention
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import TADRoPE, VanillaRoPE
+from tc_llava.model.rope import TADRoPE, VanillaRoPE, real_token_index
 from tc_llava.model.tc_llava import TCLlava
 
 IMAGE_TOKEN_ID = 32000
@@ -65,6 +66,19 @@ def random_tc_llava(num_layers: int = 32, attn: str = "sdpa", tc: bool = True,
         hf = LlavaForConditionalGeneration(config).to(dtype)
     rope, mask = (TADRoPE(1.0), FrameBlockCausalMask()) if tc else (VanillaRoPE(), CausalMask())
     return TCLlava(hf, rope, mask, VideoPooling(pooling_shape))
+
+
+def attention_path(model: TCLlava, frame_ids: torch.Tensor, mask: torch.Tensor,
+                   sample_ids: torch.Tensor | None = None) -> str:
+    """What the LLM attends with for this layout (under the caller's grad mode: block_auto's fallback differs):
+    the block decomposition, with variable-length segments or not, or the kind of mask it gets instead."""
+    embeds = torch.empty(*mask.shape, model.config.text_config.hidden_size, device=mask.device, dtype=model.hf.dtype)
+    chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
+                           real_token_index(frame_ids, mask), embeds, sample_ids=sample_ids)
+    spans = chosen.layer_kwargs.get("block_spans")
+    if spans is None:
+        return type(chosen.attention_mask).__name__
+    return "block decomposition" + (" (segments)" if spans.segments is not None else "")
 
 
 def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
