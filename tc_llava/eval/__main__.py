@@ -22,6 +22,7 @@ from tc_llava.cli import one_line_errors
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
 from tc_llava.eval.judge import JudgeError
 from tc_llava.model.build import model_from_config
+from tc_llava.runtime import fix_numerics
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def run(cfg: DictConfig) -> Any:
     cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
+    fix_numerics(cfg.threads, cfg.deterministic)
     torch.manual_seed(cfg.seed)
     benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
     if cfg.benchmark.get("stage") in ("score", "calibrate"):  # judging saved predictions needs no model

@@ -33,6 +33,7 @@ from tc_llava.data.datasets import DataError
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.provenance import run_meta
+from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
     NonFiniteError, RunDirError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint,
     save_checkpoint,
@@ -185,6 +186,7 @@ def setup(cfg: DictConfig) -> Run:
     the run dir are known to be right, and a resumed run continues its state and its records."""
     t = cfg.trainer
     check_train_config(cfg)
+    fix_numerics(cfg.threads, cfg.deterministic)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg)
     resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))

@@ -22,6 +22,7 @@ from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import check_sources
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.rope import ROPE_RULES
+from tc_llava.runtime import check_numerics
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK")  # what torchrun/accelerate set
@@ -161,6 +162,10 @@ def check_data(data: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
+    try:
+        check_numerics(cfg.threads, cfg.deterministic)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
     check_trainer(cfg.trainer)
     check_data(cfg.data)
     for group in ("rope", "mask"):  # the rules check their own parameters when built
