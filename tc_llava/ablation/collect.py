@@ -34,7 +34,7 @@ VARIANT = ("rope", "mask", "projector")  # what tells variants apart; jobs with 
 DEFAULT_PROJECTOR = "mlp"
 
 
-def variant(run: dict[str, Any]) -> tuple[str, str, str]:
+def variant_of(run: dict[str, Any]) -> tuple[str, str, str]:
     """A job's (rope, mask, projector) labels."""
     return run["rope"], run["mask"], run.get("projector", DEFAULT_PROJECTOR)
 
@@ -76,7 +76,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per variant in first-seen order: seeds, mean/std of each score and task, timings."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(variant(run), []).append(run)
+        groups.setdefault(variant_of(run), []).append(run)
     rows = []
     for key, jobs in groups.items():
         row: dict[str, Any] = {**dict(zip(VARIANT, key)), "seeds": len(jobs)}
@@ -113,7 +113,7 @@ def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str, str] | None
     for run in runs:
         correct = _correct_by_question(run)
         if correct is not None:
-            groups.setdefault(variant(run), {})[run["seed"]] = correct
+            groups.setdefault(variant_of(run), {})[run["seed"]] = correct
             family.update({t: v["family"] for t, v in run["tasks"].items()})
     base = baseline or next(iter(groups), None)
     if base not in groups:

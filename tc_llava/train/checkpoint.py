@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,9 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from tc_llava.model.hf_compat import whole_models
 
@@ -138,6 +142,23 @@ def claim_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
         error = broadcast_object_list([error])[0]
     if error is not None:
         raise RunDirError(error)
+
+
+class LockRunDir(Callback):
+    """Hydra callback (``hydra.callbacks`` of train.yaml): a single run locks ``run_dir`` before Hydra writes
+    its ``.hydra/`` record and log there, so a refused second process changes nothing of the run in use.
+    Only the main rank (``RANK`` 0 or unset) locks; :func:`claim_run_dir` in ``setup`` takes the same lock
+    again (re-entrant), and is what locks each job's run dir in a sweep."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return
+        HydraConfig.instance().set_config(config)  # as Hydra's run_job does next, so ${hydra:...} resolves
+        try:
+            lock_run_dir(Path(config.run_dir))
+        except RunDirError as e:
+            print(f"RunDirError: {e}", file=sys.stderr)
+            sys.exit(1)
 
 
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
