@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The rope x mask x seed ablation on CPU: synthetic data (once), the sweep, the report.
 # Extra arguments go to the sweep, e.g.  bash scripts/ablation.sh rope=mrope,videorope mask=causal
+# or over a rule's parameter:           bash scripts/ablation.sh rope=tad rope.gamma=0,0.5,1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}" OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

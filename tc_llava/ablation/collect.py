@@ -1,11 +1,14 @@
 """``python -m tc_llava.ablation.collect <multirun dir>``: one table for a rope x mask x seed sweep.
 
 Each job of ``experiment=ablation`` leaves an ``ablation.json`` (rope, mask, seed, timings,
-and per task its family, accuracy and chance level). Per job, a family's score is the
+and per task its family, accuracy and chance level). Its rope and mask name their parameters
+that differ from the rule's defaults (``tad-gamma0.5``), and a projector other than the default
+MLP is named too, so a variant is a rule with its parameters: a ``rope.gamma=0,0.5,1`` sweep gives
+three rows. Per job, a family's score is the
 mean accuracy of its tasks (every task has the same number of questions) and ``overall``
-the mean over all tasks; the table gives, per (rope, mask), the mean and sample standard
+the mean over all tasks; the table gives, per variant, the mean and sample standard
 deviation of these over seeds, plus every task's mean. Seed spread alone does not say whether
-a rope/mask difference is real: every variant is also compared with a baseline (the first
+a difference between variants is real: every variant is also compared with a baseline (the first
 variant, or ``--baseline rope/mask``) question by question, pooling the seeds both ran
 (:func:`paired`: B - A with a paired bootstrap 95% interval and McNemar's exact p, per family
 and overall, from each job's ``eval/predictions.jsonl``). Written beside the jobs:
@@ -27,6 +30,18 @@ from tc_llava.eval.stats import compare_correct
 
 FAMILIES = ("temporal", "static")
 SCORES = (*FAMILIES, "overall")
+VARIANT = ("rope", "mask", "projector")  # what tells variants apart; jobs with the default MLP name no projector
+DEFAULT_PROJECTOR = "mlp"
+
+
+def variant_of(run: dict[str, Any]) -> tuple[str, str, str]:
+    """A job's (rope, mask, projector) labels."""
+    return run["rope"], run["mask"], run.get("projector", DEFAULT_PROJECTOR)
+
+
+def columns(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The variant columns a table shows: rope and mask, and the projector where a job changed it."""
+    return VARIANT if any("projector" in run for run in runs) else VARIANT[:2]
 
 
 def _job_order(path: Path) -> tuple[int, str]:
@@ -58,13 +73,13 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float]:
 
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (rope, mask) in first-seen order: seeds, mean/std of each score and task, timings."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    """One row per variant in first-seen order: seeds, mean/std of each score and task, timings."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault((run["rope"], run["mask"]), []).append(run)
+        groups.setdefault(variant_of(run), []).append(run)
     rows = []
-    for (rope, mask), jobs in groups.items():
-        row: dict[str, Any] = {"rope": rope, "mask": mask, "seeds": len(jobs)}
+    for key, jobs in groups.items():
+        row: dict[str, Any] = {**dict(zip(VARIANT, key)), "seeds": len(jobs)}
         per_job = [job_scores(j) for j in jobs]
         for score in SCORES:
             values = [s[score] for s in per_job if score in s]
@@ -87,18 +102,18 @@ def _correct_by_question(run: dict[str, Any]) -> dict[str, tuple[str, bool]] | N
     return {r["id"]: (r["task"], r["correct"]) for r in rows if r["correct"] is not None}
 
 
-def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str] | None = None) -> list[dict[str, Any]]:
+def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str, str] | None = None) -> list[dict[str, Any]]:
     """Each other variant against ``baseline`` (default: the first), per question, over the seeds both ran.
 
     Pairs are (seed, question id) answered in both jobs of a seed; the families follow each
     question's task. Variants without per-question predictions are left out.
     """
-    groups: dict[tuple[str, str], dict[int, dict[str, tuple[str, bool]]]] = {}
+    groups: dict[tuple[str, str, str], dict[int, dict[str, tuple[str, bool]]]] = {}
     family: dict[str, str] = {}
     for run in runs:
         correct = _correct_by_question(run)
         if correct is not None:
-            groups.setdefault((run["rope"], run["mask"]), {})[run["seed"]] = correct
+            groups.setdefault(variant_of(run), {})[run["seed"]] = correct
             family.update({t: v["family"] for t, v in run["tasks"].items()})
     base = baseline or next(iter(groups), None)
     if base not in groups:
@@ -119,14 +134,16 @@ def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str] | None = No
     return out
 
 
-def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
-    """The paired comparisons as a table: B - A (points) [95% CI], McNemar p, per family and overall."""
+def paired_markdown(rows: Sequence[dict[str, Any]], shown: Sequence[str] = VARIANT[:2]) -> str:
+    """The paired comparisons as a table: B - A (points) [95% CI], McNemar p, per family and overall;
+    variants by their ``shown`` columns."""
     if not rows:
         return ""
-    base = "/".join(rows[0]["baseline"])
+    width = len(shown)
+    base = "/".join(rows[0]["baseline"][:width])
     lines = [f"Paired against {base} (same seeds, question by question): B - A in points [95% bootstrap CI], "
-             "McNemar exact p.", "", "| rope | mask | seeds | " + " | ".join(SCORES) + " |",
-             "|---|---|---:|" + "---:|" * len(SCORES)]
+             "McNemar exact p.", "", "| " + " | ".join(shown) + " | seeds | " + " | ".join(SCORES) + " |",
+             "|" + "---|" * width + "---:|" + "---:|" * len(SCORES)]
     for r in rows:
         cells = []
         for score in SCORES:
@@ -134,7 +151,7 @@ def paired_markdown(rows: Sequence[dict[str, Any]]) -> str:
             cells.append("n/a" if c is None or c["difference"] is None else
                          f"{c['difference']:+.1f} [{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}], "
                          f"p={c['mcnemar_p']:.3g} (n={c['n']})")
-        lines.append(f"| {r['variant'][0]} | {r['variant'][1]} | {len(r['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(r["variant"][:width]) + f" | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -152,17 +169,22 @@ def markdown(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]]) -> 
     tasks = list(runs[0]["tasks"])
     family = {t: runs[0]["tasks"][t]["family"] for t in tasks}
     base = chance(runs[0])
-    lines = ["| rope | mask | seeds | temporal | static | overall | train s | eval s |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    shown = columns(runs)
+    head, rule, blank = " | ".join(shown), "---|" * len(shown), " |" * (len(shown) - 1)
+    lines = [f"| {head} | seeds | temporal | static | overall | train s | eval s |",
+             f"|{rule}---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['rope']} | {r['mask']} | {r['seeds']} | {_cell(r, 'temporal')} | {_cell(r, 'static')} | "
-                     f"{_cell(r, 'overall')} | {r['train_seconds']:.0f} | {r['eval_seconds']:.0f} |")
-    lines.append("| chance | | | " + " | ".join(f"{base[s]:.1f}" if s in base else "n/a" for s in SCORES) + " | | |")
-    lines += ["", "| rope | mask | " + " | ".join(f"{t} ({family[t]})" for t in tasks) + " |",
-              "|---|---|" + "---:|" * len(tasks)]
+        lines.append("| " + " | ".join(r[k] for k in shown) + f" | {r['seeds']} | {_cell(r, 'temporal')} | "
+                     f"{_cell(r, 'static')} | {_cell(r, 'overall')} | {r['train_seconds']:.0f} | "
+                     f"{r['eval_seconds']:.0f} |")
+    lines.append(f"| chance{blank} | | " + " | ".join(f"{base[s]:.1f}" if s in base else "n/a" for s in SCORES)
+                 + " | | |")
+    lines += ["", f"| {head} | " + " | ".join(f"{t} ({family[t]})" for t in tasks) + " |",
+              f"|{rule}" + "---:|" * len(tasks)]
     for r in rows:
-        lines.append(f"| {r['rope']} | {r['mask']} | " + " | ".join(_cell(r, t) for t in tasks) + " |")
+        lines.append("| " + " | ".join(r[k] for k in shown) + " | " + " | ".join(_cell(r, t) for t in tasks) + " |")
     chance_tasks = " | ".join(f"{runs[0]['tasks'][t]['chance']:.1f}" for t in tasks)
-    lines.append(f"| chance | | {chance_tasks} |")
+    lines.append(f"| chance{blank} | {chance_tasks} |")
     return "\n".join(lines) + "\n"
 
 
@@ -183,7 +205,7 @@ def plot(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], path: P
         if score in base:
             ax.hlines(base[score], xs[0] - width / 2, xs[-1] + width / 2, colors=colors[score], linestyles="dashed",
                       linewidth=0.8)
-    ax.set_xticks(range(len(rows)), [f"{r['rope']}\n{r['mask']}" for r in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), ["\n".join(r[k] for k in columns(runs)) for r in rows], fontsize=7)
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title("rope x mask ablation (mean ± std over seeds; dashed: chance)", fontsize=9)
@@ -193,16 +215,17 @@ def plot(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], path: P
 
 
 def write_report(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]], out_dir: str | Path,
-                 baseline: tuple[str, str] | None = None) -> dict[str, Path]:
+                 baseline: tuple[str, str, str] | None = None) -> dict[str, Path]:
     """``ablation.md``, ``ablation.csv``, ``ablation.png`` and ``ablation_paired.json`` in ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"md": out / "ablation.md", "csv": out / "ablation.csv", "png": out / "ablation.png",
              "paired": out / "ablation_paired.json"}
     comparisons = paired(runs, baseline)
-    paths["md"].write_text(markdown(rows, runs) + ("\n" + paired_markdown(comparisons) if comparisons else ""))
+    shown = columns(runs)
+    paths["md"].write_text(markdown(rows, runs) + ("\n" + paired_markdown(comparisons, shown) if comparisons else ""))
     paths["paired"].write_text(json.dumps(comparisons, indent=1) + "\n")
-    fields = ["rope", "mask", "seeds"] + [f"{s}_{k}" for s in SCORES for k in ("mean", "std")]
+    fields = [*shown, "seeds"] + [f"{s}_{k}" for s in SCORES for k in ("mean", "std")]
     fields += [f"{t}_{k}" for t in runs[0]["tasks"] for k in ("mean", "std")] + ["train_seconds", "eval_seconds"]
     with paths["csv"].open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
@@ -217,13 +240,18 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tc_llava.ablation.collect", description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir", type=Path, help="the sweep's directory (holds one folder per job)")
     parser.add_argument("--out", type=Path, default=None, help="where to write the report (default: multirun_dir)")
-    parser.add_argument("--baseline", default=None, metavar="ROPE/MASK",
-                        help="the variant the others are paired against (default: the first)")
+    parser.add_argument("--baseline", default=None, metavar="ROPE/MASK[/PROJECTOR]",
+                        help="the variant the others are paired against, as its table row names it, e.g. "
+                             "tad-gamma0.5/causal (default: the first)")
     args = parser.parse_args(argv)
     runs = load_runs(args.multirun_dir)
-    baseline = tuple(args.baseline.split("/", 1)) if args.baseline else None
-    if baseline is not None and len(baseline) != 2:
-        parser.exit(2, f"error: --baseline {args.baseline!r}: expected ROPE/MASK, e.g. vanilla/causal\n")
+    baseline = None
+    if args.baseline:
+        parts = args.baseline.split("/")
+        if len(parts) not in (2, 3):
+            parser.exit(2, f"error: --baseline {args.baseline!r}: expected ROPE/MASK[/PROJECTOR], "
+                           "e.g. vanilla/causal\n")
+        baseline = (*parts, DEFAULT_PROJECTOR) if len(parts) == 2 else tuple(parts)
     paths = write_report(summarize(runs), runs, args.out or args.multirun_dir, baseline)
     print(paths["md"].read_text(), flush=True)
     print("\n".join(f"wrote {p}" for p in paths.values()))

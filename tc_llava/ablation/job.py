@@ -2,9 +2,11 @@
 
 ``experiment=ablation`` composes a benchmark into ``ablation.benchmark``; after training,
 ``python -m tc_llava.ablation`` calls :func:`evaluate_run` in the same process. It evaluates the exported model (what a user would load) on that benchmark
-under ``${run_dir}/eval`` and writes ``${run_dir}/ablation.json``: the job's rope, mask
-and seed, its timings, and per task the family (the 5th entry of the benchmark's
-``tasks.json`` row), the accuracy and the chance level (mean of 1 / number of options).
+under ``${run_dir}/eval`` and writes ``${run_dir}/ablation.json``: the job's rope and mask labels
+(each rule with its parameters that differ from the rule's defaults, ``tad-gamma0.5``, as in run dir
+names; the projector's too unless it is the default MLP), seed, timings, and per task the family (the
+5th entry of the benchmark's ``tasks.json`` row), the accuracy and the chance level (mean of 1 /
+number of options).
 :mod:`tc_llava.ablation.collect` turns a sweep's files into one table.
 """
 
@@ -19,13 +21,11 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from tc_llava.eval import mvbench
 from tc_llava.model.tc_llava import TCLlava
-from tc_llava.train.settings import SettingsError
+from tc_llava.train.settings import SettingsError, rule_labels
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +48,6 @@ def chance_levels(predictions: Path) -> dict[str, float]:
             row = json.loads(line)
             inverse.setdefault(row["task"], []).append(100.0 / len(row["candidates"]))
     return {task: statistics.fmean(v) for task, v in inverse.items()}
-
-
-def rule_choice(cfg: DictConfig, group: str) -> str:
-    """The config-group option a job ran with (``rope=tad`` -> ``tad``), else the rule's own name."""
-    if HydraConfig.initialized():
-        choice = HydraConfig.get().runtime.choices.get(group)
-        if choice:
-            return str(choice)
-    return str(instantiate(cfg[group]).name)
 
 
 def check_benchmark(cfg: DictConfig) -> None:
@@ -83,8 +74,9 @@ def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) 
         raise RuntimeError(f"ablation eval: no question of {unanswered} could be answered; see {run_dir / 'eval'}")
     families = task_families(cfg.ablation.benchmark.root)
     chance = chance_levels(run_dir / "eval" / "predictions.jsonl")
+    labels = rule_labels(cfg.get("rope"), cfg.get("mask"), cfg.get("projector"))
     summary = {
-        "rope": rule_choice(cfg, "rope"), "mask": rule_choice(cfg, "mask"), "seed": int(cfg.seed),
+        **labels, "seed": int(cfg.seed),
         "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - tic,
         "final_loss": result["losses"][-1] if result["losses"] else None,
         "tasks": {task: {"family": families[task], "accuracy": r["accuracy"], "chance": chance[task],
@@ -92,6 +84,6 @@ def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) 
         "results": str(run_dir / "eval" / "results.json"),
     }
     (run_dir / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
-    log.info("ablation job %s/%s seed %d: %s", summary["rope"], summary["mask"], summary["seed"],
+    log.info("ablation job %s seed %d: %s", "/".join(labels.values()), summary["seed"],
              {t: round(v["accuracy"], 1) for t, v in summary["tasks"].items()})
     return summary

@@ -10,14 +10,22 @@ this run (and the runs it resumed) wrote.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import shutil
+import socket
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 
 from tc_llava.model.hf_compat import whole_models
 
@@ -25,6 +33,14 @@ STATE_FILE = "trainer_state.json"
 # What a training run (and the ablation job's evaluation) writes into its run_dir; Hydra's own
 # .hydra/ and log files are left alone.
 RUN_ARTEFACTS = ("checkpoints", "export", "metrics.jsonl", "config.yaml", "meta.json", "eval", "ablation.json", "wandb")
+# Held (flock) by the one process that trains into a run_dir, for that process's lifetime: the kernel
+# releases it when the process ends, however it ends. It names its holder for the refusal message.
+LOCK_FILE = ".lock"
+# A directory below run_dir holding one of these is another run's or an evaluation's: a training run
+# (its lock, its config.yaml), any Hydra app's output dir (.hydra) or an evaluation (results.json).
+OTHER_RUN_SIGNS = frozenset({LOCK_FILE, "config.yaml", ".hydra", "results.json", "ablation.json"})
+_OWN_TREES = ("checkpoints", "export", "wandb", ".hydra")  # written by this run (and Hydra) alone: not searched
+_held: dict[Path, int] = {}  # lock file -> open descriptor, for the life of this process
 
 
 class NonFiniteError(RuntimeError):
@@ -70,17 +86,99 @@ def run_artefacts(run_dir: Path) -> list[str]:
     return [name for name in RUN_ARTEFACTS if (run_dir / name).exists()]
 
 
+def other_outputs(run_dir: Path) -> list[str]:
+    """Directories below ``run_dir`` (relative, sorted) that hold another run or an evaluation: ones with
+    a sign of :data:`OTHER_RUN_SIGNS`. ``eval/`` with only a ``results.json`` is the ablation job's own
+    evaluation when ``run_dir`` is a training run's (has its ``config.yaml``)."""
+    own_eval = run_dir / "eval" if (run_dir / "config.yaml").is_file() else None
+    found = []
+    for top, dirs, files in os.walk(run_dir):
+        here = Path(top)
+        if here == run_dir:
+            dirs[:] = [d for d in dirs if d not in _OWN_TREES]
+            continue
+        signs = OTHER_RUN_SIGNS.intersection(files + dirs) - ({"results.json"} if here == own_eval else set())
+        if signs:
+            found.append(str(here.relative_to(run_dir)))
+            dirs[:] = []  # what lies below is that run's
+    return sorted(found)
+
+
+def lock_run_dir(run_dir: Path) -> None:
+    """Hold ``run_dir/.lock`` until this process ends; raise :class:`RunDirError` naming the holder if another
+    process holds it. Re-entrant within a process (a sweep's jobs, or an ablation job's evaluation after its
+    training, run in one process)."""
+    path = (run_dir / LOCK_FILE).absolute()
+    held = _held.get(path)
+    if held is not None:
+        if path.exists() and os.path.samestat(os.fstat(held), path.stat()):
+            return
+        os.close(held)  # the directory was deleted and made again: lock the new file
+        del _held[path]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise RunDirError(f"run_dir={run_dir} is in use by {holder} (it holds {path}); one process trains in a "
+                          "run_dir at a time: wait for it to end, or give this run another run_dir=") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _held[path] = fd
+
+
+def claim_run_dir(accelerator: Accelerator, run_dir: Path) -> None:
+    """The main process locks ``run_dir`` (:func:`lock_run_dir`); every rank learns the outcome, so a refusal
+    stops all ranks at once and none waits at a barrier for one that left."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            lock_run_dir(run_dir)
+        except RunDirError as e:
+            error = str(e)
+    if accelerator.num_processes > 1:
+        error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise RunDirError(error)
+
+
+class LockRunDir(Callback):
+    """Hydra callback (``hydra.callbacks`` of train.yaml): a single run locks ``run_dir`` before Hydra writes
+    its ``.hydra/`` record and log there, so a refused second process changes nothing of the run in use.
+    Only the main rank (``RANK`` 0 or unset) locks; :func:`claim_run_dir` in ``setup`` takes the same lock
+    again (re-entrant), and is what locks each job's run dir in a sweep."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if os.environ.get("RANK", "0") != "0":
+            return
+        HydraConfig.instance().set_config(config)  # as Hydra's run_job does next, so ${hydra:...} resolves
+        try:
+            lock_run_dir(Path(config.run_dir))
+        except RunDirError as e:
+            print(f"RunDirError: {e}", file=sys.stderr)
+            sys.exit(1)
+
+
 def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | None:
     """Where to resume from; refuses to start over another run's outputs. Every rank calls it.
 
-    A fresh run (``resume=null``) needs a run_dir without outputs, unless ``overwrite=true``.
-    Resuming from a checkpoint of this run_dir refuses when later checkpoints exist there,
-    which the resumed run would overwrite.
+    A fresh run (``resume=null``) needs a run_dir without outputs, unless ``overwrite=true``, which
+    replaces one run's outputs only: a run_dir that also holds other runs or evaluations
+    (:func:`other_outputs`) is refused either way. Resuming from a checkpoint of this run_dir refuses
+    when later checkpoints exist there, which the resumed run would overwrite.
     """
     if resume and overwrite:
         raise ValueError("resume= and overwrite=true exclude each other: continue the run, or replace it")
     found = run_artefacts(run_dir)
     if not resume:
+        others = other_outputs(run_dir) if found else []
+        if others:
+            shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+            raise RunDirError(
+                f"run_dir={run_dir} holds other runs or evaluations ({shown}) beside outputs ({', '.join(found)}); "
+                "it is not one run's directory: give this run its own run_dir= (or name=)")
         if found and not overwrite:
             raise RunDirError(
                 f"run_dir={run_dir} already holds a run ({', '.join(found)}); pass resume=latest to continue it, "
@@ -97,7 +195,8 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """Delete a previous run's outputs (``overwrite=true``); main process only."""
+    """Delete a previous run's outputs (``overwrite=true``, after :func:`check_run_dir` found no other run's
+    there); its lock and whatever else lies in ``run_dir`` stay. Main process only."""
     for name in run_artefacts(run_dir):
         path = run_dir / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()

@@ -35,7 +35,7 @@ from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.provenance import run_meta
 from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
-    NonFiniteError, RunDirError, TrainState, check_run_dir, clear_run_dir, export_model, load_checkpoint,
+    NonFiniteError, RunDirError, TrainState, check_run_dir, claim_run_dir, clear_run_dir, export_model, load_checkpoint,
     save_checkpoint,
 )
 from tc_llava.train.optim import cosine_with_warmup, param_groups
@@ -189,6 +189,7 @@ def setup(cfg: DictConfig) -> Run:
     fix_numerics(cfg.threads, cfg.deterministic)
     run_dir = Path(cfg.run_dir)
     accelerator = make_accelerator(cfg)
+    claim_run_dir(accelerator, run_dir)  # one process per run_dir: locked before anything there is read or written
     resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))
     accelerator.wait_for_everyone()  # every rank has looked before the main process clears anything
     set_seed(cfg.seed, device_specific=False)

@@ -7,8 +7,11 @@ later, after a 7B model has loaded, as an error that names neither the setting n
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import check_sources
 from tc_llava.model.masks import MASK_RULES
+from tc_llava.model.pooling import mlp_projector
 from tc_llava.model.rope import ROPE_RULES
 from tc_llava.runtime import check_numerics
 
@@ -33,17 +37,85 @@ class SettingsError(ValueError):
 
 
 _RULE_NAMES = {f"{cls.__module__}.{cls.__qualname__}": name for name, cls in {**ROPE_RULES, **MASK_RULES}.items()}
+_MLP = f"{mlp_projector.__module__}.{mlp_projector.__qualname__}"  # train.yaml's projector, unnamed in run dirs
 
 
 def rule_name(target: str | None) -> str:
     """The registered name of the rule a ``rope``/``mask`` config builds (``tad``); ``saved`` when the
-    group is null (the checkpoint's rule). Resolver ``${rule_name:...}``: run directories are named by it."""
+    group is null (the checkpoint's rule); else the callable's own name (``pllava_projector``)."""
     if target is None:
         return "saved"
     return _RULE_NAMES.get(target, target.rsplit(".", 1)[-1])
 
 
-OmegaConf.register_new_resolver("rule_name", rule_name, replace=True)
+def _defaults(target: str | None) -> dict[str, object]:
+    """The keyword defaults of the callable a config group builds; none known when it cannot be imported
+    (``check_train_config`` reports that target in one line, after the run dir's name was resolved)."""
+    module, _, attr = (target or "").rpartition(".")
+    try:
+        built = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError):
+        return {}
+    return {name: p.default for name, p in inspect.signature(built).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _same(value: object, default: object) -> bool:
+    """Equal as settings: ``1 == 1.0`` and a list equals a tuple of the same items, but ``true`` is not ``1``."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    if isinstance(value, (list, tuple)) and isinstance(default, (list, tuple)):
+        return len(value) == len(default) and all(_same(a, b) for a, b in zip(value, default))
+    return value == default
+
+
+def param_word(value: object) -> str:
+    """A parameter value as a filesystem-safe word, the same for equal settings: numbers in their shortest
+    round-trip form without a trailing ``.0`` (``0.5``, ``0.50`` and ``5e-1`` give ``0.5``; ``1`` and ``1.0``
+    give ``1``), lists joined by ``x`` (``[4, 6, 6]`` gives ``4x6x6``), ``null``/``true``/``false``, and strings
+    with every character outside ``[A-Za-z0-9._+]`` replaced by ``_`` (``-`` separates the rules)."""
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, (list, tuple)):
+        return "x".join(param_word(v) for v in value)
+    return re.sub(r"[^A-Za-z0-9._+]", "_", str(value))
+
+
+def rule_label(node: DictConfig | None) -> str:
+    """A rule and every parameter that differs from its default, sorted by name: ``tad`` (``gamma=1.0``, the
+    default), ``tad-gamma0.5``, ``videorope-delta1-temporal_pairs8``; ``saved`` for a null group."""
+    if node is None:
+        return "saved"
+    target = node.get("_target_")
+    params = {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not k.startswith("_")}
+    defaults = _defaults(target)
+    changed = sorted(k for k, v in params.items() if k not in defaults or not _same(v, defaults[k]))
+    return "-".join([rule_name(target), *(f"{k}{param_word(params[k])}" for k in changed)])
+
+
+def rule_labels(rope: DictConfig | None, mask: DictConfig | None, projector: DictConfig | None) -> dict[str, str]:
+    """``{"rope": ..., "mask": ...}`` labels, plus ``"projector"`` unless it is the checkpoint's MLP (the
+    default, left out so that the default run keeps its name) or null (the checkpoint's own)."""
+    labels = {"rope": rule_label(rope), "mask": rule_label(mask)}
+    if projector is not None:
+        label = rule_label(projector)
+        if not (projector.get("_target_") == _MLP and label == rule_name(_MLP)):
+            labels["projector"] = label
+    return labels
+
+
+def run_name(rope: DictConfig | None, mask: DictConfig | None, projector: DictConfig | None) -> str:
+    """Resolver ``${run_name:rope,mask,projector}`` (the group nodes): the rules part of a run dir, so that runs
+    differing in any rule or rule parameter never share one: ``tad-frame_block_causal`` (every default),
+    ``tad-gamma0.5-frame_block_causal``, ``vanilla-causal-pllava_projector-pooling_shape4x6x6``."""
+    return "-".join(rule_labels(rope, mask, projector).values())
+
+
+OmegaConf.register_new_resolver("run_name", run_name, replace=True)
 
 
 @dataclass
