@@ -13,10 +13,12 @@ Two judges share one interface, :meth:`Judge.score_items`:
 - :class:`LocalJudge` runs any Hugging Face causal LM from a local path, greedily.
 
 Every judged item is appended to a JSONL cache (:mod:`tc_llava.eval.jsonl`) as soon as it
-is done, so an interrupted or repeated run only asks for what is missing. A dead endpoint
-stops the run early (:class:`CircuitBreaker`) instead of costing every remaining item its
-full retry budget, and :meth:`Judge.preflight` lets the eval app find a missing key, an
-unreachable server or a model the server lacks before it generates anything. The cache
+is done, so an interrupted or repeated run only asks for what is missing, and a run whose
+verdicts are all cached never contacts the judge. A dead or broken endpoint (no connection,
+5xx, empty or garbled bodies, replies without a verdict) stops the run early
+(:class:`CircuitBreaker`) instead of costing every remaining item its full retry budget, and
+:meth:`Judge.preflight` lets the eval app find a missing key, an unreachable server or a model
+the server lacks before it generates anything. The cache
 file name carries the judge model and the prompt hash (:meth:`Judge.cache_path`): another
 judge or another prompt never reuses these judgements.
 """
@@ -35,6 +37,7 @@ import re
 import threading
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -228,55 +231,77 @@ class JudgeError(RuntimeError):
     """A problem no retry can fix for any item (bad key, unknown model, wrong URL)."""
 
 
-class TransientJudgeError(Exception):
-    """A failed request worth retrying after a delay (429, 5xx, timeout, connection)."""
+class FailedReply(Exception):
+    """A request that brought no verdict; ``kind`` names the failure for the :class:`CircuitBreaker`'s count."""
 
-    def __init__(self, message: str, retry_after: float | None = None):
+    def __init__(self, message: str, kind: str):
         super().__init__(message)
+        self.kind = kind
+
+
+class TransientJudgeError(FailedReply):
+    """A failed request worth retrying after a delay (429, 5xx, timeout, connection, garbled body)."""
+
+    def __init__(self, message: str, retry_after: float | None = None, kind: str = "no reply"):
+        super().__init__(message, kind)
         self.retry_after = retry_after
 
 
 class UnreachableError(TransientJudgeError):
     """A request that never reached the endpoint: connection refused, DNS, connect timeout, or
-    the connection closed without a reply. Retried like any transient error, and counted by the
-    :class:`CircuitBreaker`."""
+    the connection closed without a reply."""
+
+    def __init__(self, message: str):
+        super().__init__(message, kind="no connection")
 
 
-class ItemJudgeError(Exception):
+class ItemJudgeError(FailedReply):
     """A request this item will never get through (e.g. HTTP 400): fail it, no retry."""
 
 
-class CircuitBreaker:
-    """Stops a judging run once ``limit`` requests in a row (all threads) never reached the server.
+UNPARSEABLE = "no valid verdict in the reply"  # the kind of a reply that came back but does not parse
 
-    Against a dead endpoint each item would spend its whole retry budget in backoff (about
-    31 s with the defaults, 70 minutes per 1,000 items at concurrency 8). Any request that
-    reaches the server, whatever it answers, resets the count. Once open, every thread
-    raises :class:`JudgeError` at its next attempt or as soon as its backoff is woken; a
-    reply already received is still returned, so no finished verdict is lost.
+
+class CircuitBreaker:
+    """Stops a judging run once ``limit`` requests in a row (all threads) brought no verdict.
+
+    Every failed request counts, whatever failed: no connection, an HTTP error (5xx, 429, 400),
+    an empty or garbled body, a timeout, a reply without a valid verdict. Against a judge that
+    answers but never usefully, each item would otherwise spend its whole retry budget in
+    backoff (about 31 s with the defaults, 70 minutes per 1,000 items at concurrency 8). Only
+    a verdict resets the count, so a judge that fails some items and scores the rest goes on.
+    Once open, every thread raises :class:`JudgeError` at its next attempt or as soon as its
+    backoff is woken; a verdict already received is still returned, so none is lost.
     """
 
     def __init__(self, limit: int, endpoint: str):
         self.limit, self.endpoint = max(1, int(limit)), endpoint
-        self.count = 0
+        self.kinds: Counter[str] = Counter()  # failure kind -> count, in the current run of failures
         self.reason = ""
         self._lock = threading.Lock()
         self._open = threading.Event()
 
-    def record(self, error: Exception | None) -> None:
-        """Count an :class:`UnreachableError`; anything else (None: a reply) resets the count."""
+    @property
+    def count(self) -> int:
+        """Failed requests in a row so far."""
+        return sum(self.kinds.values())
+
+    def record(self, failure: FailedReply | None) -> None:
+        """Count a failed request; None (a verdict) resets the count."""
         with self._lock:
             if self._open.is_set():
                 return
-            if not isinstance(error, UnreachableError):
-                self.count = 0
+            if failure is None:
+                self.kinds.clear()
                 return
-            self.count += 1
+            self.kinds[failure.kind] += 1
             if self.count >= self.limit:
+                kinds = ", ".join(f"{n} x {kind}" for kind, n in self.kinds.most_common())
+                last = " ".join(str(failure).split())  # one line, whatever the server sent
                 self.reason = (
-                    f"judge stopped: {self.count} requests in a row could not reach "
-                    f"{self.endpoint} (judge.max_consecutive_failures={self.limit}); last error: "
-                    f"{error}. Verdicts so far are cached: re-run once the endpoint answers"
+                    f"judge stopped: {self.count} requests in a row to {self.endpoint} failed ({kinds}; "
+                    f"judge.max_consecutive_failures={self.limit}); last: {last:.300}. "
+                    "Verdicts so far are cached: re-run once the judge answers"
                 )
                 self._open.set()
 
@@ -340,14 +365,15 @@ class Judge:
     Retry policy: each item gets ``1 + max_retries`` attempts in total. A transient error
     waits :meth:`retry_delay`; an unparseable reply is re-asked at once; an
     :class:`ItemJudgeError` fails the item immediately; a :class:`JudgeError` aborts the
-    run (items judged so far stay in the cache), as does ``max_consecutive_failures``
-    requests in a row that never reach the endpoint (:class:`CircuitBreaker`).
+    run (items judged so far stay in the cache), as do ``max_consecutive_failures``
+    requests in a row that bring no verdict (:class:`CircuitBreaker`).
     """
 
     model: str
     max_retries: int = 0
     concurrency: int = 1
     max_consecutive_failures: int = 5
+    _ready: bool = False  # preflight passed (see ready())
 
     def complete(self, messages: list[dict[str, str]]) -> str:
         raise NotImplementedError
@@ -372,6 +398,13 @@ class Judge:
 
         Nothing by default: a judge whose constructor checks its inputs is ready once built.
         """
+
+    def ready(self) -> None:
+        """:meth:`preflight`, once per judge, when the first item needs judging: a scoring whose
+        verdicts are all cached never contacts the judge, and needs no key or server."""
+        if not self._ready:
+            self.preflight()
+            self._ready = True
 
     def cache_path(self, cache_dir: str | os.PathLike, task: str, prompt: PromptTemplate) -> Path:
         """``{cache_dir}/{task}.{judge model}.{prompt hash}.jsonl``."""
@@ -408,12 +441,15 @@ class Judge:
                 continue
             except ItemJudgeError as exc:
                 breaker.record(exc)
+                breaker.check()
                 return JudgeResult(item_id, "failed", None, raw, str(exc), attempt, sha)
-            breaker.record(None)
             parsed = parse_judge_reply(reply, schema)
             if parsed is not None:
+                breaker.record(None)
                 return JudgeResult(item_id, "ok", parsed, reply, None, attempt, sha)
             raw, error = reply, f"unparseable reply for schema {list(schema)}"
+            breaker.record(FailedReply(f"{error}: {reply[:200]!r}", UNPARSEABLE))
+            breaker.check()
         return JudgeResult(item_id, "failed", None, raw, error, attempts, sha)
 
     def score_items(
@@ -426,7 +462,8 @@ class Judge:
 
         An item whose cache record is ``ok`` for the same rendered messages is not asked
         again; failed items, and items whose prediction changed since, are. Results come
-        back in item order. Only this thread writes the cache, one line per finished item;
+        back in item order. The judge is contacted only if an item is left to judge, after
+        :meth:`ready`. Only this thread writes the cache, one line per finished item;
         when the run aborts (:class:`JudgeError`, an open breaker, Ctrl-C), items finished by
         other threads meanwhile are written before the error propagates.
         """
@@ -448,6 +485,7 @@ class Judge:
             self.model,
         )
         if todo:
+            self.ready()
             with (
                 jsonl.Appender(cache_path) as out,
                 ThreadPoolExecutor(max_workers=max(1, self.concurrency)) as pool,
@@ -530,8 +568,8 @@ class OpenAIJudge(Judge):
     and each socket read. Delays: ``backoff_base_s * 2**(k-1)``
     capped at ``backoff_max_s``, times ``1 + backoff_jitter * U(0,1)``, and at least the
     server's ``Retry-After`` (itself capped at ``backoff_max_s`` so that no header can
-    stall a run). ``max_consecutive_failures`` requests in a row that cannot reach the
-    server stop the run (:class:`CircuitBreaker`).
+    stall a run). ``max_consecutive_failures`` requests in a row without a verdict, whatever
+    failed, stop the run (:class:`CircuitBreaker`).
     """
 
     def __init__(
@@ -683,21 +721,23 @@ class OpenAIJudge(Judge):
         except urllib.error.HTTPError as exc:
             detail = exc.read(500).decode("utf-8", "replace")
             message = f"HTTP {exc.code} from {url}: {detail}"
+            kind = f"HTTP {exc.code}"
             if exc.code in (408, 409, 429) or exc.code >= 500:
-                raise TransientJudgeError(message, _retry_after_seconds(exc.headers)) from exc
+                raise TransientJudgeError(message, _retry_after_seconds(exc.headers), kind) from exc
             if exc.code in (401, 403, 404):
                 raise self._refused(message, exc.code) from exc
-            raise ItemJudgeError(message) from exc
+            raise ItemJudgeError(message, kind) from exc
         except _NO_CONNECTION as exc:
             raise UnreachableError(f"{type(exc).__name__} from {url}: {exc}") from exc
         except (OSError, http.client.HTTPException) as exc:  # read timeouts, malformed answers
-            raise TransientJudgeError(f"{type(exc).__name__} from {url}: {exc}") from exc
+            raise TransientJudgeError(f"{type(exc).__name__} from {url}: {exc}", kind=type(exc).__name__) from exc
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as exc:
             raise TransientJudgeError(
                 f"{url}: expected a chat completion with choices[0].message.content, "
-                f"got {payload[:200]!r}"
+                f"got {payload[:200]!r}",
+                kind="empty body" if not payload.strip() else "not a chat completion",
             ) from exc
         return content if isinstance(content, str) else ""
 
@@ -726,6 +766,7 @@ class LocalJudge(Judge):
         max_retries: int = 0,
         model_id: str | None = None,
         revision: str | None = None,
+        max_consecutive_failures: int = 5,
     ):
         if not (Path(model_path) / "config.json").is_file():
             raise JudgeError(
@@ -743,6 +784,7 @@ class LocalJudge(Judge):
         self.dtype = dtype
         self.max_new_tokens = int(max_new_tokens)
         self.max_retries = int(max_retries)
+        self.max_consecutive_failures = int(max_consecutive_failures)
         self.concurrency = 1
 
     @cached_property
