@@ -169,7 +169,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
         "failed_items": failed,
         "settings": {
             "benchmark": config_record(cfg),
-            "frame_sampling": "segment middles (MVBench / PLLaVA get_index)",
+            "frame_sampling": settings.sampling,
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "whole output, stripped"},
             "model": described,
             "git": git_state(),
@@ -178,7 +178,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
         "provenance": results_provenance(
             data_fingerprint({p for e in entries for p in e.sources}, cfg.root, len(items), missing, undecodable),
             model_hash(described["checkpoint"], run_dir / "cache" / "model_hash.json"),
-            {"num_frames": settings.num_frames, "sampling": "middle"},
+            {"num_frames": settings.num_frames, "sampling": settings.sampling},
         ),
     }
     write_json(run_dir / PREDICTIONS / "meta.json", meta)
