@@ -33,11 +33,11 @@ from tc_llava.eval.judge import (
     LocalJudge,
     OpenAIJudge,
     PromptTemplate,
-    _retry_after_seconds,
     load_prompts,
     parse_judge_reply,
     read_cache,
 )
+from tc_llava.eval.judge.openai_compatible import _retry_after_seconds
 from tc_llava.eval.scoring import (
     index_items,
     load_predictions,
