@@ -224,7 +224,7 @@ class OpenAIJudge(Judge):
                 payload = response.read()
         except urllib.error.HTTPError as exc:
             detail = exc.read(500).decode("utf-8", "replace")
-            message = f"HTTP {exc.code} from {url}: {detail}"
+            message = f"HTTP {exc.code} from {url}" + (f": {detail}" if detail.strip() else "")
             kind = f"HTTP {exc.code}"
             if exc.code in (408, 409, 429) or exc.code >= 500:
                 raise TransientJudgeError(message, _retry_after_seconds(exc.headers), kind) from exc
