@@ -392,7 +392,7 @@ def test_an_ablation_job_trains_exports_and_scores_a_video_family(option, tmp_pa
     export = TCLlava.from_pretrained(result["export"])
     assert result["media"] == {"frames": 2 * 4 * 4, "visual_tokens": 2 * 4 * export.tokens_per_video(4), "images": 0}
     assert export.config.model_type == option.replace("tiny_", "llava_") and export.template == cfg.model.template
-    assert export.frame_sampling == {"num_frames": 4, "image_frames": 1, "sampling": "random"}
+    assert export.frame_sampling == {"num_frames": 4, "image_frames": 1, "sampling": "random", "system": ""}
     assert (tmp_path / "run" / "export" / VIDEO_PREPROCESSOR_FILE).is_file()
     summary = evaluate_run(cfg, result, train_seconds=1.0)
     assert sum(task["total"] for task in summary["tasks"].values()) == 6

@@ -26,17 +26,18 @@ from omegaconf import OmegaConf
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.eval.judge import (
     QA_SCHEMA,
+    UNPARSEABLE,
     VCG_SCHEMA,
     JudgeError,
     JudgeResult,
     LocalJudge,
     OpenAIJudge,
     PromptTemplate,
-    _retry_after_seconds,
     load_prompts,
     parse_judge_reply,
     read_cache,
 )
+from tc_llava.eval.judge.openai_compatible import _retry_after_seconds
 from tc_llava.eval.scoring import (
     index_items,
     load_predictions,
@@ -307,7 +308,7 @@ def test_http_judge_retries_failures_and_resume(chat_server, tmp_path):
         "bad_body": [("body", b"<html>gateway</html>"), ("reply", "{'score': 5}")],
     }
     server = chat_server(script)
-    judge = _judge(server.base_url)
+    judge = _judge(server.base_url, max_consecutive_failures=100)  # per-item retries, not the breaker
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
     items = _items(script)
     cache = judge.cache_path(tmp_path, "videochatgpt_CI", prompt)
@@ -404,14 +405,12 @@ def test_http_judge_other_model_or_prompt_uses_other_cache(chat_server, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
 
 
-def test_http_judge_connection_refused_is_bounded(monkeypatch, tmp_path):
+def test_http_judge_connection_refused_is_bounded(monkeypatch):
+    """One item against a refused connection: its attempts, then failed (fewer than the breaker's N)."""
     monkeypatch.setenv(KEY_ENV, "k")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    judge = _judge(f"http://127.0.0.1:{port}/v1", max_retries=2)
+    judge = _judge(_dead_url(), max_retries=2)
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["TU"]
-    (result,) = judge.score_items(_items(["q"]), prompt, tmp_path / "c.jsonl")
+    result = judge.judge_one("q", prompt.render(_items(["q"])["v0_0"]), prompt.schema)
     assert result.status == "failed" and result.attempts == 3 and "127.0.0.1" in result.error
 
 
@@ -430,7 +429,7 @@ def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_s
     judge = _judge(server.base_url, concurrency=1, max_retries=5)  # N from configs/judge/openai.yaml
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
     items, cache = _items(keys), tmp_path / "c.jsonl"
-    stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(server.base_url)} "
+    stopped = rf"judge stopped: 5 requests in a row to {re.escape(server.base_url)} failed \(5 x no connection; "
     with pytest.raises(JudgeError, match=stopped + r".*RemoteDisconnected"):
         judge.score_items(items, prompt, cache)
     # without the breaker: 3 + 9 items x 6 attempts, each item's backoff slept in full
@@ -447,18 +446,26 @@ def test_http_judge_breaker_stops_after_n_connection_failures_and_resumes(chat_s
     assert [r.cached for r in results] == [True] * 3 + [False] * 9
 
 
-def test_http_judge_dead_endpoint_stops_at_once(monkeypatch, tmp_path):
-    monkeypatch.setenv(KEY_ENV, "k")
+def test_http_judge_dead_endpoint_stops_at_once(chat_server, tmp_path):
+    """A dead endpoint is found by the preflight; one that dies after it, by the breaker."""
     url = _dead_url()
-    # per item, retries would sleep 0.1 * (1 + 2 + 4 + 8 + 16) = 3.1 s: 40 items on 4 threads, 31 s
-    judge = _judge(url, max_retries=5, backoff_base_s=0.1, backoff_jitter=0.0)
     prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    items, cache = _items([f"q{i}" for i in range(40)]), tmp_path / "c.jsonl"
+    with pytest.raises(JudgeError, match=rf"judge\.base_url={re.escape(url)}: cannot reach {re.escape(url)}/models"):
+        _judge(url).score_items(items, prompt, cache)
+
+    server = chat_server({})
+    # per item, retries would sleep 0.1 * (1 + 2 + 4 + 8 + 16) = 3.1 s: 40 items on 4 threads, 31 s
+    judge = _judge(server.base_url, max_retries=5, backoff_base_s=0.1, backoff_jitter=0.0)
+    judge.ready()
+    server.httpd.shutdown()
+    server.httpd.server_close()
     t0 = time.monotonic()
-    stopped = rf"5 requests in a row could not reach {re.escape(url)} .*refused"
+    stopped = rf"5 requests in a row to {re.escape(server.base_url)} failed \(5 x no connection; .*refused"
     with pytest.raises(JudgeError, match=stopped):
-        judge.score_items(_items([f"q{i}" for i in range(40)]), prompt, tmp_path / "c.jsonl")
+        judge.score_items(items, prompt, cache)
     assert time.monotonic() - t0 < 2.0
-    assert read_cache(tmp_path / "c.jsonl") == {}  # stopped items are not recorded as failed
+    assert read_cache(cache) == {}  # stopped items are not recorded as failed
 
 
 def test_http_judge_breaker_keeps_verdicts_finished_meanwhile(chat_server, tmp_path):
@@ -477,6 +484,101 @@ def test_http_judge_breaker_keeps_verdicts_finished_meanwhile(chat_server, tmp_p
     assert (server.count("slow"), server.count("gone"), server.count("later")) == (1, 5, 0)
     cached = read_cache(cache)
     assert list(cached) == ["v0_0"] and cached["v0_0"].parsed == {"score": 5}
+
+
+# What a judge that answers but never usefully sends, every time -> the failure kind the breaker counts.
+BROKEN = {
+    "HTTP 502": ("status", 502, {}),
+    "HTTP 429": ("status", 429, {}),
+    "HTTP 400": ("status", 400, {}),
+    "empty body": ("body", b""),
+    "not a chat completion": ("body", b'{"choices": [{"message": {"content": "{\'score\': 4'),
+    UNPARSEABLE: ("reply", "I would rather not score this answer."),
+    "TimeoutError": ("slow", 2.5, "{'score': 4}"),  # past the client's timeout_s
+}
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_http_judge_breaker_counts_every_failed_reply(kind, chat_server, tmp_path):
+    """A server that answers, but never with a verdict, stops the run after N failed requests in a row."""
+    keys = [f"q{i}" for i in range(20)]
+    server = chat_server({k: [BROKEN[kind]] for k in keys})
+    # without the breaker each item makes 6 requests, sleeping 0.2 * (1 + 2 + 4 + 8 + 16) s between
+    # them when the failure is retried with backoff: 20 items on 4 threads, about 31 s
+    judge = _judge(server.base_url, max_retries=5, backoff_base_s=0.2, backoff_jitter=0.0, timeout_s=1.5)
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    cache = tmp_path / "c.jsonl"
+    t0 = time.monotonic()
+    with pytest.raises(JudgeError) as info:
+        judge.score_items(_items(keys), prompt, cache)
+    assert time.monotonic() - t0 < 10
+    message = str(info.value)
+    stopped = (rf"judge stopped: 5 requests in a row to {re.escape(server.base_url)} failed "
+               rf"\(5 x {re.escape(kind)}; judge\.max_consecutive_failures=5\); last: [^\n]+\. "
+               r"Verdicts so far are cached: re-run once the judge answers")
+    assert re.fullmatch(stopped, message), message
+    assert 5 <= server.count() <= 5 + 3  # the 5 counted, and at most one in flight on each other thread
+    # no verdict was lost or made up; items cut short (and a 400's failed ones) are asked again next run
+    assert all(r.status == "failed" for r in read_cache(cache).values())
+    assert len(read_cache(cache)) == (4 if kind == "HTTP 400" else 0)  # a 400 fails its item at once
+
+
+def test_http_judge_breaker_counts_failures_of_any_kind_until_a_verdict(chat_server, tmp_path):
+    """Failures of different kinds add up; a verdict in between starts the count again."""
+    script = {
+        "flaky_a": [("status", 502, {})] * 3 + [("reply", "{'score': 4}")],
+        "flaky_b": [("body", b"")] * 3 + [("reply", "{'score': 2}")],
+        "broken_a": [("status", 502, {})],
+        "broken_b": [("body", b"")],
+        "after": [("reply", "{'score': 1}")],
+    }
+    server = chat_server(script)
+    judge = _judge(server.base_url, concurrency=1, max_retries=3, backoff_base_s=0.01)
+    prompt = load_prompts(PROMPTS / "videochatgpt.yaml")["CI"]
+    cache = tmp_path / "c.jsonl"
+    stopped = r"5 requests in a row to .* failed \(4 x HTTP 502, 1 x empty body; .*last: .*expected a chat completion"
+    with pytest.raises(JudgeError, match=stopped):
+        judge.score_items(_items(script), prompt, cache)
+    assert {k: server.count(k) for k in script} == {"flaky_a": 4, "flaky_b": 4, "broken_a": 4, "broken_b": 1,
+                                                    "after": 0}
+    cached = read_cache(cache)
+    assert {i: (r.status, r.parsed) for i, r in cached.items()} == {
+        "v0_0": ("ok", {"score": 4}), "v1_0": ("ok", {"score": 2}), "v2_0": ("failed", None)}
+
+
+def test_score_stage_with_every_verdict_cached_needs_no_judge(chat_server, tmp_path):
+    """stage=score from a complete verdict cache: the judge's endpoint may be down, the numbers are the same."""
+    from hydra import compose, initialize_config_dir
+
+    from tc_llava.eval.__main__ import run
+
+    from conftest import CONFIGS
+
+    replies = {"q0": "{'pred': 'yes', 'score': 4}", "q1": "{'pred': 'no', 'score': 1}",
+               "q2": "{'pred': 'yes', 'score': 5}"}
+    server = chat_server({q: [("reply", r)] for q, r in replies.items()})
+    run_dir = tmp_path / "run"
+    records = [{"id": k, "video_name": f"v{k}", "Q": q, "A": "a", "pred": "p"} for k, q in enumerate(replies)]
+    (run_dir / "predictions").mkdir(parents=True)
+    (run_dir / "predictions" / "activitynet.json").write_text(json.dumps(records))
+
+    def score(base_url):
+        overrides = ["benchmark=zeroshot_qa", "benchmark.dataset=activitynet", f"benchmark.root={tmp_path}",
+                     "benchmark.stage=score", f"run_dir={run_dir}", "model=pretrained",
+                     f"model.checkpoint={tmp_path / 'unused'}", f"judge.base_url={base_url}",
+                     "judge.api_key_env=null", "judge.model=judge-test"]
+        with initialize_config_dir(str(CONFIGS), version_base=None):
+            return run(compose("eval", overrides=overrides))
+
+    first = score(server.base_url)
+    assert server.count() == 3 and (first["judged"], first["accuracy"], first["mean_score"]) == (3, 2 / 3, 10 / 3)
+    url = _dead_url()
+    again = score(url)
+    assert again["judge"]["base_url"] == url
+    numbers = ("accuracy", "mean_score", "yes", "no", "judged", "failed", "failed_ids")
+    assert {k: again[k] for k in numbers} == {k: first[k] for k in numbers}
+    assert json.loads((run_dir / "results.json").read_text())["mean_score"] == 10 / 3
+    assert server.count() == 3 and server.gets == ["/v1/models"]  # the first run's preflight only
 
 
 def test_http_judge_404_names_url_and_model(chat_server, tmp_path):

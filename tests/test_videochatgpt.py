@@ -450,7 +450,8 @@ def test_nothing_judged_fails_and_keeps_the_earlier_results(anet_root, tmp_path,
     chat.reset_counts()
     for key in script:
         script[key] = [("reply", MALFORMED)]
-    proc = subprocess.run([sys.executable, "-m", "tc_llava.eval", *args, "judge.model=judge-b"],
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.eval", *args, "judge.model=judge-b",
+                           "judge.max_consecutive_failures=10"],  # each item's attempts, not the breaker
                           cwd=REPO, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "zeroshot_qa_activitynet: nothing judged (0 of 3 items got a score)" in proc.stderr, proc.stderr[-4000:]
@@ -461,7 +462,7 @@ def test_nothing_judged_fails_and_keeps_the_earlier_results(anet_root, tmp_path,
     for key in script:
         script[key] = [("close",)]
     t0 = time.monotonic()
-    stopped = rf"judge stopped: 5 requests in a row could not reach {re.escape(chat.base_url)} "
+    stopped = rf"judge stopped: 5 requests in a row to {re.escape(chat.base_url)} failed \(5 x no connection; "
     with pytest.raises(JudgeError, match=stopped):
         run(_compose(*args, "judge.model=judge-b", "judge.max_retries=5", "judge.backoff_base_s=1.0"))
     assert time.monotonic() - t0 < 5  # per-item retries alone would sleep 1 + 2 + 4 + 8 + 16 s

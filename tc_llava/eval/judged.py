@@ -17,7 +17,7 @@ whose answers it needs), a scoring call and a results table; this module does th
   agreement with a reference judge (:mod:`tc_llava.eval.calibrate`).
 - **Checks before the model loads** (:func:`check_inputs`): the benchmark's files for
   generation, the saved predictions for ``score``, and the judge (key, endpoint, model)
-  for scoring.
+  before a generation it will score; ``score`` asks the judge only for uncached verdicts.
 - **Results** (:func:`write_results`): a scoring that judges no item at all stops with an
   error and keeps the earlier results; a partial one says so. ``results.json`` carries the
   judge (``judge``, ``judge_provenance``), the prompt hashes and the generation's
@@ -169,7 +169,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
         "failed_items": failed,
         "settings": {
             "benchmark": config_record(cfg),
-            "frame_sampling": "segment middles (MVBench / PLLaVA get_index)",
+            "frame_sampling": settings.sampling,
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "whole output, stripped"},
             "model": described,
             "git": git_state(),
@@ -178,7 +178,7 @@ def _generate(model: Any, entries: Sequence[Entry], cfg: DictConfig, files: Mapp
         "provenance": results_provenance(
             data_fingerprint({p for e in entries for p in e.sources}, cfg.root, len(items), missing, undecodable),
             model_hash(described["checkpoint"], run_dir / "cache" / "model_hash.json"),
-            {"num_frames": settings.num_frames, "sampling": "middle"},
+            {"num_frames": settings.num_frames, "sampling": settings.sampling},
         ),
     }
     write_json(run_dir / PREDICTIONS / "meta.json", meta)
@@ -233,9 +233,11 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState, chec
 
     Generation (stage generate/all): ``check_files`` checks the benchmark's files, records
     and video folder, on every rank (each reads them). On the main process, which alone
-    scores: the saved predictions of ``splits`` (stage score), then the judge (stage
-    score/all): its key is set, its endpoint answers and serves the model
-    (:meth:`Judge.preflight`), or its local model exists.
+    scores: the saved predictions of ``splits`` (stage score), then the judge's settings
+    (stage score/all) and, for stage all, the judge itself: its key is set, its endpoint
+    answers and serves the model (:meth:`Judge.preflight`), or its local model exists. Stage
+    score contacts the judge only when an item lacks a cached verdict (:meth:`Judge.ready`),
+    so re-scoring from a complete cache needs no judge.
     """
     stage = check_stage(cfg)
     if stage in ("generate", "all"):
@@ -248,7 +250,9 @@ def check_inputs(cfg: DictConfig, run_dir: str | Path, state: PartialState, chec
     if stage == "calibrate":
         calibrate.load_reference(cfg.calibrate.reference or "")
     if stage != "generate":
-        make_judge(cfg).preflight()
+        judge = make_judge(cfg)
+        if stage == "all":
+            judge.preflight()
 
 
 def generation_line(meta: Mapping[str, Any] | None) -> str:

@@ -17,14 +17,29 @@ gamma=1.0, mask=frame_block_causal, pooling_shape=16x12x12``), and answers:
   through ``unwrap_generation_output``, which turns a bare ``(float, bool)`` into its ``str`` (and
   so breaks every ``multiple_choice`` task, for ``llava_hf`` too), but unwraps its own wrapper as is.
 
-Frames: ``num_frames`` from the task's ``generation_kwargs`` (``num_frames``, ``max_num_frames``
-or ``frame_num``) when it sets one, else the ``num_frames`` model argument; segment middles as in
-MVBench (the runner's sampling). What each task ran with is logged once.
+What the export was trained with is how it is asked: its prompts begin with the system text its
+training prompts began with (recorded at export, ``tc_llava_frames.system``; ``system_prompt``
+overrides it), and ``num_frames`` defaults to its training frame count.
+
+Frames, as the task asks (:meth:`TCLlavaLMM._view`, logged once per task): the count is the task
+yaml's ``metadata: {sample_frames: N}`` (the key lmms-eval's own ``llava_onevision`` reads), else its
+``generation_kwargs`` ``num_frames`` / ``max_num_frames`` / ``frame_num``, else ``num_frames``. The
+strategy is the task's ``metadata`` or ``generation_kwargs`` ``frame_sampling``, else ``sampling``:
+``uniform`` by default, frames spread evenly over the whole clip from its first to its last frame,
+as lmms-eval's video models sample (``llava_onevision``, ``llava_vid``: ``np.linspace(0, n - 1, N)``,
+truncated where :func:`tc_llava.data.video.sample_frames` rounds) and so as its tasks are scored;
+``middle`` is MVBench's segment middles, the native evaluator's (``python -m tc_llava.eval``).
+
+lmms-eval's own constructor flags arrive beside ``model_args`` and are taken: ``batch_size`` (N, or
+``auto``/``auto:N``: :data:`AUTO_BATCH_SIZE` here, no probing), ``max_batch_size`` (its cap for
+``auto``) and ``device``. Every parameter of every registered rule (``ROPE_RULES``, ``MASK_RULES``)
+can be set by its name; anything else in ``model_args`` is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import tempfile
 from collections.abc import Sequence
@@ -38,33 +53,50 @@ from lmms_eval.api.model import lmms
 
 from tc_llava.data.templates import build_prompt, image_token_of, tokenize_prompt
 from tc_llava.data.video import sample_frames
-from tc_llava.eval.runner import GenerationSettings, Item, generate_predictions
-from tc_llava.model.masks import MASK_RULES
+from tc_llava.eval.runner import SAMPLING, GenerationSettings, Item, generate_predictions
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import ROPE_RULES
+from tc_llava.model.settings import build_rule, rule_parameters
 from tc_llava.model.tc_llava import TCLlava
 
 log = logging.getLogger(__name__)
 
 TASK_FRAME_KEYS = ("num_frames", "max_num_frames", "frame_num")  # what lmms-eval tasks call a frame count
-SAMPLING = "middle"
-ROPE_PARAMS = ("gamma", "delta")  # the rope rules' parameters (TAD's gamma, VideoRoPE's delta)
+TASK_METADATA_FRAMES = "sample_frames"  # a task yaml's metadata key for its frame count (lmms-eval's llava_onevision)
+TASK_SAMPLING_KEY = "frame_sampling"  # how a task names its frame sampling strategy (metadata or generation_kwargs)
+DEFAULT_FRAMES = 16  # for an export that records no training frame count
+AUTO_BATCH_SIZE = 8  # lmms-eval's --batch_size auto: no probing, this (capped by --max_batch_size)
+RULE_PARAMS = rule_parameters()  # every registered rule's parameter -> "rope" | "mask"
 
 
-def _rule(registry: dict[str, type], kind: str, name: str | None, params: dict[str, Any]) -> Any:
-    """``registry[name](**params)``; params a rule does not take are errors, never ignored."""
+def _rule(kind: str, name: str | None, params: dict[str, Any]) -> Any:
+    """The ``kind`` rule ``name`` with ``params`` (None: the export's own); see :func:`build_rule`."""
     if name is None:
         if params:
             raise ValueError(f"model_args {sorted(params)} set {kind} parameters without {kind}=NAME")
         return None
-    if name not in registry:
-        raise ValueError(f"model_args {kind}={name!r} is not a {kind} rule; known: {', '.join(registry)}")
-    fields = {f.name for f in dataclasses.fields(registry[name])}
-    unknown = sorted(set(params) - fields)
-    if unknown:
-        raise ValueError(f"model_args {unknown} are not parameters of {kind}={name} (its parameters: "
-                         f"{', '.join(sorted(fields)) or 'none'})")
-    return registry[name](**params)
+    return build_rule(kind, name, params, f"model_args {kind}")
+
+
+def _model_arg(value: Any) -> Any:
+    """A rule parameter as lmms-eval's parser leaves it (numbers and booleans parsed, the rest text), with
+    a list (``mrope_section=[16,24,24]``, kept whole by lmms-eval's comma split) and ``null`` read as JSON."""
+    if isinstance(value, str) and (value.startswith("[") or value == "null"):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value  # the rule refuses it, naming the parameter
+    return value
+
+
+def _batch_size(batch_size: int | str, max_batch_size: int | None) -> int:
+    """lmms-eval's ``--batch_size`` (N, ``auto`` or ``auto:N``) and ``--max_batch_size`` (its cap for auto)."""
+    size = str(batch_size)
+    if size.startswith("auto"):
+        size = str(AUTO_BATCH_SIZE if max_batch_size is None else min(AUTO_BATCH_SIZE, max_batch_size))
+    if not size.isdigit() or int(size) < 1:
+        raise ValueError(f"batch_size={batch_size!r} (max_batch_size={max_batch_size!r}): expected an integer >= 1, "
+                         "auto or auto:N")
+    return int(size)
 
 
 @dataclasses.dataclass
@@ -89,12 +121,14 @@ class TCLlavaLMM(lmms):
         rope: str | None = None,
         mask: str | None = None,
         pooling_shape: str | None = None,
-        num_frames: int = 16,
+        num_frames: int | None = None,
+        sampling: str = "uniform",
         template: str | None = None,
-        system_prompt: str = "",
+        system_prompt: str | None = None,
         dtype: str = "float32",
         attn_implementation: str = "auto",
-        batch_size: int | str = 8,
+        batch_size: int | str = AUTO_BATCH_SIZE,
+        max_batch_size: int | None = None,
         device: str | None = None,
         cache_dir: str | None = None,
         decode_backend: str = "pyav",
@@ -103,32 +137,47 @@ class TCLlavaLMM(lmms):
         **rule_params: Any,
     ) -> None:
         super().__init__()
+        unknown = sorted(set(rule_params) - set(RULE_PARAMS))
+        if unknown:
+            raise ValueError(f"model_args {unknown} are not arguments of the tc_llava model: its own are those of "
+                             f"TCLlavaLMM.__init__, the rules' parameters {sorted(RULE_PARAMS)}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"model_args sampling={sampling!r}: expected one of {SAMPLING}")
+        params = {kind: {k: _model_arg(v) for k, v in rule_params.items() if RULE_PARAMS[k] == kind}
+                  for kind in ("rope", "mask")}
+        rules = {kind: _rule(kind, name, params[kind]) for kind, name in (("rope", rope), ("mask", mask))}
+        self.batch_size_per_gpu = _batch_size(batch_size, max_batch_size)
         state = PartialState()
         self._rank, self._world_size = state.process_index, state.num_processes
         self._device = torch.device(device) if device else state.device
-        unknown = sorted(set(rule_params) - set(ROPE_PARAMS))
-        if unknown:
-            raise ValueError(f"model_args {unknown} are not arguments of the tc_llava model; rope parameters are "
-                             f"{list(ROPE_PARAMS)}, the others are those of TCLlavaLMM.__init__")
         pooling = None
         if pooling_shape is not None:
             pooling = VideoPooling([int(x) for x in str(pooling_shape).split("x")])
         self.model = TCLlava.from_pretrained(
-            pretrained, rope=_rule(ROPE_RULES, "rope", rope, rule_params),
-            mask=_rule(MASK_RULES, "mask", mask, {}), pooling=pooling,
+            pretrained, rope=rules["rope"], mask=rules["mask"], pooling=pooling,
             attn_implementation=attn_implementation, dtype=getattr(torch, dtype), template=template,
         ).to(self._device).eval()
         if self.model.template is None:
             raise ValueError(f"{pretrained}: the checkpoint records no chat template; pass model_args template=NAME "
                              "(vicuna_v1, llama_2, mistral_instruct, chatml, plain)")
-        self.pretrained, self.system_prompt = str(pretrained), system_prompt
-        self.num_frames, self.max_new_tokens = int(num_frames), int(max_new_tokens)
-        self.batch_size_per_gpu = int(batch_size) if str(batch_size) != "auto" else 8
+        trained = self.model.frame_sampling or {}
+        if system_prompt is None and "system" not in trained:
+            log.warning("tc_llava: %s records no training system text (exported before tc-llava recorded it): "
+                        "prompting with none, as the data.system of the PLLaVA recipes; model_args system_prompt=... "
+                        "sets one", pretrained)
+        self.pretrained = str(pretrained)
+        self.system_prompt = trained.get("system", "") if system_prompt is None else system_prompt
+        self.num_frames = int(num_frames) if num_frames is not None else trained.get("num_frames", DEFAULT_FRAMES)
+        self.frames_source = ("model_args num_frames" if num_frames is not None else
+                              "the export's training" if "num_frames" in trained else "the default")
+        self.sampling, self.max_new_tokens = sampling, int(max_new_tokens)
         self.decode_backend, self.num_workers = decode_backend, int(num_workers)
         self.cache_dir = Path(cache_dir) / f"rank{self._rank}" if cache_dir else None
         self.image_token = image_token_of(self.model.tokenizer)
-        self._logged: set[tuple[str, int]] = set()
-        log.info("tc_llava: %s with rules %s, template %s", pretrained, self.model.tc_settings(), self.model.template)
+        self._logged: set[tuple[str, int, str]] = set()
+        # a warning, as the per-task frames: lmms-eval leaves plugins' loggers at WARNING, and this is what was asked
+        log.warning("tc_llava: %s with rules %s, template %s, system text %r, batch size %d", pretrained,
+                 self.model.tc_settings(), self.model.template, self.system_prompt[:80], self.batch_size_per_gpu)
 
     @property
     def batch_size(self) -> int:
@@ -149,15 +198,25 @@ class TCLlavaLMM(lmms):
                              f"the task gives {kinds}")
         return str(visuals[0])
 
-    def _frames(self, task: str, gen_kwargs: dict[str, Any]) -> int:
-        """The task's frame count when its generation_kwargs set one, else ``num_frames``; logged once per task."""
-        found = [gen_kwargs.pop(k) for k in TASK_FRAME_KEYS if k in gen_kwargs]
-        frames = int(found[0]) if found else self.num_frames
-        if (task, frames) not in self._logged:
-            self._logged.add((task, frames))
-            source = "the task's generation_kwargs" if found else "model_args num_frames"
-            log.warning("tc_llava: task %s: %d frames (%s), %s sampling", task, frames, source, SAMPLING)
-        return frames
+    def _view(self, request: Instance, gen_kwargs: dict[str, Any]) -> tuple[int, str]:
+        """The frame count and sampling ``request``'s task asks for (see the module docstring); the task's keys
+        are taken out of ``gen_kwargs``. Logged once per task."""
+        task, metadata = request.task_name, request.metadata or {}
+        counts = [gen_kwargs.pop(k) for k in TASK_FRAME_KEYS if k in gen_kwargs]
+        asked_sampling = gen_kwargs.pop(TASK_SAMPLING_KEY, None)
+        if TASK_METADATA_FRAMES in metadata:
+            frames, source = int(metadata[TASK_METADATA_FRAMES]), f"the task's metadata {TASK_METADATA_FRAMES}"
+        elif counts:
+            frames, source = int(counts[0]), "the task's generation_kwargs"
+        else:
+            frames, source = self.num_frames, self.frames_source
+        sampling = metadata.get(TASK_SAMPLING_KEY, asked_sampling) or self.sampling
+        if sampling not in SAMPLING:
+            raise ValueError(f"task {task!r} asks for {TASK_SAMPLING_KEY}={sampling!r}; tc_llava samples {SAMPLING}")
+        if (task, frames, sampling) not in self._logged:
+            self._logged.add((task, frames, sampling))
+            log.warning("tc_llava: task %s: %d frames (%s), %s sampling", task, frames, source, sampling)
+        return frames, sampling
 
     def _prompt(self, context: str) -> str:
         return build_prompt(self.model.template, self.system_prompt, context, "", self.image_token)
@@ -172,22 +231,22 @@ class TCLlavaLMM(lmms):
     # ----------------------------------------------------------------- requests
     def generate_until(self, requests: Sequence[Instance]) -> list[str]:
         """Greedy answers through the batched runner, grouped by task, frames and token budget."""
-        groups: dict[tuple[str, int, int], list[tuple[int, Item, list[str]]]] = {}
+        groups: dict[tuple[str, int, str, int], list[tuple[int, Item, list[str]]]] = {}
         for k, request in enumerate(requests):
             context, gen_kwargs, doc_to_visual, doc_id, task, split = request.args
             gen_kwargs = dict(gen_kwargs)
             self._greedy_only(task, gen_kwargs)
             until = gen_kwargs.get("until") or []
             until = [until] if isinstance(until, str) else list(until)
-            frames = self._frames(task, gen_kwargs)
+            frames, sampling = self._view(request, gen_kwargs)
             budget = int(gen_kwargs.get("max_new_tokens") or self.max_new_tokens)
             item = Item(f"{task}/{split}/{doc_id}", self._video(doc_to_visual, task, split, doc_id), self._prompt(context))
-            groups.setdefault((task, frames, budget), []).append((k, item, until))
+            groups.setdefault((task, frames, sampling, budget), []).append((k, item, until))
         answers = [""] * len(requests)
-        for (task, frames, budget), members in groups.items():
-            settings = GenerationSettings(num_frames=frames, max_new_tokens=budget, template=self.model.template,
-                                          batch_size=self.batch_size_per_gpu, backend=self.decode_backend,
-                                          num_workers=self.num_workers)
+        for (task, frames, sampling, budget), members in groups.items():
+            settings = GenerationSettings(num_frames=frames, sampling=sampling, max_new_tokens=budget,
+                                          template=self.model.template, batch_size=self.batch_size_per_gpu,
+                                          backend=self.decode_backend, num_workers=self.num_workers)
             records = self._run(task, [item for _, item, _ in members], settings)
             for k, item, until in members:
                 record = records[item.id]
@@ -212,24 +271,24 @@ class TCLlavaLMM(lmms):
         """(mean negative log-likelihood of the continuation, greedy) per request, by the model's forward,
         each in a :class:`GenerationResult` (see the module docstring)."""
         tokenizer, processor = self.model.tokenizer, self.model.frame_processor
-        pixels_of: dict[tuple[str, int], torch.Tensor] = {}
+        pixels_of: dict[tuple[str, int, str], torch.Tensor] = {}
         out = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
             if not isinstance(continuation, str):
                 continuation = continuation(self.task_dict[task][split][doc_id])
-            frames = self._frames(task, {})
+            frames, sampling = self._view(request, {})
             video = self._video(doc_to_visual, task, split, doc_id)
-            if (video, frames) not in pixels_of:
-                array, _ = sample_frames(video, frames, SAMPLING, None, self.decode_backend)
-                pixels_of[(video, frames)] = processor(images=list(array), return_tensors="pt")["pixel_values"]
+            if (video, frames, sampling) not in pixels_of:
+                array, _ = sample_frames(video, frames, sampling, None, self.decode_backend)
+                pixels_of[(video, frames, sampling)] = processor(images=list(array), return_tensors="pt")["pixel_values"]
             prompt_ids = tokenize_prompt(tokenizer, self.model.template, self._prompt(context),
                                          self.model.tokens_per_video(frames))
             target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], dtype=torch.long)
             if target.numel() == 0:
                 raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} has no tokens")
             ids = torch.cat([prompt_ids, target])[None].to(self._device)
-            pixels = pixels_of[(video, frames)][None].to(self._device, next(self.model.parameters()).dtype)
+            pixels = pixels_of[(video, frames, sampling)][None].to(self._device, next(self.model.parameters()).dtype)
             logits = self.model(ids, torch.ones_like(ids), pixels).logits[0, len(prompt_ids) - 1 : -1].float()
             logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None].to(self._device))[:, 0]
             greedy = bool((logits.argmax(-1).cpu() == target).all())

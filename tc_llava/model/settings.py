@@ -22,10 +22,11 @@ from tc_llava.model.rope import ROPE_RULES, RopeRule
 
 SETTINGS = ("rope", "mask", "pooling_shape", "template")
 # Beside ``tc_llava`` (how the model attends), ``config.json`` may record how the model was trained to see
-# videos, for the apps that ask it about a video: {"num_frames": 32, "image_frames": 1, "sampling": "random"}.
+# videos, for the apps that ask it about a video: {"num_frames": 32, "image_frames": 1, "sampling": "random",
+# "system": ""} (system: the system text its training prompts began with, before each record's instruction).
 FRAMES_KEY = "tc_llava_frames"
 FRAME_SAMPLING = {"num_frames": "a positive integer", "image_frames": "a positive integer or null",
-                  "sampling": "a frame sampling strategy's name"}
+                  "sampling": "a frame sampling strategy's name", "system": "a string (the training's system text)"}
 
 # The previous format stored a rule as ``{"_target_": dotted class path, "name": ..., **fields}``
 # (and masks their ``is_causal``). These exact strings, and no other ``_target_``, still load,
@@ -77,7 +78,7 @@ def read_frame_sampling(config: dict[str, Any], config_file: Path) -> dict[str, 
     for key, value in saved.items():
         positive = isinstance(value, int) and not isinstance(value, bool) and value >= 1
         ok = {"num_frames": positive, "image_frames": value is None or positive,
-              "sampling": isinstance(value, str)}.get(key)
+              "sampling": isinstance(value, str), "system": isinstance(value, str)}.get(key)
         if ok is None:
             raise ValueError(f"{config_file}: {FRAMES_KEY}.{key} is not recorded frame sampling "
                              f"(known: {', '.join(FRAME_SAMPLING)})")
@@ -91,19 +92,49 @@ def _rule(entry: Any, key: str, registry: dict[str, type], config_file: Path) ->
     if not isinstance(entry, dict):
         raise ValueError(f'{where} must be an object {{"name": ..., parameters}}, got {entry!r}')
     fields = _from_previous_format(entry, key, where, registry) if "_target_" in entry else dict(entry)
-    name = fields.pop("name", None)
+    return build_rule(key, fields.pop("name", None), fields, where)
+
+
+# Each kind of rule and its registry: what a checkpoint, a config or the lmms-eval plugin names a rule from.
+RULE_REGISTRIES: dict[str, dict[str, type]] = {"rope": ROPE_RULES, "mask": MASK_RULES}
+
+
+def build_rule(kind: str, name: Any, params: dict[str, Any], where: str) -> RopeRule | MaskRule:
+    """The ``kind`` rule registered as ``name``, made with ``params``: the one way a rule is made from names.
+
+    An unknown name, a parameter the rule does not take, or a value it refuses is a ValueError
+    naming its place as ``{where}.name``, ``{where}.FIELD`` (``where``: e.g. ``.../config.json:
+    tc_llava.rope``).
+    """
+    registry = RULE_REGISTRIES[kind]
     if not isinstance(name, str) or name not in registry:
-        raise ValueError(f"{where}.name={name!r} is not a {key} rule; known: {', '.join(registry)}")
+        raise ValueError(f"{where}.name={name!r} is not a {kind} rule; known: {', '.join(registry)}")
     rule = registry[name]
-    params = [f.name for f in dataclasses.fields(rule)]
-    for field in fields:
-        if field not in params:
-            raise ValueError(f"{where}.{field} is not a parameter of {key}={name} "
-                             f"(its parameters: {', '.join(params) or 'none'})")
+    accepted = [f.name for f in dataclasses.fields(rule)]
+    for field in params:
+        if field not in accepted:
+            raise ValueError(f"{where}.{field} is not a parameter of {kind}={name} "
+                             f"(its parameters: {', '.join(accepted) or 'none'})")
     try:
-        return rule(**fields)
-    except ParamError as e:
-        raise ValueError(e.at(f"{config_file}: tc_llava.{e.field}")) from None  # rope.gamma: tc_llava.rope.gamma
+        return rule(**params)
+    except ParamError as e:  # e.field is "rope.gamma": the rule's own name for its field
+        raise ValueError(e.at(f"{where}.{e.field.split('.', 1)[-1]}")) from None
+
+
+def rule_parameters() -> dict[str, str]:
+    """Every parameter of every registered rule -> its kind (``{"gamma": "rope", ...}``).
+
+    For callers that take rule parameters by bare name beside the rules' names (the lmms-eval
+    plugin's ``model_args``); a name two kinds share could not be routed and is an error here.
+    """
+    kinds: dict[str, str] = {}
+    for kind, registry in RULE_REGISTRIES.items():
+        for rule in registry.values():
+            for field in dataclasses.fields(rule):
+                if kinds.setdefault(field.name, kind) != kind:
+                    raise ValueError(f"rule parameter {field.name!r} belongs to both {kinds[field.name]} and {kind} "
+                                     "rules: rename one")
+    return kinds
 
 
 def _from_previous_format(entry: dict[str, Any], key: str, where: str, registry: dict[str, type]) -> dict[str, Any]:

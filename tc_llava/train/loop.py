@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from tc_llava.data.collate import MODEL_KEYS, DataReport, PackingCollator, SFTCollator
 from tc_llava.data.datasets import DataError
+from tc_llava.data.templates import get_template
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.provenance import run_meta
@@ -318,6 +319,9 @@ def finish(run: Run) -> dict[str, Any]:
 
 
 def frame_sampling(cfg: DictConfig) -> dict[str, Any]:
-    """How the run showed videos to the model, recorded in its export (the chat app's default frame count)."""
+    """How the run showed videos to the model, recorded in its export (the chat app's default frame count), and
+    the system text its prompts began with (SFTDataset's: ``data.system``, null meaning the template's own)."""
     sampling = "random" if cfg.data.dataset.get("train", True) else "middle"  # SFTDataset's train switch
-    return {"num_frames": cfg.data.num_frames, "image_frames": cfg.data.get("image_frames"), "sampling": sampling}
+    system = get_template(cfg.data.template).system if cfg.data.system is None else cfg.data.system
+    return {"num_frames": cfg.data.num_frames, "image_frames": cfg.data.get("image_frames"), "sampling": sampling,
+            "system": system}
