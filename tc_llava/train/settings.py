@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import check_sources
+from tc_llava.model.build import check_model_settings
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.rope import ROPE_RULES
 
@@ -161,6 +162,10 @@ def check_data(data: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
+    try:
+        check_model_settings(cfg.model)
+    except ValueError as e:
+        raise SettingsError(str(e)) from None
     check_trainer(cfg.trainer)
     check_data(cfg.data)
     for group in ("rope", "mask"):  # the rules check their own parameters when built
