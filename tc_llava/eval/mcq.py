@@ -47,7 +47,8 @@ from tc_llava.provenance import data_fingerprint, git_state, model_hash, results
 log = logging.getLogger(__name__)
 
 TASK_TABLES = ("official", "from_root")
-FRAME_SAMPLING = "MVBench segment middles; frame folders at decode.frame_fps from index 1"
+FRAME_SAMPLING = {"middle": "MVBench segment middles", "uniform": "uniform (rounded linspace)"}
+FRAME_FOLDERS = "frame folders at decode.frame_fps from index 1"
 _LETTER = re.compile("[a-g]")
 
 
@@ -312,7 +313,8 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
             "tasks": list(tasks),
             "limit": cfg.limit,
             "num_frames": cfg.num_frames,
-            "frame_sampling": FRAME_SAMPLING,
+            "frame_sampling": f"{FRAME_SAMPLING[generation.sampling]}; {FRAME_FOLDERS}",
+            "resolved": OmegaConf.to_container(cfg.resolved) if "resolved" in cfg else None,
             "template": cfg.template,
             "prompt": OmegaConf.to_container(cfg.prompt),
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "first line"},
@@ -324,7 +326,7 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
         "provenance": results_provenance(
             data_fingerprint(annotations, cfg.root, len(questions), missing, failed),
             model_hash(described["checkpoint"], run_dir / "cache" / "model_hash.json"),
-            {"num_frames": cfg.num_frames, "sampling": "middle", "frame_folder_fps": generation.frame_fps},
+            {"num_frames": cfg.num_frames, "sampling": generation.sampling, "frame_folder_fps": generation.frame_fps},
         ),
     }
     run_dir.mkdir(parents=True, exist_ok=True)

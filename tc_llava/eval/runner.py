@@ -45,6 +45,7 @@ from tc_llava.eval import jsonl
 log = logging.getLogger(__name__)
 
 DATA_TYPES = ("video", "gif", "frame")
+SAMPLING = ("middle", "uniform")  # the deterministic strategies of tc_llava.data.video
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class GenerationSettings:
     """How items become frames, tokens and outputs; everything but the throughput knobs is hashed."""
 
     num_frames: int = 16
+    sampling: str = "middle"  # middle (segment middles) | uniform
     max_new_tokens: int = 100
     template: str = "vicuna_v1"
     frame_fps: float = 3.0
@@ -82,6 +84,8 @@ class GenerationSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"benchmark.{CONFIG_KEYS.get(name, name)}={value!r}: expected an integer >= {low}")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"benchmark.sampling={self.sampling!r}: expected one of {SAMPLING}")
         if isinstance(self.frame_fps, bool) or not isinstance(self.frame_fps, (int, float)) or not self.frame_fps > 0:
             raise ValueError(f"benchmark.decode.frame_fps={self.frame_fps!r}: expected a number > 0 (frames per second)")
 
@@ -116,7 +120,7 @@ class _ItemFrames(Dataset):
             if item.data_type == "frame" and not Path(item.media).is_dir():
                 raise ValueError(f"{item.media}: data type 'frame' expects a folder of 00001.jpg, ...")
             frames, _ = sample_frames(
-                item.media, s.num_frames, "middle", item.bound, s.backend,
+                item.media, s.num_frames, s.sampling, item.bound, s.backend,
                 fps=s.frame_fps if item.data_type == "frame" else None, num_threads=s.decode_threads,
             )
         except ImportError:  # a missing decoder library is the setup's failure, not the item's
@@ -176,14 +180,18 @@ def weights_fingerprint(checkpoint: str) -> str | None:
 
 
 def model_settings(model: Any) -> dict[str, Any]:
-    """What identifies a model's outputs: checkpoint and its weight files, TC-LLaVA rules, dtype, attention backend."""
+    """What identifies a model's outputs: checkpoint and its weight files, TC-LLaVA rules, dtype, attention backend,
+    and (only when allowed) the weights it loaded without: ``weights_loading``."""
     checkpoint = str(getattr(model.config, "_name_or_path", ""))
+    report = getattr(model, "weights_report", None) or {}
+    allowed = {"weights_loading": report} if report.get("allow_missing_weights") else {}
     return {
         "checkpoint": checkpoint,
         "weights": weights_fingerprint(checkpoint) if checkpoint else None,
         "tc_llava": model.tc_settings(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": model.language_model.config._attn_implementation,
+        **allowed,
     }
 
 
