@@ -21,6 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tc_llava.cli import one_line_errors
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
+from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
 from tc_llava.eval.settings import EvalSettingsError, check_eval_config, from_export, one_line
 from tc_llava.model.build import ModelSettingsError, model_from_config
@@ -83,7 +84,8 @@ def run(cfg: DictConfig) -> Any:
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
     # a wrong setting or path, a checkpoint that does not fit, a judge that cannot work: one line
-    with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, CheckpointError):
+    with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, CheckpointError,
+                         DiskFullError), writing(cfg.run_dir):  # a full disk in a write that names no file
         run(cfg)
 
 
