@@ -23,7 +23,7 @@ from tc_llava.cli import one_line_errors
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
 from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
-from tc_llava.eval.settings import EvalSettingsError, check_eval_config, from_export, one_line
+from tc_llava.eval.settings import JUDGING_STAGES, EvalSettingsError, check_eval_config, from_export, one_line
 from tc_llava.model.build import ModelSettingsError, model_from_config
 from tc_llava.model.tc_llava import CheckpointError
 
@@ -74,7 +74,7 @@ def run(cfg: DictConfig) -> Any:
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
     benchmark = check_settings(cfg, state)
     torch.manual_seed(cfg.seed)
-    if cfg.benchmark.get("stage") in ("score", "calibrate"):  # judging saved predictions needs no model
+    if cfg.benchmark.get("stage") in JUDGING_STAGES:  # judging saved predictions needs no model
         return benchmark.evaluate(None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)

@@ -24,6 +24,7 @@ DEFAULT_FRAMES = 16          # a checkpoint that records no frame count (a llava
 DEFAULT_SAMPLING = "middle"
 # A training draw (one random frame per segment) is evaluated at its deterministic centre, the segment middle.
 EVAL_SAMPLING = {"random": "middle", "middle": "middle", "uniform": "uniform"}
+JUDGING_STAGES = ("score", "calibrate")  # benchmark.stage values that judge saved predictions: no model
 RESOLVED_KEY = "resolved"    # benchmark.resolved: {setting: {"value", "source"}}, recorded in results.json
 
 
@@ -39,7 +40,8 @@ def one_line(e: OmegaConfBaseException) -> str:
 
 
 def check_eval_config(cfg: DictConfig, protocols: Iterable[str]) -> None:
-    """The settings every benchmark shares: no ``???`` left in ``benchmark``, a known protocol, the seed, the model."""
+    """The settings every benchmark shares: no ``???`` left in ``benchmark``, a known protocol, the seed, and the
+    model unless a judging stage needs none."""
     missing = sorted(OmegaConf.missing_keys(cfg.benchmark))
     if missing:
         raise EvalSettingsError(f"{missing[0]} is not set (???): benchmark={cfg.benchmark.name} needs "
@@ -49,10 +51,11 @@ def check_eval_config(cfg: DictConfig, protocols: Iterable[str]) -> None:
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise EvalSettingsError(f"seed={seed!r}: expected an integer")
-    try:
-        check_model_settings(cfg.model)
-    except ValueError as e:
-        raise EvalSettingsError(str(e)) from None
+    if cfg.benchmark.get("stage") not in JUDGING_STAGES:
+        try:
+            check_model_settings(cfg.model)
+        except ValueError as e:
+            raise EvalSettingsError(str(e)) from None
     for key in ("num_frames", "sampling"):
         if key not in cfg.benchmark:
             raise EvalSettingsError(f"benchmark.{key} is missing from benchmark={cfg.benchmark.name}")
@@ -85,8 +88,8 @@ def from_export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     checkpoint = cfg.model.get("checkpoint")
     config: dict[str, Any] = {}
     recorded: dict[str, Any] = {}
-    if checkpoint:
-        config_file = Path(checkpoint) / "config.json"
+    config_file = Path(checkpoint or "") / "config.json"
+    if checkpoint and config_file.is_file():  # checked unless a judging stage loads no model
         try:
             config = json.loads(config_file.read_text())
             recorded = read_frame_sampling(config, config_file) or {}
