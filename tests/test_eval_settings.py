@@ -80,7 +80,8 @@ def _error_lines(output: str) -> list[str]:
 # --------------------------------------------------------------------------- settings errors, one line each
 def test_settings_errors_are_one_line_before_any_load(tmp_path, data_root):
     """A forgotten checkpoint in the train, ablation and eval apps (``???`` left, or an unset shell variable),
-    and the eval app's ``???`` benchmark value and a value of the wrong type: exit 1 with one line."""
+    and the eval app's ``???`` benchmark value, a value of the wrong type, an unknown benchmark option and an
+    unknown key: exit 1 with one line."""
     data = f"paths.data={data_root}"
     cases = {
         ("tc_llava.train", "model=pretrained", "model.checkpoint="):
@@ -95,6 +96,11 @@ def test_settings_errors_are_one_line_before_any_load(tmp_path, data_root):
             "EvalSettingsError: benchmark.root is not set (???): benchmark=nextqa needs benchmark.root=...",
         ("tc_llava.eval", "benchmark=mvbench_synthetic", "benchmark.batch_size=abc", data):
             "EvalSettingsError: benchmark.batch_size='abc': expected an integer >= 1",
+        ("tc_llava.eval", "benchmark=mvbenhc"):  # Hydra's own composition errors
+            "MissingConfigException: In 'eval': Could not find 'benchmark/mvbenhc'; available: mlvu, mvbench, ",
+        ("tc_llava.eval", "benchmark.num_frame=8"):
+            "ConfigCompositionException: Could not override 'benchmark.num_frame'; To append to your config use "
+            "+benchmark.num_frame=8",
     }
     procs = {case: _app(case[0], *case[1:], f"run_dir={tmp_path / str(k)}", f"paths.cache={tmp_path / 'cache'}",
                         cwd=tmp_path) for k, case in enumerate(cases)}

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from tc_llava.cli import one_line_errors
+from tc_llava.cli import one_line_composition_errors, one_line_errors
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
 from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
@@ -91,7 +91,8 @@ def _app(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point (``tc-llava-eval``)."""
-    _app()
+    with one_line_composition_errors():  # benchmark=nope, a key no config has: one line, as the app's own
+        _app()
 
 
 if __name__ == "__main__":
