@@ -14,10 +14,9 @@ from tc_llava.model.attention import check_device
 from tc_llava.model.masks import MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule
+from tc_llava.model.settings import FLOAT_DTYPES
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiny import tiny_checkpoint
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ModelSettingsError(ValueError):
@@ -46,8 +45,8 @@ def check_model_settings(model: DictConfig) -> None:
             raise ModelSettingsError(f"model.checkpoint={checkpoint}: {problem}; expected a llava-hf "
                                      "checkpoint directory (an export: <run_dir>/export)")
     dtype = model.get("dtype")
-    if dtype is not None and dtype not in DTYPES:
-        raise ModelSettingsError(f"model.dtype={dtype!r}: expected null (the checkpoint's) or one of {DTYPES}")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ModelSettingsError(f"model.dtype={dtype!r}: expected null (the checkpoint's) or one of {FLOAT_DTYPES}")
     allow = model.get("allow_missing_weights", False)
     if not isinstance(allow, bool):
         raise ModelSettingsError(f"model.allow_missing_weights={allow!r}: expected true or false")
@@ -81,7 +80,7 @@ def build_model(
     from the checkpoint's saved TC-LLaVA settings (vanilla / causal / mlp / none for a plain
     llava-hf checkpoint).
     """
-    if checkpoint is None and tiny is None or checkpoint is not None and not str(checkpoint).strip():
+    if (checkpoint is None and tiny is None) or (checkpoint is not None and not str(checkpoint).strip()):
         raise ModelSettingsError(f"model.checkpoint={checkpoint!r} names no model: give the llava-hf directory to load")
     pooling = None if projector is None else projector(model_pooling_shape=pllava_pooling_shape)
     path = checkpoint if checkpoint is not None else tiny_checkpoint(cache_dir, **dict(tiny))
