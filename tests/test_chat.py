@@ -108,5 +108,6 @@ def test_the_dtype_is_the_exports(tiny_onevision, video, tmp_path, monkeypatch):
     monkeypatch.setattr(TCLlava, "generate",
                         lambda self, *a, **kw: seen.append(next(self.parameters()).dtype) or original(self, *a, **kw))
     for flags in ([], ["--dtype", "float32"]):
-        chat.run(chat.parse_args([str(export), str(video), "-q", "What?", "--max-new-tokens", "2", *flags]), io.StringIO())
+        args = chat.parse_args([str(export), str(video), "-q", "What?", "--max-new-tokens", "2", *flags])
+        chat.run(args, io.StringIO())
     assert seen == [torch.bfloat16, torch.float32]

@@ -23,7 +23,8 @@ from tc_llava.model.tc_llava import TCLlava
 
 from conftest import CONFIGS
 
-RECORDS = [{"id": "a/0", "output": "plain"}, {"id": "a/1", "output": "日本語の答え"}, {"id": "a/2", "output": "ça va"}]
+RECORDS = [{"id": "a/0", "output": "plain"}, {"id": "a/1", "output": "日本語の答え"},
+           {"id": "a/2", "output": "ça va"}]
 
 
 def _cut_inside_last_line(path: Path, inside_character: bool) -> None:

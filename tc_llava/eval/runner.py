@@ -49,8 +49,8 @@ from tc_llava.eval import jsonl
 log = logging.getLogger(__name__)
 
 DATA_TYPES = ("video", "gif", "frame")
-SAMPLING = ("middle", "uniform")
-TOO_LONG = "PromptTooLong"  # the reason of an item longer than the model's context (never retried)  # the deterministic strategies of tc_llava.data.video
+SAMPLING = ("middle", "uniform")  # the deterministic strategies of tc_llava.data.video
+TOO_LONG = "PromptTooLong"  # the reason of an item longer than the model's context (never retried)
 
 
 @dataclass(frozen=True)
@@ -150,8 +150,8 @@ class _LeftPad:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ok = [s for s in samples if "failed" not in s]
-        batch: dict[str, Any] = {"failed": [(s["id"], s["failed"], s.get("retry", True)) for s in samples if "failed" in s],
-                                 "ids": [s["id"] for s in ok]}
+        failed = [(s["id"], s["failed"], s.get("retry", True)) for s in samples if "failed" in s]
+        batch: dict[str, Any] = {"failed": failed, "ids": [s["id"] for s in ok]}
         if ok:
             width = max(len(s["input_ids"]) for s in ok)
             input_ids = torch.full((len(ok), width), self.pad_token_id, dtype=torch.long)
