@@ -9,4 +9,4 @@ PY=.venv/bin/python
 $PY -m tc_llava.data.synthetic --out data_cache/synthetic --num-train 1200 --num-eval-per-task 50 --seed 0
 $PY -m tc_llava.train experiment=demo "$@"
 $PY -m tc_llava.eval benchmark=mvbench_synthetic model=pretrained model.checkpoint=outputs/train/demo/export \
-    model.dtype=float32 threads=2 deterministic=true run_dir=outputs/eval/demo
+    threads=2 deterministic=true run_dir=outputs/eval/demo

@@ -50,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default="pyav", help="video decoder: pyav | decord | torchcodec")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on CPU")
+    parser.add_argument("--dtype", help="default: the checkpoint's (an export's: the dtype it was trained in)")
     parser.add_argument("--attn-implementation", default="auto")
     return parser.parse_args(argv)
 
@@ -141,8 +141,7 @@ def questions(args: argparse.Namespace, read: Callable[[], str]) -> Iterable[str
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
     """Load, sample the video once, answer every question; returns the answers."""
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
-    model = TCLlava.from_pretrained(args.model, dtype=dtype, attn_implementation=args.attn_implementation,
+    model = TCLlava.from_pretrained(args.model, dtype=args.dtype, attn_implementation=args.attn_implementation,
                                     template=args.template)
     model.to(args.device).eval()
     if model.tokenizer is None:

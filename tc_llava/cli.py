@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
+
+from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
 log = logging.getLogger(__name__)
 
@@ -23,3 +26,32 @@ def one_line_errors(*errors: type[BaseException]) -> Iterator[None]:
             log.debug("in the DataLoader worker: %s", e.worker_traceback)
         log.error("%s: %s", type(e).__name__, e)
         sys.exit(1)
+
+
+def composition_message(e: Exception) -> str:
+    """Hydra's multi-line composition error as one line: its lines joined, an option list as a comma list."""
+    lines = [line.strip().rstrip(".") for line in str(e).splitlines() if line.strip()]
+    if isinstance(e, MissingConfigException) and e.options:
+        lines = [lines[0], f"available: {', '.join(e.options)}"]
+    return "; ".join(lines)
+
+
+@contextlib.contextmanager
+def one_line_composition_errors() -> Iterator[None]:
+    """Hydra's own errors in composing the config (an unknown option or key, a malformed override) as one
+    line and exit status 1, around a ``@hydra.main`` app.
+
+    Hydra prints these as multi-line blocks itself; under ``HYDRA_FULL_ERROR=1`` it raises them, and
+    that is how they are caught here. A user who set ``HYDRA_FULL_ERROR`` gets Hydra's own report.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR"):
+        yield
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        yield
+    except (ConfigCompositionException, OverrideParseException) as e:
+        print(f"{type(e).__name__}: {composition_message(e)}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        del os.environ["HYDRA_FULL_ERROR"]

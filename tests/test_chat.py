@@ -97,3 +97,17 @@ def test_mistakes_are_one_line(export, tmp_path, caplog):
         chat.main([str(export), str(tmp_path / "missing.mp4"), "-q", "What?"])
     assert stop.value.code == 1
     assert caplog.records[-1].getMessage() == f"VideoReadError: {tmp_path / 'missing.mp4'}: no such file or directory"
+
+
+def test_the_dtype_is_the_exports(tiny_onevision, video, tmp_path, monkeypatch):
+    """An export saved in bfloat16 is asked in bfloat16 (the chat app chose float32 on CPU), unless --dtype says."""
+    export = tmp_path / "bf16"
+    TCLlava.from_pretrained(tiny_onevision, dtype=torch.bfloat16, template="chatml").save_pretrained(export)
+    seen = []
+    original = TCLlava.generate
+    monkeypatch.setattr(TCLlava, "generate",
+                        lambda self, *a, **kw: seen.append(next(self.parameters()).dtype) or original(self, *a, **kw))
+    for flags in ([], ["--dtype", "float32"]):
+        args = chat.parse_args([str(export), str(video), "-q", "What?", "--max-new-tokens", "2", *flags])
+        chat.run(args, io.StringIO())
+    assert seen == [torch.bfloat16, torch.float32]

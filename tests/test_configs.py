@@ -23,7 +23,7 @@ from omegaconf import OmegaConf
 from tc_llava.ablation.job import check_benchmark
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.synthetic import generate
-from tc_llava.eval.__main__ import BENCHMARKS
+from tc_llava.eval.__main__ import check_settings
 from tc_llava.eval.judge import Judge
 from tc_llava.eval.runner import GenerationSettings
 from tc_llava.model.build import model_from_config
@@ -179,7 +179,7 @@ def instantiate_option(world, tmp_path, monkeypatch, primary: str, group: str, o
         return cfg.trainer
     if group == "benchmark":
         _stand_in_benchmark(cfg, world["video"])
-        BENCHMARKS[cfg.benchmark.protocol].check_inputs(cfg.benchmark, tmp_path / "run", PartialState(cpu=True))
+        check_settings(cfg, PartialState(cpu=True))  # as the eval app: frames and dtype completed, inputs checked
         return GenerationSettings.from_benchmark(cfg.benchmark)
     if group == "judge":
         judge = instantiate(cfg.judge)

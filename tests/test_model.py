@@ -8,11 +8,13 @@ import re
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from transformers import AutoModelForImageTextToText
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama import modeling_llama
 
 from tc_llava.model.attention import check_backend
+from tc_llava.model.build import ModelSettingsError, check_model_settings
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask, frame_block_causal_mask
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import TADRoPE, VanillaRoPE
@@ -117,11 +119,16 @@ def static_compile():
         yield
 
 
-@pytest.mark.parametrize("impl", ["sdpa", "eager", "flex_attention"])
+GPU_FLEX = pytest.param("flex_attention", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="flex_attention is refused on CPU (test_flex_is_refused_on_cpu)"))
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager", GPU_FLEX])
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_mask_reaching_attention_equals_dense_reference(tiny_llama, monkeypatch, static_compile, impl, side):
-    model = load(tiny_llama, TADRoPE(), FrameBlockCausalMask(), impl=impl)
-    ids, mask, pixels = video_batch(model, [(3, 5), (0, 2), (7, 0)], side, seed=1)
+    device = "cuda" if impl == "flex_attention" else "cpu"
+    model = load(tiny_llama, TADRoPE(), FrameBlockCausalMask(), impl=impl).to(device)
+    ids, mask, pixels = (t.to(device) for t in video_batch(model, [(3, 5), (0, 2), (7, 0)], side, seed=1))
     seen = record_masks(monkeypatch, impl)
     with torch.no_grad():
         out = model(ids, mask, pixels)
@@ -247,15 +254,33 @@ def test_pooled_model_runs_forward_backward_and_generation(tiny_llama):
     assert model.generate(ids, mask, pixels, max_new_tokens=3, eos_token_id=[]).sequences.shape == (2, 3)
 
 
-def test_llava_next_qwen2_and_flex_forward(tiny_next, tiny_qwen2, static_compile):
-    for path, impl in ((tiny_next, "sdpa"), (tiny_qwen2, "flex_attention")):
+def test_llava_next_qwen2_and_eager_forward(tiny_next, tiny_qwen2):
+    for path, impl in ((tiny_next, "sdpa"), (tiny_qwen2, "eager")):  # flex on the GPU: test_gpu.py
         model = load(path, TADRoPE(), FrameBlockCausalMask(), impl=impl)
         ids, mask, pixels = video_batch(model, [(3, 4), (1, 2)], "left")
         with torch.no_grad():
-            flex_or_next = model(ids, mask, pixels).logits
+            got = model(ids, mask, pixels).logits
             sdpa = load(path, TADRoPE(), FrameBlockCausalMask())(ids, mask, pixels).logits
         real = mask.bool()
-        assert (flex_or_next - sdpa)[real].abs().max() <= 1e-4
+        assert (got - sdpa)[real].abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("length", [34, 40])
+def test_flex_is_refused_on_cpu(tiny_llama, length):
+    """Compiled flex on CPU (torch 2.13) matched SDPA at 34 tokens and gave wrong logits or NaN at 40:
+    it is refused there by name, in the forward and in the settings check, while SDPA runs."""
+    ids = torch.randint(10, 500, (2, length), generator=torch.Generator().manual_seed(length))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        assert torch.isfinite(load(tiny_llama, TADRoPE(), FrameBlockCausalMask())(ids, mask).logits).all()
+        flex = load(tiny_llama, TADRoPE(), FrameBlockCausalMask(), impl="flex_attention")
+        with pytest.raises(ValueError, match=r"^model\.attn_implementation=flex_attention is refused on CPU .*"
+                                             r"use sdpa, eager or auto on CPU"):
+            flex(ids, mask)
+    settings = OmegaConf.create({"checkpoint": str(tiny_llama), "attn_implementation": "flex_attention"})
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelSettingsError, match="flex_attention is refused on CPU"):
+            check_model_settings(settings)
 
 
 @pytest.mark.parametrize("shape, frames, problems", [

@@ -388,10 +388,10 @@ def test_scores_follow_the_cached_outputs(bench, lively, single, tmp_path, monke
     ("benchmark.decode.num_workers=-1", "benchmark.decode.num_workers=-1: expected an integer >= 0"),
     ("benchmark.decode.frame_fps=0", r"benchmark.decode.frame_fps=0: expected a number > 0"),
 ])
-def test_generation_settings_checked_before_the_model_loads(bench, override, expected, tmp_path, monkeypatch):
+def test_generation_settings_checked_before_the_model_loads(bench, lively, override, expected, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("the model was built before the check"))
     with pytest.raises(ValueError, match=expected):
-        _evaluate(bench, Path("unused"), tmp_path / "run", override)
+        _evaluate(bench, lively, tmp_path / "run", override)
 
 PATH_CASES = [  # (what is removed, relative to the root ("": the root), extra overrides, what the error expects)
     ("", (), "the MVBench directory holding json/ and video/"),
@@ -403,7 +403,7 @@ PATH_CASES = [  # (what is removed, relative to the root ("": the root), extra o
 
 
 @pytest.mark.parametrize(("removed", "extra", "expected"), PATH_CASES)
-def test_paths_checked_before_the_model_loads(removed, extra, expected, tmp_path, monkeypatch):
+def test_paths_checked_before_the_model_loads(lively, removed, extra, expected, tmp_path, monkeypatch):
     monkeypatch.setattr(app, "model_from_config", lambda cfg: pytest.fail("the model was built before the check"))
     root = tmp_path / "MVBench"
     table = {name: row for name, row in _official_table().items() if name in TASKS}
@@ -415,7 +415,7 @@ def test_paths_checked_before_the_model_loads(removed, extra, expected, tmp_path
     missing = root / removed
     shutil.rmtree(missing) if missing.is_dir() else missing.unlink()
     with pytest.raises(FileNotFoundError) as info:
-        _evaluate(root, Path("unused"), tmp_path / "run", *extra)
+        _evaluate(root, lively, tmp_path / "run", *extra)
     assert re.fullmatch(rf"benchmark\.root={re.escape(str(root))}: {re.escape(str(missing))} not found; "
                         rf"expected {expected}", str(info.value)), str(info.value)
 

@@ -17,11 +17,15 @@ import hydra
 import torch
 from accelerate import PartialState
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
-from tc_llava.cli import one_line_errors
+from tc_llava.cli import one_line_composition_errors, one_line_errors
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
+from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
-from tc_llava.model.build import model_from_config
+from tc_llava.eval.settings import JUDGING_STAGES, EvalSettingsError, check_eval_config, from_export, one_line
+from tc_llava.model.build import ModelSettingsError, model_from_config
+from tc_llava.model.tc_llava import CheckpointError
 from tc_llava.runtime import fix_numerics
 
 log = logging.getLogger(__name__)
@@ -47,19 +51,32 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
+def check_settings(cfg: DictConfig, state: PartialState) -> Benchmark:
+    """Every setting and input that can be wrong without the model, as one :class:`EvalSettingsError`
+    line; frame count, sampling and dtype left null completed from the export."""
+    try:
+        check_eval_config(cfg, BENCHMARKS)
+        from_export(cfg)
+        benchmark = BENCHMARKS[cfg.benchmark.protocol]
+        benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
+    except OmegaConfBaseException as e:
+        raise EvalSettingsError(one_line(e)) from None
+    except EvalSettingsError:
+        raise
+    except ValueError as e:  # the benchmarks' own checks, each naming its setting or input file
+        raise EvalSettingsError(str(e)) from None
+    return benchmark
+
+
 def run(cfg: DictConfig) -> Any:
     """Evaluate ``cfg.model`` on ``cfg.benchmark``, writing into ``cfg.run_dir``."""
-    protocol = cfg.benchmark.protocol
-    if protocol not in BENCHMARKS:
-        raise ValueError(f"benchmark.protocol {protocol!r} is not one of {sorted(BENCHMARKS)}")
-    benchmark = BENCHMARKS[protocol]
     cpu = not torch.cuda.is_available()
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # accelerate launch / torchrun with several ranks
     state = PartialState(cpu=cpu, backend="gloo" if cpu and launched else None)
+    benchmark = check_settings(cfg, state)
     fix_numerics(cfg.threads, cfg.deterministic)
     torch.manual_seed(cfg.seed)
-    benchmark.check_inputs(cfg.benchmark, cfg.run_dir, state)
-    if cfg.benchmark.get("stage") in ("score", "calibrate"):  # judging saved predictions needs no model
+    if cfg.benchmark.get("stage") in JUDGING_STAGES:  # judging saved predictions needs no model
         return benchmark.evaluate(None, cfg.benchmark, cfg.run_dir, state)
     model = model_from_config(cfg).to(state.device).eval()
     log.info("rank %d/%d on %s", state.process_index, state.num_processes, state.device)
@@ -68,13 +85,16 @@ def run(cfg: DictConfig) -> Any:
 
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
-    with one_line_errors(FileNotFoundError, JudgeError):  # a wrong path, a judge that cannot work: one line
+    # a wrong setting or path, a checkpoint that does not fit, a judge that cannot work: one line
+    with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, CheckpointError,
+                         DiskFullError), writing(cfg.run_dir):  # a full disk in a write that names no file
         run(cfg)
 
 
 def main() -> None:
     """Console entry point (``tc-llava-eval``)."""
-    _app()
+    with one_line_composition_errors():  # benchmark=nope, a key no config has: one line, as the app's own
+        _app()
 
 
 if __name__ == "__main__":

@@ -2,13 +2,17 @@
 record file given either as one JSON list or as JSON lines.
 
 Both must survive a crash at any moment, so each record is one line, written and flushed
-as soon as it exists: a killed run loses at most the line being written. Reading skips
-such a torn line (and any other unreadable one) with a warning, and appending to a file
-whose last write was torn first ends that line, so the next record starts on its own.
+as soon as it exists: a killed run loses at most the line being written. Reading drops such
+a torn last line (cut anywhere, inside a multi-byte UTF-8 character too) and skips any other
+unreadable one, counted in one warning per file; appending to a file whose last write was
+torn first cuts that fragment off, so the next record starts on its own line. A full disk
+is a :class:`DiskFullError` naming the file.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -22,25 +26,50 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+class DiskFullError(OSError):
+    """The disk filled up while writing a named file."""
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Turn ENOSPC while writing ``path`` into a :class:`DiskFullError` naming it (a bare ``write`` names no file)."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno != errno.ENOSPC or isinstance(e, DiskFullError):
+            raise
+        raise DiskFullError(errno.ENOSPC, f"disk full (no space left on device) while writing {path}; "
+                            "free space and rerun (finished work is kept)", str(path)) from e
+
+
 def read(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T]:
     """``parse`` of each line's JSON, in file order; nothing for a missing file.
 
-    A line that is not JSON, or that ``parse`` rejects with ``KeyError``/``TypeError`` (a
-    record without its id, not an object), is logged and skipped.
+    A last line without its newline that does not parse is torn (a crash cut it) and dropped;
+    any other line that is not UTF-8 JSON, or that ``parse`` rejects with ``KeyError``/``TypeError``
+    (a record without its id, not an object), is skipped. Both are counted in one warning.
     """
     path = Path(path)
     if not path.exists():
         return
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    torn, skipped = 0, []
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
             try:
-                record = parse(json.loads(line))
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                log.warning("%s:%d: unreadable cache line skipped (%s)", path, lineno, exc)
+                text = raw.decode("utf-8")
+                if not text.strip():
+                    continue
+                record = parse(json.loads(text))
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                if raw.endswith(b"\n"):
+                    skipped.append(lineno)
+                else:
+                    torn += 1
                 continue
             yield record
+    if torn or skipped:
+        log.warning("%s: dropped %d torn last line(s) (cut by a crash) and skipped %d unreadable line(s)%s",
+                    path, torn, len(skipped), f" (lines {skipped[:5]})" if skipped else "")
 
 
 def load_records(path: Path) -> Any:
@@ -52,33 +81,44 @@ def load_records(path: Path) -> Any:
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def _torn(path: Path) -> bool:
-    """True for a file whose last write was cut off: it does not end with a newline."""
-    if not path.exists() or path.stat().st_size == 0:
-        return False
-    with path.open("rb") as f:
+def _cut_torn_tail(path: Path) -> None:
+    """End a file whose last write was cut off: a fragment that is no JSON record is cut off
+    (the reader drops it too), a complete record that only lacks its newline gets it."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
         f.seek(-1, os.SEEK_END)
-        return f.read(1) != b"\n"
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:].decode("utf-8"))
+            f.write(b"\n")
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            f.truncate(start)
 
 
 class Appender:
-    """Appends one JSON object per line to ``path``, flushing each; a torn last line is ended first."""
+    """Appends one JSON object per line to ``path``, flushing each; a torn last line is cut off first."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torn = _torn(path)
-        self._file = path.open("a", encoding="utf-8")
-        if torn:
-            self._file.write("\n")
+        self.path = path = Path(path)
+        with writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _cut_torn_tail(path)
+            self._file = path.open("a", encoding="utf-8")
 
     def write(self, record: Mapping[str, Any]) -> None:
         """One record, on disk (as far as the OS is concerned) when this returns."""
-        self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self._file.flush()
+        with writing(self.path):
+            self._file.write(json.dumps(record, ensure_ascii=False) + "\n")
+            self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        with writing(self.path):
+            self._file.close()
 
     def __enter__(self) -> Appender:
         return self

@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +42,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data import mcq
 from tc_llava.data.templates import build_prompt
-from tc_llava.eval.runner import DATA_TYPES, GenerationSettings, Item, generate_predictions, model_settings, require_path
+from tc_llava.eval import jsonl
+from tc_llava.eval.runner import (
+    DATA_TYPES, TOO_LONG, GenerationSettings, Item, generate_predictions, model_settings, require_path,
+)
 from tc_llava.provenance import data_fingerprint, git_state, model_hash, results_provenance
 
 log = logging.getLogger(__name__)
 
 TASK_TABLES = ("official", "from_root")
-FRAME_SAMPLING = "MVBench segment middles; frame folders at decode.frame_fps from index 1"
+FRAME_SAMPLING = {"middle": "MVBench segment middles", "uniform": "uniform (rounded linspace)"}
+FRAME_FOLDERS = "frame folders at decode.frame_fps from index 1"
 _LETTER = re.compile("[a-g]")
 
 
@@ -274,8 +279,8 @@ def bar_chart(summary: Mapping[str, Mapping[str, Any]], path: Path, title: str) 
 
 
 def _media_problems(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[str]]:
-    """The media of failed items, split into missing (no such path) and undecodable."""
-    failed = {r["video"] for r in rows if r["failed"]}
+    """The media of items failed by their media, split into missing (no such path) and undecodable."""
+    failed = {r["video"] for r in rows if r["failed"] and not r["failed"].startswith(TOO_LONG)}
     missing = sorted(m for m in failed if not Path(m).exists())
     return missing, sorted(failed - set(missing))
 
@@ -307,12 +312,14 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
         "tasks": {t: summary[t] for t in tasks},
         "Avg": summary["Avg"],
         "failed_items": [{"id": r["id"], "video": r["video"], "reason": r["failed"]} for r in rows if r["failed"]],
+        "failed_by_reason": dict(Counter(r["failed"].split(":", 1)[0] for r in rows if r["failed"])),
         "settings": {
             **settings,
             "tasks": list(tasks),
             "limit": cfg.limit,
             "num_frames": cfg.num_frames,
-            "frame_sampling": FRAME_SAMPLING,
+            "frame_sampling": f"{FRAME_SAMPLING[generation.sampling]}; {FRAME_FOLDERS}",
+            "resolved": OmegaConf.to_container(cfg.resolved) if "resolved" in cfg else None,
             "template": cfg.template,
             "prompt": OmegaConf.to_container(cfg.prompt),
             "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "first line"},
@@ -324,17 +331,18 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
         "provenance": results_provenance(
             data_fingerprint(annotations, cfg.root, len(questions), missing, failed),
             model_hash(described["checkpoint"], run_dir / "cache" / "model_hash.json"),
-            {"num_frames": cfg.num_frames, "sampling": "middle", "frame_folder_fps": generation.frame_fps},
+            {"num_frames": cfg.num_frames, "sampling": generation.sampling, "frame_folder_fps": generation.frame_fps},
         ),
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     table = markdown_table(summary)
-    (run_dir / "results.md").write_text(f"# {cfg.name}\n\n{table}")
-    with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    bar_chart(summary, run_dir / "results.png", f"{cfg.name}: {Path(described['checkpoint']).name}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    outputs = {"results.json": json.dumps(results, indent=1) + "\n", "results.md": f"# {cfg.name}\n\n{table}",
+               "predictions.jsonl": "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)}
+    for name, text in outputs.items():
+        with jsonl.writing(run_dir / name):
+            (run_dir / name).write_text(text, encoding="utf-8")
+    with jsonl.writing(run_dir / "results.png"):
+        bar_chart(summary, run_dir / "results.png", f"{cfg.name}: {Path(described['checkpoint']).name}")
     log.info("%s: %d questions, %d failed; results in %s", cfg.name, len(rows), summary["Avg"]["failed"], run_dir)
     print(table, flush=True)
     return results

@@ -18,6 +18,10 @@ A benchmark turns its questions into :class:`Item` s (id, media, prompt text) an
 - **Media failures are data**: an item whose media cannot be decoded is recorded with
   ``failed`` (the reason) and ``output`` None; the run goes on. Failed items are retried
   on the next run (decoding is cheap and the file may have been fixed).
+- **So are prompts too long for the model**: an item whose tokens and ``max_new_tokens``
+  exceed the model's context (``max_position_embeddings``) fails alone, before its media are
+  decoded, with a ``PromptTooLong`` reason and ``retry`` false: a rerun does not try it again
+  (its prompt and the model are in its cache key and digest; changing either retries it).
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ log = logging.getLogger(__name__)
 
 DATA_TYPES = ("video", "gif", "frame")
 SAMPLING = ("middle", "uniform")  # the deterministic strategies of tc_llava.data.video
+TOO_LONG = "PromptTooLong"  # the reason of an item longer than the model's context (never retried)
 
 
 @dataclass(frozen=True)
@@ -106,16 +111,22 @@ class _ItemFrames(Dataset):
     """Decodes and preprocesses one item per call, inside the DataLoader worker."""
 
     def __init__(self, items: Sequence[Item], settings: GenerationSettings, tokenizer: Any, image_processor: Any,
-                 num_visual_tokens: int):
+                 num_visual_tokens: int, max_length: int | None):
         self.items, self.settings = items, settings
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_visual_tokens = num_visual_tokens
+        self.max_length = max_length
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item, s = self.items[index], self.settings
+        ids = tokenize_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens)
+        if self.max_length is not None and len(ids) + s.max_new_tokens > self.max_length:
+            return {"id": item.id, "retry": False, "failed": (
+                f"{TOO_LONG}: {len(ids)} prompt tokens + max_new_tokens {s.max_new_tokens} exceed the model's "
+                f"context of {self.max_length} (max_position_embeddings)")}
         try:
             if item.data_type == "frame" and not Path(item.media).is_dir():
                 raise ValueError(f"{item.media}: data type 'frame' expects a folder of 00001.jpg, ...")
@@ -128,7 +139,6 @@ class _ItemFrames(Dataset):
         except Exception as e:  # any decoder error is this item's failure, not the run's
             return {"id": item.id, "failed": f"{type(e).__name__}: {e}"}
         pixels = self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
-        ids = tokenize_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens)
         return {"id": item.id, "input_ids": ids, "pixel_values": pixels}
 
 
@@ -140,8 +150,8 @@ class _LeftPad:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ok = [s for s in samples if "failed" not in s]
-        batch: dict[str, Any] = {"failed": [(s["id"], s["failed"]) for s in samples if "failed" in s],
-                                 "ids": [s["id"] for s in ok]}
+        failed = [(s["id"], s["failed"], s.get("retry", True)) for s in samples if "failed" in s]
+        batch: dict[str, Any] = {"failed": failed, "ids": [s["id"] for s in ok]}
         if ok:
             width = max(len(s["input_ids"]) for s in ok)
             input_ids = torch.full((len(ok), width), self.pad_token_id, dtype=torch.long)
@@ -180,14 +190,18 @@ def weights_fingerprint(checkpoint: str) -> str | None:
 
 
 def model_settings(model: Any) -> dict[str, Any]:
-    """What identifies a model's outputs: checkpoint and its weight files, TC-LLaVA rules, dtype, attention backend."""
+    """What identifies a model's outputs: checkpoint and its weight files, TC-LLaVA rules, dtype, attention backend,
+    and (only when allowed) the weights it loaded without: ``weights_loading``."""
     checkpoint = str(getattr(model.config, "_name_or_path", ""))
+    report = getattr(model, "weights_report", None) or {}
+    allowed = {"weights_loading": report} if report.get("allow_missing_weights") else {}
     return {
         "checkpoint": checkpoint,
         "weights": weights_fingerprint(checkpoint) if checkpoint else None,
         "tc_llava": model.tc_settings(),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": model.language_model.config._attn_implementation,
+        **allowed,
     }
 
 
@@ -225,6 +239,11 @@ def _current(records: Sequence[Mapping[str, Any]], digest: str) -> Mapping[str, 
     return ok[0] if ok else (matching[-1] if matching else None)
 
 
+def _retried(record: Mapping[str, Any]) -> bool:
+    """A failure tried again on a rerun: media failures are (the file may have been fixed), a too-long prompt not."""
+    return record["failed"] is not None and record.get("retry", True)
+
+
 def _decode(tokenizer: Any, sequences: torch.Tensor, stops: list[int]) -> list[str]:
     texts = []
     for row in sequences.tolist():
@@ -258,7 +277,7 @@ def generate_predictions(
     cached = read_records(cache_dir, key)
     state.wait_for_everyone()  # every rank has read the same cache before anyone appends
     done = {i: _current(cached.get(i, ()), digests[i]) for i in ids}
-    todo = [item for item in items if done[item.id] is None or done[item.id]["failed"] is not None]
+    todo = [item for item in items if done[item.id] is None or _retried(done[item.id])]
     mine = todo[state.process_index :: state.num_processes]
     if state.is_main_process:
         log.info("%s: %d of %d items cached, %d to generate on %d process(es)",
@@ -283,7 +302,8 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
     if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer runs in forked workers
     num_visual_tokens = model.tokens_per_video(settings.num_frames)
-    dataset = _ItemFrames(items, settings, tokenizer, model.frame_processor, num_visual_tokens)
+    max_length = getattr(model.language_model.config, "max_position_embeddings", None)
+    dataset = _ItemFrames(items, settings, tokenizer, model.frame_processor, num_visual_tokens, max_length)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers,
                         collate_fn=_LeftPad(pad))
     stops = stop_token_ids(tokenizer, settings.template)
@@ -292,8 +312,9 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
     bar = tqdm(total=len(items), desc=f"generate (rank {state.process_index})", disable=not state.is_main_process)
     try:
         for batch in loader:
-            for item_id, reason in batch["failed"]:
-                out.write({"id": item_id, "item": digests[item_id], "output": None, "failed": reason})
+            for item_id, reason, retry in batch["failed"]:
+                final = {} if retry else {"retry": False}
+                out.write({"id": item_id, "item": digests[item_id], "output": None, "failed": reason, **final})
             if batch["ids"]:
                 result = model.generate(
                     batch["input_ids"].to(device), batch["attention_mask"].to(device),

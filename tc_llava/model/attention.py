@@ -67,6 +67,14 @@ def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
         )
 
 
+def check_device(attn_implementation: str, device: torch.device | str) -> None:
+    """Refuse ``flex_attention`` on CPU: compiled flex there (torch 2.13) returns wrong logits or NaN at some
+    lengths once dynamic-shape recompiles start (34 tokens right, 40 wrong against SDPA)."""
+    if attn_implementation == "flex_attention" and torch.device(device).type == "cpu":
+        raise ValueError("model.attn_implementation=flex_attention is refused on CPU (compiled flex gives wrong "
+                         "outputs there at some lengths); use sdpa, eager or auto on CPU, flex_attention on a GPU")
+
+
 @dataclass(frozen=True)
 class LLMAttention:
     """What one LLM call attends with: HF's ``attention_mask`` and ``position_ids``, and keyword
@@ -104,6 +112,7 @@ def llm_attention(
     from transformers' ``create_causal_mask``, with ``block_sequence_ids`` for the blocks and
     transformers' packed-sequence mask function for the samples.
     """
+    check_device(config._attn_implementation, inputs_embeds.device)
     block_ids = None if frame_ids is None else mask_rule.block_ids(frame_ids)
     if sample_ids is not None:
         block_ids = sample_block_ids(block_ids, sample_ids)

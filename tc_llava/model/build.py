@@ -3,17 +3,58 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from tc_llava.model.attention import check_device
 from tc_llava.model.masks import MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule
+from tc_llava.model.settings import FLOAT_DTYPES
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiny import tiny_checkpoint
+
+
+class ModelSettingsError(ValueError):
+    """A ``model.*`` setting that cannot work, found before anything loads."""
+
+
+def check_model_settings(model: DictConfig) -> None:
+    """``model.checkpoint``, ``model.dtype`` and the attention backend, checked before anything loads.
+
+    A ``???`` checkpoint merged over the base's value, or ``model.checkpoint=`` from an unset shell
+    variable, would otherwise build the tiny random model and let training or evaluation exit 0.
+    """
+    if OmegaConf.is_missing(model, "checkpoint"):
+        raise ModelSettingsError("model.checkpoint is not set: give the llava-hf directory to load, "
+                                 "e.g. model=pretrained model.checkpoint=outputs/train/demo/export")
+    checkpoint = model.get("checkpoint")
+    if checkpoint is None and model.get("tiny") is None:
+        raise ModelSettingsError("model.checkpoint=null names no model (only model=tiny* builds one): "
+                                 "give the llava-hf directory to load")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, str) or not checkpoint.strip():
+            raise ModelSettingsError(f"model.checkpoint={checkpoint!r} is empty (an unset shell variable?): "
+                                     "give the llava-hf directory to load")
+        if not (Path(checkpoint) / "config.json").is_file():
+            problem = "has no config.json" if Path(checkpoint).is_dir() else "not found"
+            raise ModelSettingsError(f"model.checkpoint={checkpoint}: {problem}; expected a llava-hf "
+                                     "checkpoint directory (an export: <run_dir>/export)")
+    dtype = model.get("dtype")
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        raise ModelSettingsError(f"model.dtype={dtype!r}: expected null (the checkpoint's) or one of {FLOAT_DTYPES}")
+    allow = model.get("allow_missing_weights", False)
+    if not isinstance(allow, bool):
+        raise ModelSettingsError(f"model.allow_missing_weights={allow!r}: expected true or false")
+    if not torch.cuda.is_available():
+        try:
+            check_device(model.get("attn_implementation", "auto"), "cpu")
+        except ValueError as e:
+            raise ModelSettingsError(str(e)) from None
 
 
 def build_model(
@@ -24,22 +65,28 @@ def build_model(
     projector: Callable[..., VideoPooling] | None = None,
     pllava_pooling_shape: list[int] | None = None,
     attn_implementation: str = "auto",
-    dtype: str = "float32",
+    dtype: str | None = None,
     cache_dir: str | None = None,
     template: str | None = None,
+    allow_missing_weights: bool = False,
 ) -> TCLlava:
     """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``.
+
+    ``dtype`` None is the checkpoint's (:func:`tc_llava.model.settings.checkpoint_dtype`);
+    ``allow_missing_weights`` loads a checkpoint that lacks weights or holds unexpected ones.
 
     ``rope``, ``mask``, ``projector`` (a ``projector`` group's factory, completed with the
     model's ``pllava_pooling_shape``) or ``template`` (the chat template) left as None come
     from the checkpoint's saved TC-LLaVA settings (vanilla / causal / mlp / none for a plain
     llava-hf checkpoint).
     """
+    if (checkpoint is None and tiny is None) or (checkpoint is not None and not str(checkpoint).strip()):
+        raise ModelSettingsError(f"model.checkpoint={checkpoint!r} names no model: give the llava-hf directory to load")
     pooling = None if projector is None else projector(model_pooling_shape=pllava_pooling_shape)
-    path = checkpoint if checkpoint else tiny_checkpoint(cache_dir, **dict(tiny or {}))
+    path = checkpoint if checkpoint is not None else tiny_checkpoint(cache_dir, **dict(tiny))
     return TCLlava.from_pretrained(
-        path, rope=rope, mask=mask, pooling=pooling,
-        attn_implementation=attn_implementation, dtype=getattr(torch, dtype), template=template,
+        path, rope=rope, mask=mask, pooling=pooling, attn_implementation=attn_implementation, dtype=dtype,
+        template=template, allow_missing_weights=allow_missing_weights,
     )
 
 

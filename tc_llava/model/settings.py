@@ -87,6 +87,24 @@ def read_frame_sampling(config: dict[str, Any], config_file: Path) -> dict[str, 
     return dict(saved)
 
 
+# The dtype a checkpoint without a TC-LLaVA record loads in (a llava-hf download: the dtype to fine-tune a 7B in).
+DEFAULT_DTYPE = "bfloat16"
+FLOAT_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> tuple[str, str]:
+    """The dtype to load a checkpoint in when none is asked for, and where it comes from.
+
+    An export (its config records ``tc_llava``) was saved in the dtype it was trained in, which
+    transformers' ``save_pretrained`` writes as ``dtype``: ``(that, "export")``. Any other checkpoint
+    records the dtype it was published in (float16 for llava-1.5): ``(DEFAULT_DTYPE, "default")``.
+    """
+    saved = config.get("dtype") or config.get("torch_dtype")
+    if "tc_llava" in config and saved in FLOAT_DTYPES:
+        return saved, "export"
+    return DEFAULT_DTYPE, "default"
+
+
 def _rule(entry: Any, key: str, registry: dict[str, type], config_file: Path) -> RopeRule | MaskRule:
     where = f"{config_file}: tc_llava.{key}"
     if not isinstance(entry, dict):

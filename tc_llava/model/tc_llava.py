@@ -47,13 +47,36 @@ from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
 from tc_llava.model.settings import (
-    FRAMES_KEY, check_adapter_config, read_frame_sampling, read_settings, rule_settings,
+    FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 DEFAULT_PLACEHOLDER = "<image>"
+LOADING_KEYS = ("missing_keys", "unexpected_keys", "mismatched_keys")  # transformers' loading info
+
+
+class CheckpointError(ValueError):
+    """A checkpoint whose weights do not fit the model it describes."""
+
+
+def check_loaded_weights(info: dict[str, Any], path: Path, allow: bool) -> dict[str, list[str]]:
+    """transformers' loading info as ``{missing_keys: [...], ...}``; refused unless ``allow`` when any is non-empty.
+
+    transformers has already left out what it expects to be absent (tied weights such as a tied
+    ``lm_head``, a class's ``_keys_to_ignore_on_load_*``), so every name here is a weight that
+    would be randomly initialised, ignored, or (mismatched) loaded at another shape.
+    """
+    found = {key: sorted(str(k) for k in info.get(key) or ()) for key in LOADING_KEYS}
+    if any(found.values()) and not allow:
+        parts = [f"{len(names)} {key.removesuffix('_keys')} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+                 for key, names in found.items() if names]
+        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(parts)}; a missing weight would be "
+                              "randomly initialised. Load it anyway with model.allow_missing_weights=true")
+    if any(found.values()):
+        log.warning("%s: loaded with allow_missing_weights: %s", path, {k: v for k, v in found.items() if v})
+    return found
 
 
 @dataclass
@@ -125,6 +148,8 @@ class TCLlava(nn.Module):
         self.video_preprocessor = video_preprocessor
         self.template = template  # the chat template's name (data.templates): how prompts are written for it
         self.frame_sampling = frame_sampling
+        # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
+        self.weights_report: dict[str, Any] = {"allow_missing_weights": False}
         lm = self.language_model
         check_backend(lm.config._attn_implementation, self.mask)
         if not self.mask.is_causal and "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
@@ -373,12 +398,17 @@ class TCLlava(nn.Module):
         mask: MaskRule | None = None,
         pooling: VideoPooling | None = None,
         attn_implementation: str = "auto",
-        dtype: torch.dtype | str = torch.float32,
+        dtype: torch.dtype | str | None = torch.float32,
         template: str | None = None,
+        allow_missing_weights: bool = False,
         **hf_kwargs: Any,
     ) -> "TCLlava":
         """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
         vanilla/causal/mlp and no template. The video families need their ``video_preprocessor_config.json``.
+
+        ``dtype`` None is the checkpoint's (:func:`~tc_llava.model.settings.checkpoint_dtype`). Weights the
+        checkpoint lacks, or holds beyond the model's, are a :class:`CheckpointError` naming them unless
+        ``allow_missing_weights``; :attr:`weights_report` says how it went.
 
         A directory holding a peft adapter beside the base weights loads with the adapter merged.
         Nothing in the directory runs: the rules are read by name (:mod:`tc_llava.model.settings`),
@@ -408,18 +438,21 @@ class TCLlava(nn.Module):
         has_adapter = adapter_file.is_file()
         if has_adapter:  # before transformers, which loads an adapter it finds by itself
             check_adapter_config(adapter_file)
+        if dtype is None:
+            dtype, _ = checkpoint_dtype(config)
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
         attn_implementation = resolve_attention(attn_implementation)
-        hf = AutoModelForImageTextToText.from_pretrained(
+        hf, info = AutoModelForImageTextToText.from_pretrained(
             path, dtype=dtype, attn_implementation={"text_config": attn_implementation, "vision_config": "sdpa"},
-            **hf_kwargs, trust_remote_code=False, weights_only=True,
+            **hf_kwargs, trust_remote_code=False, weights_only=True, output_loading_info=True,
         )
+        found = check_loaded_weights(info, path, allow_missing_weights)
         if has_adapter:
             hf = PeftModel.from_pretrained(hf, path).merge_and_unload()
         has_tokenizer = (path / "tokenizer_config.json").is_file()
         has_processor = (path / "preprocessor_config.json").is_file()
-        return cls(
+        model = cls(
             hf, rope or saved_rope, mask or saved_mask, pooling or saved_pooling,
             tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None,
             image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
@@ -428,3 +461,6 @@ class TCLlava(nn.Module):
             video_preprocessor=VideoPreprocessor.from_pretrained(path) if wants_video else None,
             frame_sampling=frame_sampling,
         )
+        model.weights_report = {"allow_missing_weights": allow_missing_weights,
+                                **{key: names for key, names in found.items() if names}}
+        return model

@@ -33,6 +33,7 @@ from tc_llava.data.datasets import DataError
 from tc_llava.data.templates import get_template
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
+from tc_llava.model.tc_llava import CheckpointError
 from tc_llava.provenance import run_meta
 from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
@@ -46,7 +47,7 @@ from tc_llava.train.tuning import apply_tuning, trainable_summary
 log = logging.getLogger(__name__)
 
 # What train() raises for a mistake in what it was given, or to stop before its state is poisoned.
-TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError)
+TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError, CheckpointError)
 METRICS = "metrics.jsonl"  # one row per optimizer step, in run_dir
 
 

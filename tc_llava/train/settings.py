@@ -23,6 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import check_sources
+from tc_llava.model.build import check_model_settings
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.pooling import mlp_projector
 from tc_llava.model.rope import ROPE_RULES
@@ -236,6 +237,7 @@ def check_train_config(cfg: DictConfig) -> None:
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
     try:
         check_numerics(cfg.threads, cfg.deterministic)
+        check_model_settings(cfg.model)
     except ValueError as e:
         raise SettingsError(str(e)) from None
     check_trainer(cfg.trainer)
