@@ -40,6 +40,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data import mcq
+from tc_llava.data.files import read_text
 from tc_llava.data.templates import build_prompt
 from tc_llava.eval.runner import DATA_TYPES, GenerationSettings, Item, generate_predictions, model_settings, require_path
 from tc_llava.provenance import data_fingerprint, git_state, model_hash, results_provenance
@@ -157,7 +158,7 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
     elif cfg.task_table == "from_root":
         path = Path(cfg.root) / "tasks.json"
         require_path(path, "file", f"benchmark.root={cfg.root}", "the task table (benchmark.task_table=from_root)")
-        tasks = _parse_table(json.loads(path.read_text()), str(path))
+        tasks = _parse_table(json.loads(read_text(path)), str(path))
     else:
         raise ValueError(f"benchmark.task_table must be one of {TASK_TABLES}, got {cfg.task_table!r}")
     return {t: tasks[t] for t in select_tasks(cfg, tasks)}
@@ -198,7 +199,7 @@ def load_layout_questions(cfg: DictConfig, tasks: Mapping[str, Task], image_toke
     for task in tasks.values():
         path = root / cfg.json_dir / task.json
         require_path(path, "file", f"benchmark.root={cfg.root}", f"the questions of task {task.name!r}")
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of question records")
         for k, record in enumerate(records[: cfg.limit]):
