@@ -19,6 +19,7 @@ from PIL import Image
 import tc_llava.train.loop as loop
 from tc_llava.data.datasets import DataError
 from tc_llava.data.video import DecodeTimeoutError, NotRegularFileError, sample_frames
+from tc_llava.eval import videomme
 from tc_llava.eval.jsonl import load_records
 from tc_llava.train.loop import train
 from tc_llava.train.settings import SettingsError
@@ -31,19 +32,22 @@ FAST = ("trainer.max_steps=4", "export.enabled=false")
 
 
 @contextlib.contextmanager
-def fifo(path: Path, release_after: float = 60.0) -> Iterator[Path]:
-    """A named pipe at ``path``. After ``release_after`` s a writer opens and closes it, so that code which
-    opens it anyway (the old behaviour) sees an empty stream and the test fails instead of hanging."""
+def fifo(path: Path, release_after: float = 30.0) -> Iterator[Path]:
+    """A named pipe at ``path``. After ``release_after`` s, every reader that opens it (the old behaviour:
+    decoders opened it) is answered by a writer that closes at once, so that such code sees an empty stream
+    and the test fails instead of hanging."""
     os.mkfifo(path)
     done = threading.Event()
 
     def release() -> None:
-        if not done.wait(release_after):
-            with open(path, "wb"):
+        done.wait(release_after)
+        while not done.wait(0.05):
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:  # ENXIO: nobody is reading
                 pass
 
-    thread = threading.Thread(target=release, daemon=True)
-    thread.start()
+    threading.Thread(target=release, daemon=True).start()
     try:
         yield path
     finally:
@@ -100,15 +104,18 @@ def test_fifo_eval_media_is_a_failed_item(synthetic, lively, tmp_path):
     root = tmp_path / "TVBench"
     (root / "json").mkdir(parents=True)
     _write(root / "video/action_count/c0.mp4", 0)
-    (root / "video/action_count").mkdir(parents=True, exist_ok=True)
     records = [{"video": name, "question": "How many?", "candidates": ["2", "3"], "answer": "2"}
                for name in ("c0.mp4", "pipe.mp4")]
     (root / "json/action_count.json").write_text(json.dumps(records))
     with fifo(root / "video/action_count/pipe.mp4") as pipe:
         results = _evaluate("tvbench", root, lively, tmp_path / "eval", "benchmark.tasks=['Action Count']")
+        assert videomme.frame_times(pipe, 4) == [] and videomme.frame_times(root / "video/action_count/c0.mp4", 4)
     assert results["Avg"]["total"] == 1 and results["Avg"]["failed"] == 1
     [failed] = results["failed_items"]
     assert failed["video"] == str(pipe) and "is a named pipe (FIFO), not a regular file" in failed["reason"]
+    with pytest.raises(RuntimeError, match=r"no question could be answered.*took longer than its timeout of 1e-05 s"):
+        _evaluate("tvbench", root, lively, tmp_path / "late", "benchmark.tasks=['Action Count']",
+                  "benchmark.decode.timeout=1e-5", "benchmark.decode.backend=pyav")
 
 
 def _not_utf8(path: Path) -> int:
