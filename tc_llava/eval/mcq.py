@@ -42,6 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 from tc_llava.data import mcq
 from tc_llava.data.files import read_text
 from tc_llava.data.templates import build_prompt
+from tc_llava.eval import tvbench_extract
 from tc_llava.eval.runner import DATA_TYPES, GenerationSettings, Item, generate_predictions, model_settings, require_path
 from tc_llava.provenance import data_fingerprint, git_state, model_hash, results_provenance
 
@@ -172,7 +173,12 @@ def check_layout(cfg: DictConfig) -> None:
     for task in load_task_table(cfg).values():
         require_path(root / cfg.json_dir / task.json, "file", where,
                      f"the questions of task {task.name!r} (benchmark.json_dir={cfg.json_dir})")
-        require_path(root / cfg.video_dir / task.prefix, "directory", where,
+        media = root / cfg.video_dir / task.prefix
+        archive = media.parent / f"{media.name}.zip"
+        if not media.exists() and archive.is_file():  # TVBench's download: video/<task>.zip
+            raise FileNotFoundError(f"{where}: the media of task {task.name!r} are still in {archive}; extract the "
+                                    f"archives once with: {tvbench_extract.COMMAND} {root}")
+        require_path(media, "directory", where,
                      f"the media of task {task.name!r} (benchmark.video_dir={cfg.video_dir}, then its prefix)")
 
 
