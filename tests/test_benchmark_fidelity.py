@@ -55,6 +55,7 @@ def test_videomme_scores_extracted_letters_over_answered_items(videomme_root, li
     assert results["tasks"]["medium"] == {"correct": 0, "total": 0, "failed": 1, "unanswered": 1, "accuracy": None}
     assert results["Avg"]["accuracy"] == 100.0 and results["Avg"]["unanswered"] == 1
     assert results["settings"]["scoring"].startswith("Video-MME's eval_your_results.py")
+    assert results["settings"]["decoding"]["kept"] == "whole output"
     rows = {json.loads(line)["id"]: json.loads(line) for line in (run_dir / "predictions.jsonl").open()}
     assert rows["short/001-1"]["pred"] == "B" and rows["medium/002-1"]["pred"] == ""
 

@@ -238,6 +238,7 @@ class Scoring:
 
     grade: Grade
     description: str
+    kept: str  # the part of the output that is graded, for results.json
 
 
 def mvbench_scoring(pred_prefix: str) -> Scoring:
@@ -247,7 +248,7 @@ def mvbench_scoring(pred_prefix: str) -> Scoring:
         pred = prediction(output, pred_prefix)
         return pred, check_answer(pred, question.gt)
 
-    return Scoring(grade, "option match on first tokens with the A-G letter guard (judge-free)")
+    return Scoring(grade, "option match on first tokens with the A-G letter guard (judge-free)", "first line")
 
 
 def score(questions: Sequence[Question], records: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
@@ -350,7 +351,7 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
             "frame_sampling": FRAME_SAMPLING,
             "template": cfg.template,
             "prompt": OmegaConf.to_container(cfg.prompt),
-            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "first line"},
+            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": scoring.kept},
             "scoring": scoring.description,
             "model": described,
             "git": git_state(),

@@ -219,4 +219,4 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
     questions, tasks, files = load_questions(cfg, image_token_of(model.tokenizer))
     return mcq.evaluate(model, cfg, run_dir, state, questions, tasks, files,
                         {"root": str(cfg.root), "annotation": cfg.annotation, "subtitles": bool(cfg.subtitles),
-                         "subtitle_files": len(files) - 1}, mcq.Scoring(grade, SCORING))
+                         "subtitle_files": len(files) - 1}, mcq.Scoring(grade, SCORING, "whole output"))
