@@ -82,22 +82,25 @@ def test_fifo_and_timeout_are_refused_by_the_reader(synthetic, tmp_path):
     assert frames.shape[0] == 4
 
 
-def test_fifo_training_media_is_skipped_and_counted(synthetic, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_fifo_training_media_is_skipped_and_counted(synthetic, tmp_path, workers):
     data = tmp_path / "data"
     records = _copy_records(synthetic, data, 16)
     piped = data / "synthetic" / records[3]["video"]
     piped.unlink()
     with fifo(piped):
-        result = train(train_cfg(data, tmp_path / "run", *FAST, "data.on_error=skip"))
+        result = train(train_cfg(data, tmp_path / "run", *FAST, "data.on_error=skip", f"data.num_workers={workers}"))
     assert result["data"]["skips"] == {"not_a_regular_file": 1} and result["data"]["samples"] == 16
 
 
-def test_decode_timeout_in_training_follows_on_error(synthetic, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_decode_timeout_in_training_follows_on_error(synthetic, tmp_path, workers):
     data = tmp_path / "data"
     _copy_records(synthetic, data, 8)
-    with pytest.raises(DataError, match=r"decoding took longer than its timeout of 1e-05 s \[decode_timeout; record \d+ of"):
+    late = r"decoding took longer than its timeout of 1e-05 s \[decode_timeout; record \d+ of"
+    with pytest.raises(DataError, match=late):
         train(train_cfg(data, tmp_path / "run", "trainer.max_steps=1", "export.enabled=false",
-                        "data.backend=pyav", "data.decode_timeout=1e-5"))
+                        "data.backend=pyav", "data.decode_timeout=1e-5", f"data.num_workers={workers}"))
 
 
 def test_fifo_eval_media_is_a_failed_item(synthetic, lively, tmp_path):
@@ -138,7 +141,7 @@ def test_non_utf8_json_is_one_short_line(synthetic, tmp_path):
     data = tmp_path / "data"
     _copy_records(synthetic, data, 4)
     offset = _not_utf8(data / "synthetic/train.json")
-    args = [a for a in overrides(data, tmp_path / "cli", *FAST)]
+    args = overrides(data, tmp_path / "cli", *FAST)
     proc = subprocess.run([sys.executable, "-m", "tc_llava.train", *args], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     output = proc.stdout + proc.stderr

@@ -38,6 +38,9 @@ unreadable sample is replaced by a deterministic other position (a function of s
 index and attempt), and the sample carries the skip in its ``skipped`` list so that the
 counts survive DataLoader workers; the collator sums them per batch and ``DataReport``
 (collate.py) totals them for the trainer.
+Reasons: ``malformed_record``, ``missing_file``, ``zero_frames``, ``unreadable_media``,
+``not_a_regular_file`` (a named pipe or device, refused unopened: reading it could block
+forever) and ``decode_timeout`` (the decode outlived ``decode_timeout`` seconds).
 """
 
 from __future__ import annotations
