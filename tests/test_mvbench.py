@@ -225,8 +225,8 @@ def test_official_prompt(bench, tiny_llama):
 def test_end_to_end_counts_failures_and_frames(bench, lively, tmp_path, monkeypatch):
     seen = {}
 
-    def spy(path, num_frames, strategy, bound, backend, fps=None, seed=None, num_threads=1):
-        frames, indices = video.sample_frames(path, num_frames, strategy, bound, backend, fps, seed, num_threads)
+    def spy(path, num_frames, strategy, bound, backend, **kwargs):
+        frames, indices = video.sample_frames(path, num_frames, strategy, bound, backend, **kwargs)
         seen[Path(path).name] = indices
         return frames, indices
 

@@ -38,6 +38,9 @@ unreadable sample is replaced by a deterministic other position (a function of s
 index and attempt), and the sample carries the skip in its ``skipped`` list so that the
 counts survive DataLoader workers; the collator sums them per batch and ``DataReport``
 (collate.py) totals them for the trainer.
+Reasons: ``malformed_record``, ``missing_file``, ``zero_frames``, ``unreadable_media``,
+``not_a_regular_file`` (a named pipe or device, refused unopened: reading it could block
+forever) and ``decode_timeout`` (the decode outlived ``decode_timeout`` seconds).
 """
 
 from __future__ import annotations
@@ -53,8 +56,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from tc_llava.data.files import EncodingError, read_text
 from tc_llava.data.templates import get_template, image_token_of, tokenize_conversation
-from tc_llava.data.video import IMAGE_SUFFIXES, VideoReadError, sample_frames
+from tc_llava.data.video import (DECODE_TIMEOUT, IMAGE_SUFFIXES, DecodeTimeoutError, NotRegularFileError,
+                                 VideoReadError, sample_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +71,8 @@ MALFORMED = "malformed_record"
 MISSING = "missing_file"
 ZERO_FRAMES = "zero_frames"
 UNREADABLE = "unreadable_media"
+NOT_A_FILE = "not_a_regular_file"  # a named pipe or device: never opened, it could block forever
+TIMEOUT = "decode_timeout"
 
 
 class DataError(ValueError):
@@ -264,6 +271,7 @@ class SFTDataset(torch.utils.data.Dataset):
         decode_threads: int = 1,
         max_retries: int = 10,
         image_frames: int | None = None,
+        decode_timeout: float | None = DECODE_TIMEOUT,
     ):
         """``corpora``: registry name -> {json, media_root, type, weight, num_frames?}; ``select`` picks
         names (default all). ``image_processor`` turns frames into ``pixel_values`` (the model's
@@ -271,7 +279,8 @@ class SFTDataset(torch.utils.data.Dataset):
         count -> its placeholder tokens), or one count when every sample has ``num_frames``
         frames. ``train`` samples frames randomly (seeded per sample) and shuffles QA turns if
         ``shuffle_qa`` (PLLaVA does); otherwise segment middles, records in order.
-        ``system=None`` uses the template's system prompt."""
+        ``system=None`` uses the template's system prompt. ``decode_timeout`` (seconds, None: none) bounds
+        one sample's decode; past it the sample fails like an unreadable one (reason ``decode_timeout``)."""
         if on_error not in ON_ERROR:
             raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
         if image_frames is not None and not _is_positive_int(image_frames):
@@ -292,6 +301,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.backend = backend
         self.decode_threads = decode_threads
+        self.decode_timeout = decode_timeout
         self.max_retries = max_retries
         self.epoch = 0
         self.load_skips: Counter[str] = Counter()
@@ -319,12 +329,13 @@ class SFTDataset(torch.utils.data.Dataset):
     def _load(self, corpus: Corpus) -> list[_Record]:
         """Parse and validate every record up front, so bad annotations surface before training."""
         try:
-            with open(corpus.json, encoding="utf-8") as f:
-                raw = json.load(f)
+            raw = json.loads(read_text(corpus.json))
+        except EncodingError as e:
+            raise DataError(f"corpus {corpus.name!r}: {e}") from None
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"corpus {corpus.name!r}: cannot read {corpus.json}: {e}") from e
+            raise DataError(f"corpus {corpus.name!r}: cannot read {corpus.json}: {e}") from None
         if not isinstance(raw, list):
-            raise ValueError(f"corpus {corpus.name!r}: {corpus.json} must hold a JSON list of records")
+            raise DataError(f"corpus {corpus.name!r}: {corpus.json} must hold a JSON list of records")
         records, bad = [], []
         for index, item in enumerate(raw):
             try:
@@ -459,7 +470,12 @@ class SFTDataset(torch.utils.data.Dataset):
                 backend=self.backend,
                 seed=seed,
                 num_threads=self.decode_threads,
+                timeout=self.decode_timeout,
             )
+        except NotRegularFileError as e:
+            raise fail(NOT_A_FILE, e.reason) from e
+        except DecodeTimeoutError as e:
+            raise fail(TIMEOUT, e.reason) from e
         except VideoReadError as e:
             reason = ZERO_FRAMES if "no frames" in e.reason else UNREADABLE
             raise fail(reason, e.reason) from e

@@ -5,13 +5,22 @@ Every source is reduced to the same small interface (``first_idx``, ``max_frame`
 backends (decord, PyAV, torchcodec) are interchangeable and must agree frame for frame.
 Readers are opened inside each call and never cached: decord readers leak and hang when
 shared across DataLoader workers.
+
+One bad input must never stop a run: a path that is not a regular file (a named pipe, a
+device) is refused before anything opens it, since opening a pipe blocks until someone writes
+to it, and the whole decode runs under a deadline (``timeout``). Both raise
+:class:`VideoReadError`, which the training data and the evaluation runner count as the
+item's failure.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
+import stat
+import threading
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -20,6 +29,8 @@ BACKENDS = ("decord", "pyav", "torchcodec")
 STRATEGIES = ("middle", "random", "uniform", "fps")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FRAME_FOLDER_FPS = 3.0  # MVBench's "frame" data (TVQA frames_fps3_hq)
+T = TypeVar("T")
+DECODE_TIMEOUT = 300.0  # seconds one sample_frames call may take; an hour of video at 16 frames takes seconds
 
 
 class VideoReadError(ValueError):
@@ -29,6 +40,29 @@ class VideoReadError(ValueError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class NotRegularFileError(VideoReadError):
+    """The path is a named pipe, socket or device: reading it could block forever, so it is never opened."""
+
+
+class DecodeTimeoutError(VideoReadError):
+    """Decoding did not finish within its deadline; the decoder is abandoned, not waited for."""
+
+
+_KINDS = {stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+          stat.S_ISBLK: "a block device"}
+
+
+def require_regular_file(path: str | Path) -> None:
+    """Raise :class:`NotRegularFileError` unless ``path`` is a regular file (symlinks followed).
+
+    ``os.stat`` never blocks on a pipe, unlike opening it, so this runs before any decoder sees the path.
+    """
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS.items() if test(mode)), "not a regular file")
+        raise NotRegularFileError(path, f"is {kind}, not a regular file; media must be regular files")
 
 
 def frame_indices(
@@ -250,6 +284,7 @@ class _FrameFolderClip:
         for i in indices:
             file = self._path / f"{i:05d}.jpg"
             try:
+                require_regular_file(file)
                 with Image.open(file) as image:
                     frames.append(np.asarray(image.convert("RGB")))
             except OSError as e:
@@ -300,6 +335,7 @@ def _first_line(error: BaseException) -> str:
 def _open(path: Path, backend: str, fps: float | None, num_threads: int) -> _Clip:
     if path.is_dir():
         return _FrameFolderClip(path, FRAME_FOLDER_FPS if fps is None else fps)
+    require_regular_file(path)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return _ImageClip(path)
@@ -356,6 +392,7 @@ def sample_frames(
     seed: int | None = None,
     num_threads: int = 1,
     sample_fps: float | None = None,
+    timeout: float | None = DECODE_TIMEOUT,
 ) -> tuple[np.ndarray, list[int]]:
     """Read ``num_frames`` RGB frames ``uint8 [T, H, W, 3]`` and the indices they came from.
 
@@ -366,6 +403,9 @@ def sample_frames(
     ``bound`` clips to ``(start_s, end_s)``. ``fps`` overrides the container's rate and is
     the rate of a frame folder (default 3). Frame folder indices are file numbers (from 1).
     ``num_threads`` goes to the decoder: some webm decode only with 1 thread.
+    ``timeout`` (seconds, None: no deadline) bounds the whole read: past it
+    :class:`DecodeTimeoutError` is raised and the decoder, stuck in a daemon thread, is left behind.
+    Anything but a regular file (or a folder of them) raises :class:`NotRegularFileError` unopened.
     """
     path = Path(path)
     if backend not in BACKENDS:
@@ -374,12 +414,46 @@ def sample_frames(
         raise VideoReadError(path, f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if num_frames < 1:
         raise VideoReadError(path, f"num_frames must be >= 1, got {num_frames}")
+    if timeout is not None and not timeout > 0:
+        raise VideoReadError(path, f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
     if not path.exists():
         raise VideoReadError(path, "no such file or directory")
-    clip = _open(path, backend, fps, num_threads)
-    try:
-        indices = _select(clip, path, num_frames, strategy, bound, clip.fps if fps is None else fps, seed, sample_fps)
-        frames = clip.read(indices)
-    finally:
-        clip.close()
-    return np.ascontiguousarray(frames, dtype=np.uint8), indices
+
+    def read() -> tuple[np.ndarray, list[int]]:
+        clip = _open(path, backend, fps, num_threads)
+        try:
+            indices = _select(clip, path, num_frames, strategy, bound, clip.fps if fps is None else fps, seed,
+                              sample_fps)
+            frames = clip.read(indices)
+        finally:
+            clip.close()
+        return np.ascontiguousarray(frames, dtype=np.uint8), indices
+
+    if timeout is None:
+        return read()
+    return _with_deadline(read, path, timeout)
+
+
+def _with_deadline(read: Callable[[], T], path: Path, timeout: float) -> T:
+    """``read()`` in a daemon thread, waited for at most ``timeout`` s.
+
+    Decoders block inside C calls that no signal interrupts, and a DataLoader worker has no
+    other thread to watch it, so the caller waits on a thread instead of on the decoder. A
+    daemon thread never holds up the process's exit.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = read()
+        except BaseException as e:  # handed to the caller, which re-raises it
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, name=f"decode {path.name}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise DecodeTimeoutError(path, f"decoding took longer than its timeout of {timeout:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+from tc_llava.data.files import read_text
+
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
@@ -73,8 +75,9 @@ def read(path: str | os.PathLike, parse: Callable[[Any], T]) -> Iterator[T]:
 
 
 def load_records(path: Path) -> Any:
-    """A file of records as users write them: one JSON document (a list), or one JSON object per line."""
-    text = path.read_text(encoding="utf-8")
+    """A file of records as users write them: one JSON document (a list), or one JSON object per line.
+    A file that is not UTF-8 is one line naming it and the byte offset (:func:`tc_llava.data.files.read_text`)."""
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError:

@@ -32,7 +32,7 @@ import logging
 import math
 import re
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,9 @@ from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data import mcq
+from tc_llava.data.files import read_text
 from tc_llava.data.templates import build_prompt
-from tc_llava.eval import jsonl
+from tc_llava.eval import jsonl, tvbench_extract
 from tc_llava.eval.runner import (
     DATA_TYPES, TOO_LONG, GenerationSettings, Item, generate_predictions, model_settings, require_path,
 )
@@ -162,7 +163,7 @@ def load_task_table(cfg: DictConfig) -> dict[str, Task]:
     elif cfg.task_table == "from_root":
         path = Path(cfg.root) / "tasks.json"
         require_path(path, "file", f"benchmark.root={cfg.root}", "the task table (benchmark.task_table=from_root)")
-        tasks = _parse_table(json.loads(path.read_text()), str(path))
+        tasks = _parse_table(json.loads(read_text(path)), str(path))
     else:
         raise ValueError(f"benchmark.task_table must be one of {TASK_TABLES}, got {cfg.task_table!r}")
     return {t: tasks[t] for t in select_tasks(cfg, tasks)}
@@ -176,7 +177,12 @@ def check_layout(cfg: DictConfig) -> None:
     for task in load_task_table(cfg).values():
         require_path(root / cfg.json_dir / task.json, "file", where,
                      f"the questions of task {task.name!r} (benchmark.json_dir={cfg.json_dir})")
-        require_path(root / cfg.video_dir / task.prefix, "directory", where,
+        media = root / cfg.video_dir / task.prefix
+        archive = media.parent / f"{media.name}.zip"
+        if not media.exists() and archive.is_file():  # TVBench's download: video/<task>.zip
+            raise FileNotFoundError(f"{where}: the media of task {task.name!r} are still in {archive}; extract the "
+                                    f"archives once with: {tvbench_extract.COMMAND} {root}")
+        require_path(media, "directory", where,
                      f"the media of task {task.name!r} (benchmark.video_dir={cfg.video_dir}, then its prefix)")
 
 
@@ -203,7 +209,7 @@ def load_layout_questions(cfg: DictConfig, tasks: Mapping[str, Task], image_toke
     for task in tasks.values():
         path = root / cfg.json_dir / task.json
         require_path(path, "file", f"benchmark.root={cfg.root}", f"the questions of task {task.name!r}")
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
         if not isinstance(records, list):
             raise ValueError(f"{path}: expected a JSON list of question records")
         for k, record in enumerate(records[: cfg.limit]):
@@ -226,10 +232,34 @@ def _accuracy(correct: int, total: int) -> float | None:
     return 100.0 * correct / total if total else None
 
 
-def score(questions: Sequence[Question], records: Mapping[str, Mapping[str, Any]], pred_prefix: str,
-          tasks: Sequence[str]) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
-    """Per-task and ``Avg`` counts (accuracy in %, of answered items) and the per-item rows."""
-    counts = {t: {"correct": 0, "total": 0, "failed": 0} for t in tasks}
+# (prediction, correct); correct None: no answer could be read from the output (not in the accuracy)
+Grade = Callable[[str, Question], tuple[str, bool | None]]
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """How an output is graded, and the sentence ``results.json`` describes it with."""
+
+    grade: Grade
+    description: str
+    kept: str  # the part of the output that is graded, for results.json
+
+
+def mvbench_scoring(pred_prefix: str) -> Scoring:
+    """MVBench's: :func:`check_answer` on the output's first line with the priming put back (:func:`prediction`)."""
+
+    def grade(output: str, question: Question) -> tuple[str, bool]:
+        pred = prediction(output, pred_prefix)
+        return pred, check_answer(pred, question.gt)
+
+    return Scoring(grade, "option match on first tokens with the A-G letter guard (judge-free)", "first line")
+
+
+def score(questions: Sequence[Question], records: Mapping[str, Mapping[str, Any]], tasks: Sequence[str],
+          grade: Grade) -> tuple[dict[str, dict[str, Any]], list[dict[str, Any]]]:
+    """Per-task and ``Avg`` counts and the per-item rows. ``total`` counts the graded items and the accuracy
+    (%) is over them; ``failed`` items (media) and ``unanswered`` ones (no answer in the output) are apart."""
+    counts = {t: {"correct": 0, "total": 0, "failed": 0, "unanswered": 0} for t in tasks}
     rows = []
     for q in questions:
         record = records[q.item.id]
@@ -239,12 +269,14 @@ def score(questions: Sequence[Question], records: Mapping[str, Mapping[str, Any]
             counts[q.task]["failed"] += 1
             row.update(pred=None, correct=None)
         else:
-            row["pred"] = prediction(record["output"], pred_prefix)
-            row["correct"] = check_answer(row["pred"], q.gt)
-            counts[q.task]["total"] += 1
-            counts[q.task]["correct"] += row["correct"]
+            row["pred"], row["correct"] = grade(record["output"], q)
+            if row["correct"] is None:
+                counts[q.task]["unanswered"] += 1
+            else:
+                counts[q.task]["total"] += 1
+                counts[q.task]["correct"] += row["correct"]
         rows.append(row)
-    avg = {k: sum(c[k] for c in counts.values()) for k in ("correct", "total", "failed")}
+    avg = {k: sum(c[k] for c in counts.values()) for k in ("correct", "total", "failed", "unanswered")}
     summary = {t: {**c, "accuracy": _accuracy(c["correct"], c["total"])} for t, c in counts.items()}
     summary["Avg"] = {**avg, "accuracy": _accuracy(avg["correct"], avg["total"])}
     return summary, rows
@@ -286,12 +318,14 @@ def _media_problems(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[
 
 
 def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialState, questions: Sequence[Question],
-             tasks: Sequence[str], annotations: Sequence[Path], settings: Mapping[str, Any]) -> dict[str, Any] | None:
+             tasks: Sequence[str], annotations: Sequence[Path], settings: Mapping[str, Any],
+             scoring: Scoring | None = None) -> dict[str, Any] | None:
     """Generate and score ``questions``; the main process writes and returns the results.
 
     ``tasks`` orders the table; ``annotations`` are the files the questions came from (hashed
     into the provenance); ``settings`` are the benchmark's own entries of ``results.json``'s
-    settings (its root and layout), before the common ones. Outputs in ``run_dir``:
+    settings (its root and layout), before the common ones; ``scoring`` defaults to MVBench's
+    (:func:`mvbench_scoring`). Outputs in ``run_dir``:
     ``results.json``, ``results.md``, ``results.png``, ``predictions.jsonl`` and the
     generation cache ``cache/``.
     """
@@ -300,8 +334,9 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
     records = generate_predictions(model, [q.item for q in questions], run_dir / "cache", generation, state)
     if not state.is_main_process:
         return None
-    summary, rows = score(questions, records, cfg.prompt.pred_prefix, list(tasks))
-    if not summary["Avg"]["total"]:
+    scoring = scoring or mvbench_scoring(cfg.prompt.pred_prefix)
+    summary, rows = score(questions, records, list(tasks), scoring.grade)
+    if summary["Avg"]["failed"] == len(rows):
         reason = next((f" (e.g. {r['video']}: {r['failed']})" for r in rows), "")
         raise RuntimeError(f"{cfg.name}: no question could be answered, {len(rows)} failed{reason}; "
                            f"the results in {run_dir} were left as they were")
@@ -322,8 +357,8 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
             "resolved": OmegaConf.to_container(cfg.resolved) if "resolved" in cfg else None,
             "template": cfg.template,
             "prompt": OmegaConf.to_container(cfg.prompt),
-            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": "first line"},
-            "scoring": "option match on first tokens with the A-G letter guard (judge-free)",
+            "decoding": {"greedy": True, "max_new_tokens": cfg.max_new_tokens, "kept": scoring.kept},
+            "scoring": scoring.description,
             "model": described,
             "git": git_state(),
             "num_processes": state.num_processes,

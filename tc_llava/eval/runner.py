@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from tc_llava.data.collate import collate_frames
 from tc_llava.data.templates import stop_token_ids, tokenize_prompt
-from tc_llava.data.video import sample_frames
+from tc_llava.data.video import DECODE_TIMEOUT, sample_frames
 from tc_llava.eval import jsonl
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Item:
 
 # GenerationSettings field -> its key in a benchmark config
 CONFIG_KEYS = {"frame_fps": "decode.frame_fps", "backend": "decode.backend", "decode_threads": "decode.threads",
-               "num_workers": "decode.num_workers"}
+               "num_workers": "decode.num_workers", "decode_timeout": "decode.timeout"}
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ class GenerationSettings:
     backend: str = "decord"
     decode_threads: int = 1
     num_workers: int = 2
+    decode_timeout: float | None = DECODE_TIMEOUT  # seconds per item's decode; past it the item fails
 
     def __post_init__(self) -> None:
         for name, low in (("num_frames", 1), ("max_new_tokens", 1), ("batch_size", 1), ("decode_threads", 1),
@@ -93,6 +94,10 @@ class GenerationSettings:
             raise ValueError(f"benchmark.sampling={self.sampling!r}: expected one of {SAMPLING}")
         if isinstance(self.frame_fps, bool) or not isinstance(self.frame_fps, (int, float)) or not self.frame_fps > 0:
             raise ValueError(f"benchmark.decode.frame_fps={self.frame_fps!r}: expected a number > 0 (frames per second)")
+        timeout = self.decode_timeout
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+                                    or not 0 < timeout < float("inf")):
+            raise ValueError(f"benchmark.decode.timeout={timeout!r}: expected a number of seconds > 0, or null")
 
     @classmethod
     def from_benchmark(cls, cfg: DictConfig) -> "GenerationSettings":
@@ -103,7 +108,7 @@ class GenerationSettings:
 
     def output_affecting(self) -> dict[str, Any]:
         """The fields outputs depend on (batch size and decoders are checked to not matter)."""
-        throughput = ("batch_size", "backend", "decode_threads", "num_workers")
+        throughput = ("batch_size", "backend", "decode_threads", "num_workers", "decode_timeout")
         return {k: v for k, v in asdict(self).items() if k not in throughput}
 
 
@@ -133,6 +138,7 @@ class _ItemFrames(Dataset):
             frames, _ = sample_frames(
                 item.media, s.num_frames, s.sampling, item.bound, s.backend,
                 fps=s.frame_fps if item.data_type == "frame" else None, num_threads=s.decode_threads,
+                timeout=s.decode_timeout,
             )
         except ImportError:  # a missing decoder library is the setup's failure, not the item's
             raise

@@ -12,9 +12,11 @@ The prompt is the official one: "Select the best answer ... Respond with only th
 B, C, or D) of the correct option.", the question, the options as ``A. text``, then "The best
 answer is:". With ``subtitles: true`` it is preceded by "This video's subtitles are listed
 below:" and the subtitle lines shown while the sampled frames are (the official rule: only the
-subtitles of the sampled frames); a video without a subtitle file gets no preamble. The first
-output line is scored with MVBench's letter match (docs/benchmarks.md: where this differs from
-the official regex and from lmms-eval's ``videomme`` task).
+subtitles of the sampled frames); a video without a subtitle file gets no preamble.
+
+Scoring is the official ``eval_your_results.py``'s (:func:`extract_answer`): the letter is read
+from the whole output, so "The answer is A." counts as A, and an output with no letter A-D is
+``unanswered``, left out of the accuracy as the official script leaves it out (and counted).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from omegaconf import DictConfig
 
 from tc_llava.data import mcq as mcq_text
 from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, image_token_of
-from tc_llava.data.video import frame_indices
+from tc_llava.data.video import frame_indices, require_regular_file
 from tc_llava.eval import mcq
 from tc_llava.eval.jsonl import load_records
 from tc_llava.eval.mcq import Question
@@ -40,6 +42,33 @@ FIELDS = ("videoID", "duration", "question_id", "question", "options", "answer")
 _OPTION = re.compile(r"\s*([A-Z])[.)]\s*(.*)", re.S)
 _TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)")
 _TAG = re.compile(r"<[^>]+>")
+# The official script's answer prefixes, removed in this order before the letter search. Its list lacks two
+# commas, so Python joins two pairs of its strings: the joined strings are what it removes, and so do we.
+ANSWER_PREFIXES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
+                   "The best option isThe correct option is", "Best answer:Best option:")
+_LETTER = re.compile("[ABCD]")
+SCORING = ("Video-MME's eval_your_results.py: the first capital A-D of the output after removing its answer "
+           "prefixes; outputs without one are unanswered and not in the accuracy")
+
+
+def extract_answer(output: str) -> str:
+    """The option letter the official Video-MME script reads from ``output``, "" if none.
+
+    The output is stripped, the :data:`ANSWER_PREFIXES` are removed wherever they occur, and the
+    first capital A, B, C or D left is the answer (the script's rule dropping outputs of more than
+    ten words without such a letter changes nothing: they have none to find).
+    """
+    text = output.strip()
+    for prefix in ANSWER_PREFIXES:
+        text = text.replace(prefix, "")
+    match = _LETTER.search(text)
+    return match[0] if match else ""
+
+
+def grade(output: str, question: Question) -> tuple[str, bool | None]:
+    """The extracted letter and whether it is the answer's; None when no letter was found (unanswered)."""
+    letter = extract_answer(output)
+    return letter, (letter == question.gt[1] if letter else None)
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -110,11 +139,12 @@ def frame_times(video: Path, num_frames: int) -> list[float]:
     import av
 
     try:
+        require_regular_file(video)  # a named pipe would block the open
         with av.open(str(video)) as container:
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 0)
             frames = stream.frames or int(float(container.duration or 0) / 1e6 * fps)
-    except (OSError, IndexError, ValueError, av.FFmpegError):
+    except (OSError, IndexError, ValueError, av.FFmpegError):  # NotRegularFileError is a ValueError
         return []
     if fps <= 0 or frames < 1:
         return []
@@ -189,4 +219,4 @@ def evaluate(model: Any, cfg: DictConfig, run_dir: str | Path, state: PartialSta
     questions, tasks, files = load_questions(cfg, image_token_of(model.tokenizer))
     return mcq.evaluate(model, cfg, run_dir, state, questions, tasks, files,
                         {"root": str(cfg.root), "annotation": cfg.annotation, "subtitles": bool(cfg.subtitles),
-                         "subtitle_files": len(files) - 1})
+                         "subtitle_files": len(files) - 1}, mcq.Scoring(grade, SCORING, "whole output"))

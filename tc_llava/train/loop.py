@@ -24,6 +24,7 @@ from torch import nn
 from torch._dynamo.utils import counters as dynamo_counters
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
@@ -213,8 +214,13 @@ def setup(cfg: DictConfig) -> Run:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))
 
-    dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.frame_processor,
-                          num_visual_tokens=model.tokens_per_video)
+    try:
+        dataset = instantiate(cfg.data.dataset, tokenizer=model.tokenizer, image_processor=model.frame_processor,
+                              num_visual_tokens=model.tokens_per_video)
+    except InstantiationException as e:  # Hydra wraps the dataset's own error, in its repr: bad data is one line
+        if isinstance(e.__cause__, DataError):
+            raise e.__cause__ from None
+        raise
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=cfg.data.batch_size, shuffle=False, drop_last=True, num_workers=cfg.data.num_workers,
         collate_fn=make_collator(cfg.data, model.tokenizer.pad_token_id, dataset.max_length()),

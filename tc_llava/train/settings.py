@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import PACKING_STRATEGIES
-from tc_llava.data.datasets import check_sources
+from tc_llava.data.datasets import ON_ERROR, check_sources
 from tc_llava.model.build import check_model_settings
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.pooling import mlp_projector
@@ -218,10 +218,16 @@ def check_packing(data: DictConfig) -> None:
 
 
 def check_data(data: DictConfig) -> None:
-    """Loader numbers, packing, the frame count and the corpora's files (no JSON is parsed yet)."""
+    """Loader numbers, the error policy, the decode deadline, packing, the frame count and the corpora's files
+    (no JSON is parsed yet)."""
     for key, low in (("batch_size", 1), ("num_workers", 0)):
         value = data.get(key)
         _require(_is_int(value, low), f"data.{key}", value, f"an integer >= {low}")
+    _require(data.get("on_error") in ON_ERROR, "data.on_error", data.get("on_error"), f"one of {ON_ERROR}")
+    timeout = data.get("decode_timeout")
+    _require(timeout is None or (isinstance(timeout, (int, float)) and not isinstance(timeout, bool)
+                                 and math.isfinite(timeout) and timeout > 0),
+             "data.decode_timeout", timeout, "a number of seconds > 0, or null (no deadline)")
     check_packing(data)
     dataset = data.dataset
     corpora = OmegaConf.to_container(dataset.corpora, resolve=True)
