@@ -84,14 +84,17 @@ def make_collator(data: DictConfig, pad_token_id: int, longest: int | None = Non
     return PackingCollator(pad_token_id, max_tokens, data.pack.strategy, data.collator.pad_to_multiple_of)
 
 
-def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
+def micro_batches(loader, accelerator: Accelerator, state: TrainState,
                   report: DataReport) -> Iterator[dict[str, Any]]:
     """Endless stream of micro-batches across epochs, from the saved data position on.
 
+    The epoch is set on the prepared loader, not the dataset: accelerate's loader calls the dataset's
+    ``set_epoch`` with its own pass counter when each pass starts (``skip_first_batches`` copies that
+    counter), so a counter left at 0 by a resumed run would replay epoch 0's order and frame draws.
     Each batch's samples, truncations and skips are counted, and reported per epoch.
     """
     while True:
-        dataset.set_epoch(state.epoch)
+        loader.set_epoch(state.epoch)
         start = state.batch_in_epoch
         batches = accelerator.skip_first_batches(loader, start) if start else loader
         for batch in batches:
@@ -232,7 +235,7 @@ def setup(cfg: DictConfig) -> Run:
     if accelerator.is_main_process:
         keep_metrics_until(run_dir / METRICS, state.step)
     return Run(cfg, run_dir, accelerator, model, optimizer, scheduler, total_steps, state, report,
-               micro_batches(loader, dataset, accelerator, state, report))
+               micro_batches(loader, accelerator, state, report))
 
 
 def step(run: Run) -> dict[str, Any]:
