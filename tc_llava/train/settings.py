@@ -161,6 +161,9 @@ def check_data(data: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
+    allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
+    _require(OmegaConf.is_list(allowed) and all(isinstance(key, str) for key in allowed), "resume_allow_changes",
+             allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
     check_trainer(cfg.trainer)
     check_data(cfg.data)
     for group in ("rope", "mask"):  # the rules check their own parameters when built
