@@ -14,6 +14,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import tc_llava.train.loop as loop
+from tc_llava.train.checkpoint import CheckpointError, checkpoint_problem
 from tc_llava.train.loop import train
 
 from test_train import synthetic, train_cfg  # noqa: F401 (synthetic is a fixture)
@@ -76,3 +77,119 @@ def test_resume_across_epochs_equals_the_uninterrupted_run(synthetic, epochs_run
     assert ours["data"] == theirs["data"] and (ours["epoch"], ours["batch_in_epoch"]) == (2, 4)
     a, b = (load_file(d / final / "model.safetensors") for d in (run, reference_dir))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+SHORT = ("trainer.max_steps=3", "trainer.save_every=1", "trainer.keep_last=0", "export.enabled=false")
+
+
+@pytest.fixture(scope="module")
+def short_run(synthetic, tmp_path_factory) -> tuple[Path, list[float]]:
+    """A 3-step run with checkpoints step_1..step_3."""
+    run = tmp_path_factory.mktemp("short") / "run"
+    losses = train(train_cfg(synthetic, run, *SHORT))["losses"]
+    reset()
+    return run, losses
+
+
+def no_model(monkeypatch) -> None:
+    monkeypatch.setattr(loop, "model_from_config", lambda cfg: pytest.fail("the model was loaded"))
+
+
+def cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {"random_states_0.pkl": Path.unlink, "scheduler.bin": Path.unlink, "model.safetensors": cut,
+          "optimizer.bin": cut}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_a_checkpoint_missing_part_of_its_state_is_refused_naming_the_file(synthetic, short_run, tmp_path,
+                                                                            monkeypatch, name):
+    run = tmp_path / "run"
+    shutil.copytree(short_run[0], run)
+    DAMAGE[name](run / "checkpoints/step_3" / name)
+    no_model(monkeypatch)
+    with pytest.raises(CheckpointError, match=f"resume=.*step_3: {run}/checkpoints/step_3/{name} (is missing|has "
+                                              r"\d+ bytes, its manifest says \d+)"):
+        train(train_cfg(synthetic, run, *SHORT, f"resume={run / 'checkpoints/step_3'}"))
+
+
+def test_latest_skips_a_corrupt_newest_checkpoint_and_an_earlier_one_is_not_refused(synthetic, short_run, tmp_path,
+                                                                                    caplog):
+    """resume=latest passes over a cut step_3 in one line and replays step 3 from step_2; resume=step_2 is not
+    refused for the corrupt step_3 after it."""
+    reference, losses = short_run
+    for how in ("latest", "step_2"):
+        run = tmp_path / how
+        shutil.copytree(reference, run)
+        cut(run / "checkpoints/step_3/model.safetensors")
+        resume = how if how == "latest" else run / "checkpoints" / how
+        with caplog.at_level("WARNING"):
+            resumed = train(train_cfg(synthetic, run, *SHORT, f"resume={resume}"))
+        reset()
+        assert resumed["losses"] == losses
+        assert checkpoint_problem(run / "checkpoints/step_3") is None  # rewritten whole
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert skipped == [f"resume=latest: skipping step_3: {tmp_path}/latest/checkpoints/step_3/model.safetensors has "
+                       f"{(reference / 'checkpoints/step_3/model.safetensors').stat().st_size // 2} bytes, its "
+                       f"manifest says {(reference / 'checkpoints/step_3/model.safetensors').stat().st_size} "
+                       "(cut short or replaced)"]
+
+
+def test_changed_settings_are_refused_then_allowed_and_recorded(synthetic, short_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(short_run[0], run)
+    shutil.rmtree(run / "checkpoints/step_3")
+    changed = ("trainer.max_steps=4", "trainer.lr=5e-4", "trainer.keep_last=1", "data.num_workers=1")
+    with monkeypatch.context() as m:
+        no_model(m)
+        with pytest.raises(CheckpointError, match=r"settings changed since this checkpoint \(trainer\.lr: 0\.001 -> "
+                                                  r"0\.0005; trainer\.max_steps: 3 -> 4\); resume with the same "
+                                                  r"settings, or pass resume_allow_changes=\[trainer\.lr,trainer"
+                                                  r"\.max_steps\]$"):
+            train(train_cfg(synthetic, run, *SHORT, *changed, "resume=latest"))
+    first = (run / "config.yaml").read_text()
+    train(train_cfg(synthetic, run, *SHORT, *changed, "resume=latest", "export.enabled=true",
+                    "resume_allow_changes=[trainer]"))
+    assert (run / "config.yaml").read_text() == first  # the run's first settings, not rewritten
+    expected = [{"step": 2, "changes": {"trainer.lr": [0.001, 0.0005], "trainer.max_steps": [3, 4]}}]
+    assert json.loads((run / "checkpoints/step_4/trainer_state.json").read_text())["setting_changes"] == expected
+    assert "lr: 0.0005" in (run / "checkpoints/step_4/config.yaml").read_text()
+    record = json.loads((run / "export/training.json").read_text())
+    assert record["settings"]["trainer"]["lr"] == 0.0005 and record["setting_changes"] == expected
+
+
+def test_a_new_batch_size_continues_at_the_same_sample_or_is_refused(synthetic, short_run, tmp_path, monkeypatch):
+    """From step_1 (4 samples in, batches of 4): batches of 2 continue at sample 4; batches of 8 cannot."""
+    run = tmp_path / "run"
+    shutil.copytree(short_run[0], run)
+    for name in ("step_2", "step_3"):
+        shutil.rmtree(run / "checkpoints" / name)
+    with monkeypatch.context() as m:
+        no_model(m)
+        with pytest.raises(CheckpointError, match=r"data\.batch_size: 4 -> 2\)"):
+            train(train_cfg(synthetic, run, *SHORT, "data.batch_size=2", "resume=latest"))
+        with pytest.raises(CheckpointError, match=r"stopped 4 samples into its epoch, inside a micro-batch of "
+                                                  r"data\.batch_size=8 on 1 ranks"):
+            train(train_cfg(synthetic, run, *SHORT, "data.batch_size=8", "resume=latest",
+                            "resume_allow_changes=[data.batch_size]"))
+    reference = record_batches(monkeypatch)
+    train(train_cfg(synthetic, tmp_path / "reference", *SHORT))
+    reset()
+    drawn, reference[:] = [s for sources, _ in reference for s in sources], []
+    train(train_cfg(synthetic, run, *SHORT, "data.batch_size=2", "resume=latest",
+                    "resume_allow_changes=[data.batch_size]"))
+    assert [s for sources, _ in reference for s in sources] == drawn[4:8]
+
+
+def test_torn_last_metrics_lines_are_dropped_and_counted(synthetic, short_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(short_run[0], run)
+    shutil.rmtree(run / "checkpoints/step_3")
+    rows = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[:2] + [rows[2][:20]]))  # killed while writing step 3's row
+    with caplog.at_level("WARNING"):
+        train(train_cfg(synthetic, run, *SHORT, "resume=latest"))
+    assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert f"{run}/metrics.jsonl: dropped 1 torn last line(s) (a write cut short)" in caplog.messages

@@ -9,7 +9,7 @@ so an interrupted save never shadows the last good checkpoint; weights that are 
 never written. A checkpoint is resumed only when every file its manifest names is there with
 its size (safetensors headers parsed too); checkpoints written before manifests are refused.
 Pruning removes only checkpoints this run (and the runs it resumed) wrote, each renamed to
-``.tmp`` before it is deleted.
+``step_N.deleting`` before it is deleted.
 """
 
 from __future__ import annotations
@@ -198,7 +198,7 @@ def clear_run_dir(run_dir: Path) -> None:
 
 
 def _step(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("_")[1].removesuffix(".tmp"))
+    return int(checkpoint.name.split("_")[1])
 
 
 def nonfinite_parameters(model: torch.nn.Module) -> list[str]:
@@ -247,7 +247,7 @@ def write_manifest(directory: Path) -> None:
 
 def _remove(path: Path) -> None:
     """Delete a checkpoint so that no interruption leaves it half-deleted under its own name."""
-    doomed = path.with_name(path.name + ".tmp")
+    doomed = path.with_name(path.name + ".deleting")
     shutil.rmtree(doomed, ignore_errors=True)
     path.rename(doomed)
     shutil.rmtree(doomed, ignore_errors=True)
