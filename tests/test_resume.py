@@ -5,7 +5,12 @@ setting, a torn record or an interrupted process is named in one line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,10 +19,11 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import tc_llava.train.loop as loop
-from tc_llava.train.checkpoint import CheckpointError, checkpoint_problem
+from tc_llava.train.checkpoint import CheckpointError, StorageError, checkpoint_dirs, checkpoint_problem
 from tc_llava.train.loop import train
 
-from test_train import synthetic, train_cfg  # noqa: F401 (synthetic is a fixture)
+from conftest import REPO
+from test_train import overrides, synthetic, train_cfg  # noqa: F401 (synthetic is a fixture)
 
 # 16 samples an epoch in micro-batches of 4, two per step: 2 steps an epoch, 3 epochs.
 EPOCHS = ("data.epoch_size=16", "trainer.grad_accum=2", "trainer.max_steps=null", "trainer.epochs=3",
@@ -193,3 +199,67 @@ def test_torn_last_metrics_lines_are_dropped_and_counted(synthetic, short_run, t
         train(train_cfg(synthetic, run, *SHORT, "resume=latest"))
     assert [json.loads(r)["step"] for r in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
     assert f"{run}/metrics.jsonl: dropped 1 torn last line(s) (a write cut short)" in caplog.messages
+
+
+def cli(data: Path, run: Path, *extra: str, **popen) -> subprocess.Popen:
+    args = [a for a in overrides(data, run, *extra) if a != "data.num_workers=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tc_llava.train", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_a_bad_resume_path_is_one_line(synthetic, tmp_path):
+    proc = cli(synthetic, tmp_path / "run", "resume=/bad/path", "data.num_workers=0")
+    output = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 1 and "Traceback" not in output
+    assert "CheckpointError: resume=/bad/path: no such checkpoint directory; expected latest or " \
+           ".../checkpoints/step_N" in output
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_training_with_one_line_saying_how_to_resume(synthetic, tmp_path, signum):
+    """The signal goes to the whole process group, as a terminal's Ctrl-C does (the loader worker too)."""
+    run = tmp_path / "run"
+    proc = cli(synthetic, run, "trainer.max_steps=1000", "trainer.save_every=1", "export.enabled=false",
+               "data.num_workers=1", start_new_session=True)
+    deadline = time.monotonic() + 240
+    while not checkpoint_dirs(run) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    os.killpg(proc.pid, signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output
+    newest = checkpoint_dirs(run)[-1]
+    name = signal.Signals(signum).name
+    assert f"stopped by {name}: the newest checkpoint is {newest}; to continue, rerun the same command with " \
+           "resume=latest" in output
+    assert all(checkpoint_problem(p) is None for p in (run / "checkpoints").glob("step_*")
+               if p.name.removeprefix("step_").isdigit())
+
+
+def test_a_full_disk_names_the_checkpoint_it_was_writing(synthetic, tmp_path, monkeypatch):
+    """torch.save into /dev/full, a real ENOSPC: torch's own error says only ``unexpected pos`` or ``file write
+    failed``. The cut save is removed, so nothing under checkpoints/ is left half-written."""
+    save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f, *args, **kwargs: save(obj, "/dev/full", *args, **kwargs))
+    run = tmp_path / "run"
+    with pytest.raises(StorageError, match=rf"^{run}/checkpoints/step_1\.tmp: writing failed \(.*unexpected pos.*; "
+                                           r"torch's words for a full disk among other write errors\), \d+ MiB free "
+                                           "there$"):
+        train(train_cfg(synthetic, run, *SHORT))
+    assert list((run / "checkpoints").iterdir()) == []
+
+
+def test_a_full_disk_names_the_metrics_file(synthetic, tmp_path, monkeypatch):
+    """metrics.jsonl made a link to /dev/full once the run has set up: its first row's write fails for real."""
+    keep = loop.keep_metrics_until
+
+    def full_metrics(path, step):
+        keep(path, step)
+        path.symlink_to("/dev/full")
+
+    monkeypatch.setattr(loop, "keep_metrics_until", full_metrics)
+    run = tmp_path / "run"
+    with pytest.raises(StorageError, match=rf"^{run}/metrics\.jsonl: No space left on device \(\d+ MiB "
+                                           r"free there\)$"):
+        train(train_cfg(synthetic, run, *SHORT))

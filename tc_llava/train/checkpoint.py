@@ -226,12 +226,12 @@ def writing(path: Path) -> Iterator[None]:
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        raise StorageError(e.errno, f"{e.filename or path}: {os.strerror(e.errno)} ({_free(path)} free there)") from e
+        raise StorageError(f"{e.filename or path}: {os.strerror(e.errno)} ({_free(path)} free there)") from e
     except RuntimeError as e:
         if "PytorchStreamWriter" not in str(e) and "unexpected pos" not in str(e):
             raise
-        raise StorageError(errno.EIO, f"{path}: writing failed ({str(e).splitlines()[0].strip()}), "
-                                      f"{_free(path)} free there: the disk is probably full") from e
+        raise StorageError(f"{path}: writing failed ({str(e).splitlines()[0].strip()}; torch's words for a full "
+                           f"disk among other write errors), {_free(path)} free there") from e
 
 
 def _free(path: Path) -> str:
