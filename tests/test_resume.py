@@ -155,6 +155,9 @@ def test_changed_settings_are_refused_then_allowed_and_recorded(synthetic, short
                                                   r"settings, or pass resume_allow_changes=\[trainer\.lr,trainer"
                                                   r"\.max_steps\]$"):
             train(train_cfg(synthetic, run, *SHORT, *changed, "resume=latest"))
+        with pytest.raises(CheckpointError,
+                           match=r"resume_allow_changes=\['trainer\.lrr'\]: \['trainer\.lrr'\] name no setting"):
+            train(train_cfg(synthetic, run, *SHORT, "resume=latest", "resume_allow_changes=[trainer.lrr]"))
     first = (run / "config.yaml").read_text()
     train(train_cfg(synthetic, run, *SHORT, *changed, "resume=latest", "export.enabled=true",
                     "resume_allow_changes=[trainer]"))

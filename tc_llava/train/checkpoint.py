@@ -327,6 +327,10 @@ def check_resume(path: Path, settings: Mapping[str, Any], world_size: int,
     Refuses a change that ``allowed`` (``resume_allow_changes``: keys or their parents) does not name, and
     a new batch or world size whose micro-batches cannot start where the checkpoint stopped.
     """
+    known = _flat(settings).keys() | {"world_size"}
+    unknown = [key for key in allowed if not any(_under(k, [key]) for k in known)]
+    if unknown:
+        raise CheckpointError(f"resume_allow_changes={list(allowed)}: {unknown} name no setting")
     saved = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True)
     state = json.loads((path / STATE_FILE).read_text())
     changes = changed_settings(saved, settings)
