@@ -41,6 +41,8 @@ def stop_on_signals(run_dir: Path) -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt as e:
+        # A loader worker killed by the same SIGTERM trips torch's SIGCHLD handler, which would raise here
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signum = getattr(e, "signum", signal.SIGINT)
         log.debug("traceback", exc_info=True)
         if os.environ.get("RANK", "0") == "0":
