@@ -97,9 +97,9 @@ def _safetensors_problem(path: Path, size: int) -> str | None:
             return "no safetensors header"
         try:
             header = json.loads(f.read(n))
-        except ValueError:
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
             return "its safetensors header does not parse"
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     return None if 8 + n + end == size else f"its tensors end at byte {8 + n + end}, the file at {size}"
 
 
