@@ -92,3 +92,18 @@ def test_two_ranks_packed_equal_one_rank_padded(synthetic, tmp_path, cache_dir, 
     losses = torchrun(synthetic, tmp_path / "packed", cache_dir, "trainer=ddp", "export.enabled=false",
                       "data.packing=true", "model.attn_implementation=block_merge")
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(single_process_losses), rtol=1e-4, atol=0)
+
+
+def test_two_ranks_count_the_runs_samples_and_resume_the_counts(synthetic, tmp_path, cache_dir,
+                                                               single_process_losses):
+    """The data counts saved and reported are the run's, summed over both ranks (4 steps x 2 ranks x 4 samples),
+    and a resumed run continues them once, not once per rank (``single_process_losses`` builds the tiny model
+    before two ranks race to)."""
+    run = tmp_path / "ddp"
+    torchrun(synthetic, run, cache_dir, "trainer=ddp", "export.enabled=false")
+    data = json.loads((run / "checkpoints/step_4/trainer_state.json").read_text())["data"]
+    assert data["total"]["samples"] == data["epoch"]["samples"] == 32
+    assert data["total"]["media"]["frames"] == 32 * 4
+    shutil.rmtree(run / "checkpoints/step_4")
+    torchrun(synthetic, run, cache_dir, "trainer=ddp", "export.enabled=false", "resume=latest")
+    assert json.loads((run / "checkpoints/step_4/trainer_state.json").read_text())["data"] == data

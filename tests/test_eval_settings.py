@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from tc_llava.data.synthetic import generate
 from tc_llava.eval.__main__ import run
 from tc_llava.eval.settings import from_export
-from tc_llava.model.tc_llava import CheckpointError, TCLlava
+from tc_llava.model.tc_llava import TCLlava, WeightsError
 
 from conftest import CONFIGS, REPO
 
@@ -114,7 +114,7 @@ def test_settings_errors_are_one_line_before_any_load(tmp_path, data_root):
 
 # --------------------------------------------------------------------------- weights that do not fit
 def test_missing_and_unexpected_weights_are_refused_by_name(broken, tiny_llama):
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(WeightsError) as info:
         TCLlava.from_pretrained(broken)
     message = str(info.value)
     assert f"1 missing ({DROPPED_LOADED})" in message and f"1 unexpected ({EXTRA})" in message

@@ -124,7 +124,8 @@ def test_pruning_removes_only_this_runs_checkpoints(synthetic, tmp_path):
     shutil.copytree(first / "checkpoints/step_1", second / "checkpoints/step_1")  # another run's, older by name
     reset()
     train(train_cfg(synthetic, second, "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=1",
-                    "export.enabled=false", f"resume={first / 'checkpoints/step_2'}"))
+                    "export.enabled=false", f"resume={first / 'checkpoints/step_2'}",
+                    "resume_allow_changes=[trainer.max_steps]"))
     assert checkpoints(first) == ["step_1", "step_2"] and checkpoints(second) == ["step_1", "step_4"]
 
 

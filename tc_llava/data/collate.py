@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -195,12 +195,16 @@ class DataReport:
     batches, packing (rows, tokens, capacity, samples) over the batches a trainer consumed.
 
     ``load_skips`` are the dataset's load-time counts (malformed records), counted once.
-    With several ranks, each rank reports its own batches. ``state_dict`` goes into
-    checkpoints, so a resumed run's counts continue where the checkpoint left them.
+    With several ranks each counts its own batches, and ``gather`` (every rank's object, in rank order:
+    ``accelerate.utils.gather_object([obj])``) makes every report the run's: ``state_dict``, ``totals``,
+    ``media_totals`` and ``end_epoch`` are then collectives that every rank calls. ``state_dict`` goes
+    into checkpoints, so a resumed run's counts continue where the checkpoint left them.
     """
 
-    def __init__(self, load_skips: Mapping[str, int] | None = None):
+    def __init__(self, load_skips: Mapping[str, int] | None = None,
+                 gather: Callable[[Any], list[Any]] | None = None):
         self.load_skips = Counter(load_skips or {})
+        self.gather = gather or (lambda obj: [obj])
         self.total = self._empty()
         self.epoch = self._empty()
 
@@ -217,33 +221,46 @@ class DataReport:
             counts["packing"].update(batch.get("packing", {}))
 
     def state_dict(self) -> dict[str, Any]:
-        """The run's and the current epoch's counts so far (load-time skips apart: each run recounts them)."""
-        return {part: self._plain(counts) for part, counts in (("total", self.total), ("epoch", self.epoch))}
+        """The run's and the current epoch's counts so far, summed over ranks (load-time skips apart: each run
+        recounts them)."""
+        ranks = self.gather({"total": self._plain(self.total), "epoch": self._plain(self.epoch)})
+        return {part: self._plain(self._sum(rank[part] for rank in ranks)) for part in ("total", "epoch")}
 
     @staticmethod
     def _plain(counts: Mapping[str, Any]) -> dict[str, Any]:
         return {**counts, **{key: dict(counts[key]) for key in ("skips", "media", "packing")}}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    @classmethod
+    def _sum(cls, parts: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+        out = cls._empty()
+        for counts in parts:  # checkpoints written before media or packing were counted have none
+            out["samples"] += counts["samples"]
+            out["truncated"] += counts["truncated"]
+            for key in ("skips", "media", "packing"):
+                out[key].update(counts.get(key, {}))
+        return out
+
+    def load_state_dict(self, state: Mapping[str, Any], main: bool = True) -> None:
+        """Continue from a checkpoint's counts (already the run's): on the main process; another rank
+        (``main=False``) starts from zero, so that the sum over ranks continues them once."""
         for part in ("total", "epoch"):
-            counts = state[part]  # checkpoints written before media or packing were counted have none
-            setattr(self, part, {"samples": counts["samples"], "truncated": counts["truncated"],
-                                 "skips": Counter(counts["skips"]), "media": Counter(counts.get("media", {})),
-                                 "packing": Counter(counts.get("packing", {}))})
+            setattr(self, part, self._sum([state[part]] if main else []))
 
     def totals(self) -> dict[str, Any]:
         """Run totals: ``{samples, truncated, skips: {reason: n}}``, load-time skips included."""
-        return {"samples": self.total["samples"], "truncated": self.total["truncated"],
-                "skips": dict(self.total["skips"] + self.load_skips)}
+        total = self.state_dict()["total"]
+        return {"samples": total["samples"], "truncated": total["truncated"],
+                "skips": dict(Counter(total["skips"]) + self.load_skips)}
 
     def media_totals(self) -> dict[str, int]:
         """Run totals of what the samples showed the model: ``{frames, visual_tokens, images}``."""
-        return {key: self.total["media"][key] for key in ("frames", "visual_tokens", "images")}
+        media = self.state_dict()["total"]["media"]
+        return {key: media.get(key, 0) for key in ("frames", "visual_tokens", "images")}
 
     def end_epoch(self, epoch: int) -> dict[str, Any]:
-        """Log and return this epoch's counts, then start counting the next epoch."""
-        counts = self._plain(self.epoch)
-        media, packing = self.epoch["media"], self.epoch["packing"]
+        """Log and return this epoch's counts (the run's), then start counting the next epoch."""
+        counts = self.state_dict()["epoch"]
+        media, packing = Counter(counts["media"]), Counter(counts["packing"])
         logger.info(
             "data epoch %d: %d samples (%d images), %d frames, %d visual tokens, %d truncated to max_txt_len, "
             "skipped %s (at load: %s)", epoch, counts["samples"], media["images"], media["frames"],

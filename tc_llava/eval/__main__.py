@@ -25,7 +25,7 @@ from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
 from tc_llava.eval.settings import JUDGING_STAGES, EvalSettingsError, check_eval_config, from_export, one_line
 from tc_llava.model.build import ModelSettingsError, model_from_config
-from tc_llava.model.tc_llava import CheckpointError
+from tc_llava.model.tc_llava import WeightsError
 from tc_llava.runtime import fix_numerics
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ def run(cfg: DictConfig) -> Any:
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
     # a wrong setting or path, a checkpoint that does not fit, a judge that cannot work: one line
-    with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, CheckpointError,
+    with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, WeightsError,
                          DiskFullError), writing(cfg.run_dir):  # a full disk in a write that names no file
         run(cfg)
 

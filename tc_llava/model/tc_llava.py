@@ -57,7 +57,7 @@ DEFAULT_PLACEHOLDER = "<image>"
 LOADING_KEYS = ("missing_keys", "unexpected_keys", "mismatched_keys")  # transformers' loading info
 
 
-class CheckpointError(ValueError):
+class WeightsError(ValueError):
     """A checkpoint whose weights do not fit the model it describes."""
 
 
@@ -72,7 +72,7 @@ def check_loaded_weights(info: dict[str, Any], path: Path, allow: bool) -> dict[
     if any(found.values()) and not allow:
         parts = [f"{len(names)} {key.removesuffix('_keys')} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
                  for key, names in found.items() if names]
-        raise CheckpointError(f"{path}: weights do not match the model: {'; '.join(parts)}; a missing weight would be "
+        raise WeightsError(f"{path}: weights do not match the model: {'; '.join(parts)}; a missing weight would be "
                               "randomly initialised. Load it anyway with model.allow_missing_weights=true")
     if any(found.values()):
         log.warning("%s: loaded with allow_missing_weights: %s", path, {k: v for k, v in found.items() if v})
@@ -407,7 +407,7 @@ class TCLlava(nn.Module):
         vanilla/causal/mlp and no template. The video families need their ``video_preprocessor_config.json``.
 
         ``dtype`` None is the checkpoint's (:func:`~tc_llava.model.settings.checkpoint_dtype`). Weights the
-        checkpoint lacks, or holds beyond the model's, are a :class:`CheckpointError` naming them unless
+        checkpoint lacks, or holds beyond the model's, are a :class:`WeightsError` naming them unless
         ``allow_missing_weights``; :attr:`weights_report` says how it went.
 
         A directory holding a peft adapter beside the base weights loads with the adapter merged.

@@ -2,20 +2,29 @@
 
 A checkpoint is ``accelerator.save_state`` (model, optimiser, scheduler, RNG states; the
 DeepSpeed engine's own shards under ZeRO) plus ``trainer_state.json`` (optimizer step, data
-position and counts, loss history, the run's own checkpoints). It is written to
-``step_N.tmp`` and renamed once complete, so an interrupted save never shadows the last good
-checkpoint; weights that are not finite are never written. Pruning removes only checkpoints
-this run (and the runs it resumed) wrote.
+position and counts summed over ranks, loss history, the run's own checkpoints, settings changed
+on resume), ``config.yaml`` (the resolved settings its steps ran with) and, written last,
+``manifest.json`` (every file's size). It is written to ``step_N.tmp`` and renamed once complete,
+so an interrupted save never shadows the last good checkpoint; weights that are not finite are
+never written. A checkpoint is resumed only when every file its manifest names is there with
+its size (safetensors headers parsed too); checkpoints written before manifests are refused.
+Pruning removes only checkpoints this run (and the runs it resumed) wrote, each renamed to
+``step_N.deleting`` before it is deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import json
+import logging
 import os
 import shutil
 import socket
+import struct
 import sys
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,11 +34,20 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.model.hf_compat import whole_models
 
+log = logging.getLogger(__name__)
+
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "config.yaml"  # the resolved settings, in run_dir (the run's first) and in each checkpoint (its own)
+MANIFEST = "manifest.json"  # written last into a checkpoint: {"files": {relative path: size in bytes}}
+# Settings that may differ on resume without changing what is trained: where things are and are written,
+# how often to save, what to log, how to export, how many loader workers (the data is a function of seed,
+# epoch and index). Any other change must be named by resume_allow_changes.
+RESUME_FREE = ("resume", "resume_allow_changes", "overwrite", "run_dir", "name", "paths", "logging", "export",
+               "data.num_workers", "trainer.save_every", "trainer.keep_last")
 # What a training run (and the ablation job's evaluation) writes into its run_dir; Hydra's own
 # .hydra/ and log files are left alone.
 RUN_ARTEFACTS = ("checkpoints", "export", "metrics.jsonl", "config.yaml", "meta.json", "eval", "ablation.json", "wandb")
@@ -51,6 +69,14 @@ class RunDirError(FileExistsError):
     """A run_dir that holds another run, or checkpoints that resuming would overwrite."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed exactly: not there, incomplete, corrupt, or of other settings."""
+
+
+class StorageError(OSError):
+    """A write that failed for want of space (or quota), naming the file."""
+
+
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
@@ -59,25 +85,91 @@ class TrainState:
     losses: list[float] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)  # DataReport.state_dict(): counts continue on resume
     checkpoints: list[str] = field(default_factory=list)  # this run's checkpoints under run_dir, oldest first
+    world_size: int = 1  # ranks, each drawing every world_size-th micro-batch (the data position's unit)
+    # Settings changed on resume by resume_allow_changes: [{"step": N, "changes": {key: [old, new]}}]
+    setting_changes: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _candidates(run_dir: Path) -> list[Path]:
+    """``step_N`` directories under ``run_dir/checkpoints``, oldest first (``step_N.tmp`` is a save in progress)."""
+    root = run_dir / "checkpoints"
+    found = [p for p in root.glob("step_*") if p.is_dir() and p.name.removeprefix("step_").isdigit()]
+    return sorted(found, key=_step)
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = run_dir / "checkpoints"
-    done = [p for p in root.glob("step_*") if p.suffix != ".tmp" and (p / STATE_FILE).is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    """Complete checkpoints of a run (their manifest vouches for every file), oldest first."""
+    return [p for p in _candidates(run_dir) if checkpoint_problem(p) is None]
+
+
+def _safetensors_problem(path: Path, size: int) -> str | None:
+    """Why a safetensors file is not whole: its header must parse and its tensors end where the file does."""
+    with path.open("rb") as f:
+        head = f.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            return "no safetensors header"
+        try:
+            header = json.loads(f.read(n))
+            end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its safetensors header does not parse"
+    return None if 8 + n + end == size else f"its tensors end at byte {8 + n + end}, the file at {size}"
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What makes ``path`` not a resumable checkpoint, naming the file; ``None`` when every file its manifest
+    names is there with its size. Sizes and safetensors headers, not hashes: validating a 7B checkpoint
+    must not read tens of GB."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        if (path / STATE_FILE).is_file():
+            return (f"{manifest} not found: written before checkpoints carried a manifest, it cannot be checked for "
+                    "missing or cut files; resume it with the tc-llava version that wrote it")
+        return f"{manifest} not found (not a complete checkpoint)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, TypeError) as e:
+        return f"{manifest} does not parse ({e})"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        actual = file.stat().st_size
+        if actual != size:
+            return f"{file} has {actual} bytes, its manifest says {size} (cut short or replaced)"
+        why = _safetensors_problem(file, size) if file.suffix == ".safetensors" else None
+        if why:
+            return f"{file}: {why}"
+    return None
 
 
 def resolve_resume(run_dir: Path, resume: str | None) -> Path | None:
-    """``null`` (fresh run), ``latest`` (newest complete checkpoint, if any) or a path."""
+    """``null`` (fresh run), ``latest`` (newest complete checkpoint, if any) or a path.
+
+    ``latest`` passes over checkpoints that fail validation, saying why in one line each, and refuses
+    when checkpoints exist but none is complete; a named checkpoint that fails is refused.
+    """
     if not resume:
         return None
     if resume == "latest":
-        found = checkpoint_dirs(run_dir)
-        return found[-1] if found else None
+        candidates = _candidates(run_dir)
+        for path in reversed(candidates):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            log.warning("resume=latest: skipping %s: %s", path.name, problem)
+        if candidates:
+            raise CheckpointError(f"resume=latest: none of the {len(candidates)} checkpoints under "
+                                  f"{run_dir / 'checkpoints'} is complete (see the lines above)")
+        return None
     path = Path(resume)
-    if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume={resume}: {path / STATE_FILE} not found (not a complete checkpoint)")
+    if not path.is_dir():
+        raise CheckpointError(f"resume={resume}: no such checkpoint directory; expected latest or "
+                              ".../checkpoints/step_N")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(f"resume={resume}: {problem}")
     return path
 
 
@@ -222,38 +314,137 @@ def check_finite(accelerator: Accelerator, model: torch.nn.Module, what: str, ru
             f"The last good checkpoint is untouched under {run_dir / 'checkpoints'}")
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Name the file and the cause when a write runs out of space. ``torch.save`` loses the errno of a full
+    disk and says only ``unexpected pos ...`` (its zip writer), so that case is told by the space left."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StorageError(f"{e.filename or path}: {os.strerror(e.errno)} ({_free(path)} free there)") from e
+    except RuntimeError as e:
+        if "PytorchStreamWriter" not in str(e) and "unexpected pos" not in str(e):
+            raise
+        raise StorageError(f"{path}: writing failed ({str(e).splitlines()[0].strip()}; torch's words for a full "
+                           f"disk among other write errors), {_free(path)} free there") from e
+
+
+def _free(path: Path) -> str:
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    return f"{shutil.disk_usage(existing).free / 2**20:.0f} MiB"
+
+
+def write_manifest(directory: Path) -> None:
+    """``manifest.json``: every file under ``directory`` with its size; written last, it vouches for the rest."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    (directory / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def _remove(path: Path) -> None:
+    """Delete a checkpoint so that no interruption leaves it half-deleted under its own name."""
+    doomed = path.with_name(path.name + ".deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    path.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, state: TrainState,
-                    keep_last: int) -> Path:
-    """Write ``step_N`` (refusing non-finite weights), then prune this run's oldest beyond ``keep_last``."""
+                    keep_last: int, settings: str) -> Path:
+    """Write ``step_N`` with the ``settings`` (resolved YAML) its steps ran with, refusing non-finite weights;
+    then prune this run's oldest beyond ``keep_last``."""
     final = run_dir / "checkpoints" / f"step_{state.step}"
     check_finite(accelerator, model, final.name, run_dir)
     tmp = final.with_name(final.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    try:
+        with writing(tmp):
+            accelerator.save_state(str(tmp))
+    except StorageError:
+        shutil.rmtree(tmp, ignore_errors=True)  # a cut save frees its space; the last good checkpoint stays
+        raise
     accelerator.wait_for_everyone()
     state.checkpoints = [name for name in state.checkpoints if name != final.name] + [final.name]
     pruned = state.checkpoints[:-keep_last] if keep_last > 0 else []
     state.checkpoints = state.checkpoints[len(pruned):]
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        with writing(tmp):
+            (tmp / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            (tmp / CONFIG_FILE).write_text(settings)
+            write_manifest(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _remove(final)
         tmp.rename(final)
         for name in pruned:
-            shutil.rmtree(run_dir / "checkpoints" / name, ignore_errors=True)
+            if (run_dir / "checkpoints" / name).exists():
+                _remove(run_dir / "checkpoints" / name)
     accelerator.wait_for_everyone()
     return final
 
 
 def load_checkpoint(accelerator: Accelerator, path: Path, run_dir: Path) -> TrainState:
-    """Restore ``path``; its run's checkpoint list carries on only when it lives in this ``run_dir``."""
-    accelerator.load_state(str(path))
+    """Restore ``path`` (validated by :func:`resolve_resume`); its run's checkpoint list carries on only when it
+    lives in this ``run_dir``."""
+    try:
+        accelerator.load_state(str(path))
+    except (RuntimeError, ValueError, EOFError, OSError) as e:  # a file corrupt within its recorded size
+        raise CheckpointError(f"resume from {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from e
     state = TrainState(**json.loads((path / STATE_FILE).read_text()))
     if path.parent.resolve() != (run_dir / "checkpoints").resolve():
         state.checkpoints = []  # another run's checkpoints are never ours to prune
     return state
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys to leaf values (a list is a leaf)."""
+    if not isinstance(tree, Mapping) or not tree:
+        return {prefix.rstrip("."): tree}
+    return {k: v for key, value in tree.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def changed_settings(saved: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``{dotted key: [saved value, new value]}`` for every setting outside :data:`RESUME_FREE` that differs."""
+    old, now = _flat(saved), _flat(new)
+    return {key: [old.get(key), now.get(key)] for key in sorted(old.keys() | now.keys())
+            if old.get(key) != now.get(key) and not _under(key, RESUME_FREE)}
+
+
+def _under(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_resume(path: Path, settings: Mapping[str, Any], world_size: int,
+                 allowed: Sequence[str]) -> tuple[dict[str, list[Any]], int]:
+    """The settings changed since checkpoint ``path`` (``world_size`` among them) and the data position
+    (micro-batch in its epoch) to continue at; before any model loads.
+
+    Refuses a change that ``allowed`` (``resume_allow_changes``: keys or their parents) does not name, and
+    a new batch or world size whose micro-batches cannot start where the checkpoint stopped.
+    """
+    known = _flat(settings).keys() | {"world_size"}
+    unknown = [key for key in allowed if not any(_under(k, [key]) for k in known)]
+    if unknown:
+        raise CheckpointError(f"resume_allow_changes={list(allowed)}: {unknown} name no setting")
+    saved = OmegaConf.to_container(OmegaConf.load(path / CONFIG_FILE), resolve=True)
+    state = json.loads((path / STATE_FILE).read_text())
+    changes = changed_settings(saved, settings)
+    if state["world_size"] != world_size:
+        changes["world_size"] = [state["world_size"], world_size]
+    refused = [key for key in changes if not _under(key, allowed)]
+    if refused:
+        listed = "; ".join(f"{key}: {changes[key][0]!r} -> {changes[key][1]!r}" for key in refused)
+        raise CheckpointError(f"resume from {path}: settings changed since this checkpoint ({listed}); resume with "
+                              f"the same settings, or pass resume_allow_changes=[{','.join(refused)}]")
+    samples = state["batch_in_epoch"] * saved["data"]["batch_size"] * state["world_size"]
+    per_batch = settings["data"]["batch_size"] * world_size
+    if samples % per_batch:
+        raise CheckpointError(f"resume from {path}: the checkpoint stopped {samples} samples into its epoch, inside a "
+                              f"micro-batch of data.batch_size={settings['data']['batch_size']} on {world_size} "
+                              "ranks; resume at a batch or world size that divides it")
+    return changes, samples // per_batch
 
 
 def export_model(accelerator: Accelerator, model: torch.nn.Module, build_fresh, out_dir: Path,

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch._dynamo.utils import counters as dynamo_counters
 from accelerate import Accelerator, DeepSpeedPlugin
-from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, set_seed
+from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, gather_object, set_seed
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -34,12 +34,12 @@ from tc_llava.data.datasets import DataError
 from tc_llava.data.templates import get_template
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
-from tc_llava.model.tc_llava import CheckpointError
+from tc_llava.model.tc_llava import WeightsError
 from tc_llava.provenance import run_meta
 from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
-    NonFiniteError, RunDirError, TrainState, check_run_dir, claim_run_dir, clear_run_dir, export_model, load_checkpoint,
-    save_checkpoint,
+    CONFIG_FILE, CheckpointError, NonFiniteError, RunDirError, StorageError, TrainState, check_resume, check_run_dir,
+    claim_run_dir, clear_run_dir, export_model, load_checkpoint, save_checkpoint, writing,
 )
 from tc_llava.train.optim import cosine_with_warmup, param_groups
 from tc_llava.train.settings import SettingsError, check_train_config
@@ -48,8 +48,9 @@ from tc_llava.train.tuning import apply_tuning, trainable_summary
 log = logging.getLogger(__name__)
 
 # What train() raises for a mistake in what it was given, or to stop before its state is poisoned.
-TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError, CheckpointError)
+TRAIN_ERRORS = (SettingsError, DataError, RunDirError, NonFiniteError, CheckpointError, WeightsError, StorageError)
 METRICS = "metrics.jsonl"  # one row per optimizer step, in run_dir
+TRAINING_RECORD = "training.json"  # in the export: the settings of its last step and the changes allowed on resume
 
 
 def make_accelerator(cfg: DictConfig) -> Accelerator:
@@ -88,14 +89,17 @@ def make_collator(data: DictConfig, pad_token_id: int, longest: int | None = Non
     return PackingCollator(pad_token_id, max_tokens, data.pack.strategy, data.collator.pad_to_multiple_of)
 
 
-def micro_batches(loader, dataset, accelerator: Accelerator, state: TrainState,
+def micro_batches(loader, accelerator: Accelerator, state: TrainState,
                   report: DataReport) -> Iterator[dict[str, Any]]:
     """Endless stream of micro-batches across epochs, from the saved data position on.
 
+    The epoch is set on the prepared loader, not the dataset: accelerate's loader calls the dataset's
+    ``set_epoch`` with its own pass counter when each pass starts (``skip_first_batches`` copies that
+    counter), so a counter left at 0 by a resumed run would replay epoch 0's order and frame draws.
     Each batch's samples, truncations and skips are counted, and reported per epoch.
     """
     while True:
-        dataset.set_epoch(state.epoch)
+        loader.set_epoch(state.epoch)
         start = state.batch_in_epoch
         batches = accelerator.skip_first_batches(loader, start) if start else loader
         for batch in batches:
@@ -138,12 +142,32 @@ def peak_memory_gb() -> float:
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """Drop ``metrics.jsonl`` rows after ``step``: a resumed run logs those steps again."""
+    """Drop ``metrics.jsonl`` rows after ``step``: a resumed run logs those steps again.
+
+    Lines cut by an interrupted write (a kill, a full disk) can only be the last ones: they are dropped and
+    counted in one line. A line that does not parse with good rows after it is refused, naming it.
+    """
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows, torn = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            torn.append(number)
+            continue
+        if row is None:
+            continue
+        if torn:
+            raise CheckpointError(f"{path}:{torn[0]}: not a JSON row, with rows after it (not a cut last line); "
+                                  "repair or delete the file")
+        if row["step"] <= step:
+            rows.append(line)
+    if torn:
+        log.warning("%s: dropped %d torn last line(s) (a write cut short)", path, len(torn))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(row + "\n" for row in rows))
+    with writing(tmp):
+        tmp.write_text("".join(row + "\n" for row in rows))
     tmp.replace(path)
 
 
@@ -170,6 +194,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     steps with a checkpoint every ``trainer.save_every`` and at the end, then the export.
     """
     run = setup(cfg)
+    settings = OmegaConf.to_yaml(cfg, resolve=True)
     bar = tqdm(total=run.total_steps, initial=run.state.step, disable=not run.accelerator.is_main_process,
                desc="train")
     while run.state.step < run.total_steps:
@@ -179,7 +204,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         bar.update(1)
         if run.state.step % cfg.trainer.save_every == 0 or run.state.step == run.total_steps:
             run.state.data = run.report.state_dict()
-            save_checkpoint(run.accelerator, run.model, run.run_dir, run.state, cfg.trainer.keep_last)
+            save_checkpoint(run.accelerator, run.model, run.run_dir, run.state, cfg.trainer.keep_last, settings)
     bar.close()
     return finish(run)
 
@@ -194,13 +219,18 @@ def setup(cfg: DictConfig) -> Run:
     accelerator = make_accelerator(cfg)
     claim_run_dir(accelerator, run_dir)  # one process per run_dir: locked before anything there is read or written
     resume_from = check_run_dir(run_dir, cfg.resume, cfg.get("overwrite", False))
+    changes, position = {}, 0
+    if resume_from is not None:  # changed settings are refused before anything loads
+        changes, position = check_resume(resume_from, OmegaConf.to_container(cfg, resolve=True),
+                                         accelerator.num_processes, list(cfg.get("resume_allow_changes") or []))
     accelerator.wait_for_everyone()  # every rank has looked before the main process clears anything
     set_seed(cfg.seed, device_specific=False)
     if accelerator.is_main_process:
         if cfg.get("overwrite", False):
             clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        if resume_from is None or not (run_dir / CONFIG_FILE).exists():  # the run's first settings, kept
+            (run_dir / CONFIG_FILE).write_text(OmegaConf.to_yaml(cfg, resolve=True))
         (run_dir / "meta.json").write_text(json.dumps(run_meta(), indent=1))
 
     model = model_from_config(cfg)
@@ -235,15 +265,29 @@ def setup(cfg: DictConfig) -> Run:
     accelerator.init_trackers(cfg.logging.project, config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
 
-    state, report = TrainState(), DataReport(dataset.load_skips)
+    state = TrainState(world_size=accelerator.num_processes)
+    report = DataReport(dataset.load_skips, gather=lambda counts: gather_object([counts]))
     if resume_from is not None:
-        state = load_checkpoint(accelerator, resume_from, run_dir)
-        report.load_state_dict(state.data)
-        log.info("resumed from %s at step %d", resume_from, state.step)
+        state = resumed(accelerator, resume_from, run_dir, report, changes, position)
     if accelerator.is_main_process:
         keep_metrics_until(run_dir / METRICS, state.step)
     return Run(cfg, run_dir, accelerator, model, optimizer, scheduler, total_steps, state, report,
-               micro_batches(loader, dataset, accelerator, state, report))
+               micro_batches(loader, accelerator, state, report))
+
+
+def resumed(accelerator: Accelerator, path: Path, run_dir: Path, report: DataReport, changes: dict[str, list[Any]],
+            position: int) -> TrainState:
+    """The state of checkpoint ``path``, continued at ``position`` (micro-batch in its epoch, in this run's batch
+    and world size) with ``changes`` (the settings resume_allow_changes let change) recorded."""
+    state = load_checkpoint(accelerator, path, run_dir)
+    report.load_state_dict(state.data, main=accelerator.is_main_process)
+    state.batch_in_epoch, state.world_size = position, accelerator.num_processes
+    if changes:
+        state.setting_changes.append({"step": state.step, "changes": changes})
+        log.warning("resuming with changed settings (resume_allow_changes): %s",
+                    "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changes.items()))
+    log.info("resumed from %s at step %d", path, state.step)
+    return state
 
 
 def step(run: Run) -> dict[str, Any]:
@@ -302,7 +346,7 @@ def log_step(run: Run, row: dict[str, Any]) -> None:
     """A step's metrics to the trackers (wandb when on) and one line of ``metrics.jsonl``."""
     run.accelerator.log(row, step=row["step"])
     if run.accelerator.is_main_process:
-        with (run.run_dir / METRICS).open("a") as f:
+        with writing(run.run_dir / METRICS), (run.run_dir / METRICS).open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -310,7 +354,8 @@ def finish(run: Run) -> dict[str, Any]:
     """The data report and, with ``export.enabled``, the model exported to ``run_dir/export``."""
     cfg = run.cfg
     run.state.data = run.report.state_dict()
-    log.info("data: %s, %s", run.report.totals(), run.report.media_totals())
+    totals, media = run.report.totals(), run.report.media_totals()
+    log.info("data: %s, %s", totals, media)
     exported = None
     if cfg.export.enabled:
         def build_fresh():
@@ -320,8 +365,12 @@ def finish(run: Run) -> dict[str, Any]:
 
         exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",
                                 lora=cfg.tuning.llm == "lora", merge_lora=cfg.export.merge_lora)
+        if exported is not None:
+            record = {"settings": OmegaConf.to_container(cfg, resolve=True),
+                      "setting_changes": run.state.setting_changes}
+            (exported / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
     run.accelerator.end_training()
-    return {**asdict(run.state), "data": run.report.totals(), "media": run.report.media_totals(),
+    return {**asdict(run.state), "data": totals, "media": media,
             "export": str(exported) if exported else None, "run_dir": str(run.run_dir)}
 
 

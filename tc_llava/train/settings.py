@@ -246,6 +246,9 @@ def check_train_config(cfg: DictConfig) -> None:
         check_model_settings(cfg.model)
     except ValueError as e:
         raise SettingsError(str(e)) from None
+    allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
+    _require(OmegaConf.is_list(allowed) and all(isinstance(key, str) for key in allowed), "resume_allow_changes",
+             allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
     check_trainer(cfg.trainer)
     check_data(cfg.data)
     for group in ("rope", "mask"):  # the rules check their own parameters when built
