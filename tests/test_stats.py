@@ -133,7 +133,8 @@ def test_collector_pairs_variants_question_by_question(tmp_path):
     _job(root, 3, "tad", 1, {f"Order/{k}": k < 4 for k in range(5)} | {"Color/0": False})
     runs = load_runs(root)
     (row,) = paired(runs)
-    assert row["baseline"] == ["vanilla", "causal"] and row["variant"] == ["tad", "causal"] and row["seeds"] == [0, 1]
+    assert row["baseline"] == ["vanilla", "causal", "mlp"] and row["variant"] == ["tad", "causal", "mlp"]
+    assert row["seeds"] == [0, 1]
     # temporal: 10 pairs, only tad right on 3 (seed 0) + 3 (seed 1) = 6, only vanilla 0: p = 2/64
     assert (row["temporal"]["n"], row["temporal"]["only_a"], row["temporal"]["only_b"]) == (10, 0, 6)
     assert row["temporal"]["mcnemar_p"] == pytest.approx(2 / 64)
@@ -143,4 +144,4 @@ def test_collector_pairs_variants_question_by_question(tmp_path):
     md = paths["md"].read_text()
     assert "Paired against vanilla/causal" in md and "| tad | causal | 2 | +60.0 [" in md
     assert json.loads(paths["paired"].read_text())[0]["temporal"]["only_b"] == 6
-    assert paired(runs, baseline=("tad", "causal"))[0]["temporal"]["only_a"] == 6
+    assert paired(runs, baseline=("tad", "causal", "mlp"))[0]["temporal"]["only_a"] == 6
