@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
 
@@ -55,3 +56,33 @@ def one_line_composition_errors() -> Iterator[None]:
         sys.exit(1)
     finally:
         del os.environ["HYDRA_FULL_ERROR"]
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt, so that both stop an app the same way."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(how_to_continue: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C (SIGINT) and SIGTERM (a scheduler's stop; torchrun forwards it to every rank) end the app with
+    one line, ``stopped by SIGTERM: <how_to_continue()>``, from the main rank, and exit 128 + the signal number."""
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        # A loader worker killed by the same SIGTERM trips torch's SIGCHLD handler, which would raise here
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signum = getattr(e, "signum", signal.SIGINT)
+        log.debug("traceback", exc_info=True)
+        if os.environ.get("RANK", "0") == "0":
+            log.error("stopped by %s: %s", signal.Signals(signum).name, how_to_continue())
+        sys.exit(128 + signum)
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,10 @@ def test_settings_errors_are_one_line_before_any_load(tmp_path, data_root):
         ("tc_llava.eval", "benchmark.num_frame=8"):
             "ConfigCompositionException: Could not override 'benchmark.num_frame'; To append to your config use "
             "+benchmark.num_frame=8",
+        ("tc_llava.train", "rope=nope"):
+            "MissingConfigException: In 'train': Could not find 'rope/nope'; available: mrope, tad, vanilla, videorope",
+        ("tc_llava.ablation", "hydra.mode=RUN", "mask=nope", data):
+            "MissingConfigException: In 'train': Could not find 'mask/nope'; available: bidirectional_visual, causal, ",
     }
     procs = {case: _app(case[0], *case[1:], f"run_dir={tmp_path / str(k)}", f"paths.cache={tmp_path / 'cache'}",
                         cwd=tmp_path) for k, case in enumerate(cases)}
@@ -186,3 +192,34 @@ def test_eval_records_what_it_used_and_where_it_came_from(export, data_root, tmp
                                                "dtype": {"value": "float32", "source": "override"}}
     assert results["settings"]["model"]["dtype"] == "float32" and results["settings"]["num_frames"] == 4
     assert results["provenance"]["frames"]["num_frames"] == 4
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_signal_stops_evaluation_with_one_line_saying_how_to_continue(export, tmp_path, signum):
+    """Stopped once its first answers are cached (the signal to the whole process group, as a terminal's
+    Ctrl-C sends it): exit 128 + signal, one line, no traceback; the same command then finishes from the cache."""
+    data = tmp_path / "data"
+    generate(data / "synthetic", num_train=1, num_eval_per_task=40, seed=0, num_frames=8, size=32)
+    run_dir = tmp_path / "eval"
+    args = ("tc_llava.eval", "model=pretrained", f"model.checkpoint={export}", "benchmark=mvbench_synthetic",
+            f"paths.data={data}", f"run_dir={run_dir}", "benchmark.batch_size=1", "benchmark.max_new_tokens=2",
+            "benchmark.decode.num_workers=1")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=tmp_path, env=env, text=True, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+
+    def cached() -> int:
+        return sum(len(p.read_text().splitlines()) for p in (run_dir / "cache").glob("*.jsonl"))
+
+    while proc.poll() is None and time.monotonic() < deadline and not cached():
+        time.sleep(0.2)
+    os.killpg(proc.pid, signum)
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 128 + signum, output[-3000:]
+    assert "Traceback" not in output
+    assert (f"stopped by {signal.Signals(signum).name}: the answers so far are cached under {run_dir / 'cache'}; "
+            "rerun the same command to continue from them") in output
+    assert 0 < cached() < 240 and not (run_dir / "results.json").exists()
+    done = _app(*args, cwd=tmp_path).communicate(timeout=600)[0]
+    assert json.loads((run_dir / "results.json").read_text())["Avg"]["total"] == 240, done[-3000:]

@@ -19,7 +19,7 @@ from accelerate import PartialState
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from tc_llava.cli import one_line_composition_errors, one_line_errors
+from tc_llava.cli import one_line_composition_errors, one_line_errors, stop_on_signals
 from tc_llava.eval import mvbench, nextqa, videochatgpt, videomme, zeroshot_qa
 from tc_llava.eval.jsonl import DiskFullError, writing
 from tc_llava.eval.judge import JudgeError
@@ -83,11 +83,17 @@ def run(cfg: DictConfig) -> Any:
     return benchmark.evaluate(model, cfg.benchmark, cfg.run_dir, state)
 
 
+def how_to_continue(run_dir: str) -> str:
+    """What a stopped evaluation says: its answers so far are cached, and the same command goes on from them."""
+    return (f"the answers so far are cached under {Path(run_dir) / 'cache'}; rerun the same command to continue "
+            "from them")
+
+
 @hydra.main(config_path="../configs", config_name="eval", version_base=None)
 def _app(cfg: DictConfig) -> None:
     # a wrong setting or path, a checkpoint that does not fit, a judge that cannot work: one line
     with one_line_errors(EvalSettingsError, FileNotFoundError, JudgeError, ModelSettingsError, WeightsError,
-                         DiskFullError), writing(cfg.run_dir):  # a full disk in a write that names no file
+                         DiskFullError), writing(cfg.run_dir), stop_on_signals(lambda: how_to_continue(cfg.run_dir)):
         run(cfg)
 
 

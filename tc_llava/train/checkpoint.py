@@ -286,6 +286,15 @@ def check_run_dir(run_dir: Path, resume: str | None, overwrite: bool) -> Path | 
     return source
 
 
+def how_to_resume(run_dir: Path) -> str:
+    """What a stopped run says: its newest checkpoint and the override that continues it. A save cut short
+    is left as ``step_N.tmp``, which is never taken for a checkpoint."""
+    found = checkpoint_dirs(run_dir)
+    if found:
+        return f"the newest checkpoint is {found[-1]}; to continue, rerun the same command with resume=latest"
+    return "no checkpoint was written yet; rerun the same command with overwrite=true to start again"
+
+
 def clear_run_dir(run_dir: Path) -> None:
     """Delete a previous run's outputs (``overwrite=true``, after :func:`check_run_dir` found no other run's
     there); its lock and whatever else lies in ``run_dir`` stay. Main process only."""
