@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export OMP_NUM_THREADS=2   # with threads=2 below: the same numbers on any machine
+# The same numbers on any x86-64 machine with AVX2: 2 threads (with threads=2 below), and torch's, MKL's
+# and oneDNN's kernels held at AVX2 (an AVX-512 machine otherwise computes softmax and GEMMs differently).
+export OMP_NUM_THREADS=2 ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 PY=.venv/bin/python
 $PY -m tc_llava.data.synthetic --out data_cache/synthetic --num-train 1200 --num-eval-per-task 50 --seed 0
 $PY -m tc_llava.train experiment=demo "$@"
