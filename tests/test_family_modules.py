@@ -119,4 +119,5 @@ def test_a_family_states_only_its_difference():
     modules = sorted(p.stem for p in FAMILIES_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
     assert modules == sorted(FAMILIES) and all(isinstance(f, Family) for f in FAMILIES.values())
     assert {t: type(f).__module__.rsplit(".", 1)[-1] for t, f in FAMILIES.items()} == {t: t for t in FAMILIES}
-    assert "frame_features" not in vars(type(FAMILIES["llava"])) and "frame_grid" not in vars(type(FAMILIES["llava_next"]))
+    assert "frame_features" not in vars(type(FAMILIES["llava"]))
+    assert "frame_grid" not in vars(type(FAMILIES["llava_next"]))

@@ -120,7 +120,8 @@ def build_config(
 
     The tower and the family's own fields are the family's (:meth:`~tc_llava.model.families.Family.tiny_config`):
     ``llava``/``llava_next``/``llava_next_video`` use a CLIP tower read at layer -2 (CLS dropped),
-    ``llava_onevision`` a SigLIP tower read at its last layer, as the llava-hf checkpoints do. ``rope_theta`` (default: the LLM config's own) sets the LLM's RoPE base.
+    ``llava_onevision`` a SigLIP tower read at its last layer, as the llava-hf checkpoints do.
+    ``rope_theta`` (default: the LLM config's own) sets the LLM's RoPE base.
     """
     family = tiny_family(arch)
     vision = family.tiny_vision_config(dict(
@@ -151,8 +152,8 @@ def build_config(
         text = Qwen2Config(**text_kwargs, use_sliding_window=False)
     else:
         raise ValueError(f"tiny model: text_model must be 'llama' or 'qwen2', got {text_model!r}")
-    tokens = {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "video": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
-              "pad": tokenizer.pad_token_id}
+    tokens = {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "pad": tokenizer.pad_token_id,
+              "video": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)}
     grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     return family.tiny_config(vision, text, tokens, grid)
 

@@ -61,7 +61,7 @@ class Family:
     hf_class: ClassVar[type[PreTrainedModel]]  # HF's own model class, used as it is
     config_class: ClassVar[type[PreTrainedConfig]]
     placeholder: ClassVar[str] = "image_token_id"  # the config attribute of the prompt's placeholder token id
-    video_processor_type: ClassVar[str | None] = None  # HF video processor preprocessing frames (None: the image processor)
+    video_processor_type: ClassVar[str | None] = None  # HF video processor of its frames (None: the image processor)
     pools_patch_grid: ClassVar[bool] = False  # its video path pools the patch grid (a CLS token cannot ride along)
     template: ClassVar[str] = "vicuna_v1"  # the chat template (data.templates) its checkpoints are prompted with
     tokens_after_video: ClassVar[int] = 0  # rows of after_video()
@@ -96,8 +96,10 @@ class Family:
         return hf_model.model.multi_modal_projector(self.tower_features(hf_model, pixel_values))
 
     def keeps_cls(self, hf_model: nn.Module) -> bool:
-        """Whether each frame's tokens keep the tower's CLS token (``full`` strategy on a CLIP tower)."""
-        keeps = hf_model.config.vision_feature_select_strategy == "full" and has_class_token(hf_model.model.vision_tower)
+        """Whether each frame's tokens keep the tower's CLS token (``full`` strategy on a CLIP tower); refused
+        where the family pools the patch grid."""
+        full = hf_model.config.vision_feature_select_strategy == "full"
+        keeps = full and has_class_token(hf_model.model.vision_tower)
         if keeps and self.pools_patch_grid:
             raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which "
                              f"{self.model_type}'s spatial pooling of the patch grid cannot take")
