@@ -70,6 +70,17 @@ def test_each_tiny_model_option_uses_its_familys_chat_template():
     assert len(options) == 3
 
 
+@pytest.mark.parametrize("ckpt", ["tiny_llama", "tiny_onevision"])
+def test_the_chat_command_suggests_the_familys_template(ckpt, request, tmp_path):
+    from tc_llava import chat
+
+    path, family = request.getfixturevalue(ckpt), {"tiny_llama": "llava", "tiny_onevision": "llava_onevision"}[ckpt]
+    args = chat.parse_args([str(path), str(tmp_path / "clip.mp4"), "-q", "What?"])  # refused before decoding
+    with pytest.raises(ValueError, match=rf"records no chat template: pass --template \({family} checkpoints use "
+                                         rf"{FAMILIES[family].template};"):
+        chat.run(args)
+
+
 def model_type_branches(source: str) -> list[int]:
     """Lines of ``source`` that branch on a ``model_type``: a comparison or a match on it, or a lookup keyed by it."""
     def mentions(node: ast.AST) -> bool:
