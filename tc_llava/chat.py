@@ -148,7 +148,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
         raise ValueError(f"{args.model} has no tokenizer: chat needs a checkpoint that includes it")
     template = model.template
     if template is None:
-        raise ValueError(f"{args.model} records no chat template: pass --template (e.g. vicuna_v1, chatml, next_video)")
+        raise ValueError(f"{args.model} records no chat template: pass --template ({model.family.model_type} "
+                         f"checkpoints use {model.family.template}; e.g. vicuna_v1, chatml, next_video)")
     count, why = frame_count(args, model)
     frames, indices = sample_frames(args.video, count, args.sampling, backend=args.backend, sample_fps=args.fps)
     rate = f" at {args.fps:g} per second" if args.sampling == "fps" else ""

@@ -38,7 +38,7 @@ from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
 from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
-from tc_llava.model.families import SUPPORTED_MODEL_TYPES, family_of, frame_features, frame_grid, has_class_token
+from tc_llava.model.families import family_of
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
 from tc_llava.model.layout import PackedSamples, check_visual_token_count, frame_ids_from_tokens
@@ -156,12 +156,8 @@ class TCLlava(nn.Module):
             raise ValueError(f"mask={self.mask.name} is not supported with sliding-window attention layers")
         if not isinstance(lm.rotary_emb, RotaryPositions):
             lm.rotary_emb = RotaryPositions(lm.rotary_emb)
-        self.grid = frame_grid(self.config)
-        full = self.config.vision_feature_select_strategy == "full"
-        self.keeps_cls = full and has_class_token(self.hf.model.vision_tower)
-        if self.keeps_cls and self.family.model_type not in ("llava", "llava_next"):
-            raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which "
-                             f"{self.family.model_type}'s spatial pooling of the patch grid cannot take")
+        self.grid = self.family.frame_grid(self.config)
+        self.keeps_cls = self.family.keeps_cls(self.hf)
         if self.keeps_cls and self.pooling.pooling_shape is not None:
             raise ValueError("projector=pllava_pool needs vision_feature_select_strategy='default' (CLS dropped)")
         self._check_processors()
@@ -234,8 +230,8 @@ class TCLlava(nn.Module):
 
     def tokens_per_video(self, num_frames: int) -> int:
         """Placeholder tokens one video of ``num_frames`` frames occupies in the prompt (OneVision: + its newline)."""
-        t, _, _ = self.pooling.output_grid(num_frames, self.grid)
-        return t * self.tokens_per_frame(num_frames) + int(self.family.newline)
+        t, h, w = self.pooling.output_grid(num_frames, self.grid)
+        return self.family.tokens_per_video(t, (h, w), self.keeps_cls)
 
     # ----------------------------------------------------------------- video
     def visual_tokens(self, frames: torch.Tensor, num_frames: Sequence[int]) -> torch.Tensor:
@@ -244,11 +240,11 @@ class TCLlava(nn.Module):
         size = self.config.vision_config.image_size
         if frames.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values frames are {tuple(frames.shape[-2:])}, the vision tower takes {size}x{size}")
-        features = frame_features(self.hf, frames)
+        features = self.family.frame_features(self.hf, frames)
         tokens = [self.pooling.pool(sample, self.grid) for sample in features.split(list(num_frames))]
-        if self.family.newline:
-            newline = self.hf.model.image_newline[None].to(features.dtype)
-            tokens = [torch.cat([t, newline]) for t in tokens]
+        after = self.family.after_video(self.hf)
+        if after is not None:
+            tokens = [torch.cat([t, after.to(features.dtype)]) for t in tokens]
         return torch.cat(tokens)
 
     def encode_video(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -267,7 +263,7 @@ class TCLlava(nn.Module):
         counts = [num_frames] * input_ids.shape[0] if isinstance(num_frames, int) else list(num_frames)
         per_video = [self.tokens_per_video(n) for n in counts]
         check_visual_token_count(input_ids, token_id, per_video, counts, kind)
-        in_frames = torch.tensor([n - int(self.family.newline) for n in per_video], device=input_ids.device)
+        in_frames = torch.tensor([n - self.family.tokens_after_video for n in per_video], device=input_ids.device)
         return frame_ids_from_tokens(input_ids, token_id, self.tokens_per_frame(counts[0]), in_frames)
 
     # ----------------------------------------------------------------- forward
@@ -422,15 +418,13 @@ class TCLlava(nn.Module):
         if not any((path / f).is_file() for f in WEIGHT_FILES):
             raise FileNotFoundError(f"{path} has no weights: expected one of {', '.join(WEIGHT_FILES)}")
         config = json.loads(config_file.read_text())
-        model_type = config.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"{config_file}: model_type {model_type!r} is not one of {SUPPORTED_MODEL_TYPES}")
+        family = family_of(config.get("model_type"), f"{config_file}: model_type")
         saved_rope, saved_mask, saved_pooling, saved_template = read_settings(config, config_file)
         frame_sampling = read_frame_sampling(config, config_file)
         video_file = path / VIDEO_PREPROCESSOR_FILE
-        wants_video = family_of(model_type).video_processor_type is not None
+        wants_video = family.video_processor_type is not None
         if wants_video and not video_file.is_file():
-            raise FileNotFoundError(f"{video_file} not found: {model_type} preprocesses frames with its video "
+            raise FileNotFoundError(f"{video_file} not found: {family.model_type} preprocesses frames with its video "
                                     "processor, whose config the llava-hf checkpoint ships beside the weights")
         if template and saved_template and template != saved_template:
             log.warning("%s records chat template %r; using the given %r", config_file, saved_template, template)

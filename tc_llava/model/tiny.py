@@ -17,41 +17,16 @@ from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextVideoConfig,
-    LlavaNextVideoForConditionalGeneration,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-    PreTrainedConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+from transformers import LlamaConfig, PreTrainedConfig, PreTrainedTokenizerFast, Qwen2Config
 
-from tc_llava.model.families import FAMILIES
+from tc_llava.model.families import FAMILIES, Family, family_of
+from tc_llava.model.families.base import clip_image_processor
 from tc_llava.model.hf_compat import whole_models
 from tc_llava.model.processors import VideoPreprocessor
-
-try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
-    from transformers import CLIPImageProcessorPil as _ImageProcessor
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers import CLIPImageProcessor as _ImageProcessor
 
 IMAGE_TOKEN = "<image>"
 VIDEO_TOKEN = "<video>"
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"]
-ARCHES = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
-          "llava_next_video": LlavaNextVideoForConditionalGeneration,
-          "llava_onevision": LlavaOnevisionForConditionalGeneration}
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 # Words the synthetic data, the chat templates and the benchmark prompts are made of:
 # the tokenizer learns whole-word merges for them, everything else falls back to bytes.
@@ -107,35 +82,20 @@ def build_tokenizer(vocab_size: int = 1024, video_token: bool = False) -> PreTra
 
 def build_image_processor(image_size: int) -> Any:
     """CLIP preprocessing (resize, centre crop, CLIP mean/std) at the tiny tower's resolution."""
-    return _ImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-    )
+    return clip_image_processor(image_size)
+
+
+def tiny_family(arch: str) -> Family:
+    """The registered family a tiny model of ``arch`` (its ``model_type``) is built as."""
+    if arch not in FAMILIES:
+        raise ValueError(f"tiny model: arch must be one of {tuple(FAMILIES)}, got {arch!r}")
+    return FAMILIES[arch]
 
 
 def build_processors(config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
-    """The image processor and (video families) the video processor config a checkpoint of ``config`` ships.
-
-    The image families keep the CLIP processor they always had; the video families get
-    their HF image processor class (PIL backend) and their video processor's settings as
-    the llava-hf checkpoints write them: OneVision resizes to the tower's square with
-    SigLIP's 0.5 mean/std, NeXT-Video resizes the short side and centre-crops with CLIP's.
-    """
-    size = config.vision_config.image_size
-    grid = getattr(config, "image_grid_pinpoints", None)
-    if config.model_type == "llava_onevision":
-        square, half = {"height": size, "width": size}, [0.5, 0.5, 0.5]
-        image = LlavaOnevisionImageProcessorPil(size=square, image_grid_pinpoints=grid, image_mean=half, image_std=half)
-        frames = {"size": square, "do_center_crop": False, "crop_size": None, "image_mean": half, "image_std": half}
-    elif config.model_type == "llava_next_video":
-        edge, crop = {"shortest_edge": size}, {"height": size, "width": size}
-        image = LlavaNextImageProcessorPil(size=edge, crop_size=crop, image_grid_pinpoints=grid)
-        frames = {"size": edge, "do_center_crop": True, "crop_size": crop, "image_mean": CLIP_MEAN, "image_std": CLIP_STD}
-    else:
-        return build_image_processor(size), None
-    video = {"video_processor_type": FAMILIES[config.model_type].video_processor_type, "do_resize": True,
-             "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-             "do_convert_rgb": True, "default_to_square": False, "do_sample_frames": False, **frames}
-    return image, VideoPreprocessor(video)
+    """The image processor and (video families) the video processor config a checkpoint of ``config`` ships
+    (the family's :meth:`~tc_llava.model.families.Family.processors`)."""
+    return family_of(config.model_type).processors(config)
 
 
 def build_config(
@@ -158,23 +118,19 @@ def build_config(
 ) -> PreTrainedConfig:
     """The HF config of a tiny model of family ``arch`` over a Llama or Qwen2 LLM.
 
-    ``llava``/``llava_next``/``llava_next_video`` use a CLIP tower read at layer -2 (CLS
-    dropped), ``llava_onevision`` a SigLIP tower read at its last layer, as the llava-hf
-    checkpoints do. ``rope_theta`` (default: the LLM config's own) sets the LLM's RoPE base.
+    The tower and the family's own fields are the family's (:meth:`~tc_llava.model.families.Family.tiny_config`):
+    ``llava``/``llava_next``/``llava_next_video`` use a CLIP tower read at layer -2 (CLS dropped),
+    ``llava_onevision`` a SigLIP tower read at its last layer, as the llava-hf checkpoints do.
+    ``rope_theta`` (default: the LLM config's own) sets the LLM's RoPE base.
     """
-    if arch not in ARCHES:
-        raise ValueError(f"tiny model: arch must be one of {tuple(ARCHES)}, got {arch!r}")
-    vision_kwargs = dict(
+    family = tiny_family(arch)
+    vision = family.tiny_vision_config(dict(
         hidden_size=vision_hidden_size,
         intermediate_size=vision_intermediate_size or 2 * vision_hidden_size,
         num_attention_heads=vision_heads,
         image_size=image_size,
         patch_size=patch_size,
-    )
-    if arch == "llava_onevision":
-        vision = SiglipVisionConfig(**vision_kwargs, num_hidden_layers=vision_layers, vision_use_head=False)
-    else:  # LLaVA reads layer -2: keep `vision_layers` useful ones
-        vision = CLIPVisionConfig(**vision_kwargs, num_hidden_layers=vision_layers + 1, projection_dim=vision_hidden_size)
+    ), vision_layers)
     text_kwargs = dict(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -196,43 +152,21 @@ def build_config(
         text = Qwen2Config(**text_kwargs, use_sliding_window=False)
     else:
         raise ValueError(f"tiny model: text_model must be 'llama' or 'qwen2', got {text_model!r}")
-    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    tokens = {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "pad": tokenizer.pad_token_id,
+              "video": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)}
     grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
-    if arch == "llava_onevision":
-        return LlavaOnevisionConfig(
-            vision_config=vision, text_config=text, image_token_index=image_id,
-            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), vision_feature_layer=-1,
-            vision_feature_select_strategy="full", image_grid_pinpoints=grid, pad_token_id=tokenizer.pad_token_id,
-        )
-    if arch == "llava_next_video":
-        return LlavaNextVideoConfig(
-            vision_config=vision, text_config=text, image_token_index=image_id,
-            video_token_index=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN), vision_feature_layer=-2,
-            vision_feature_select_strategy="default", image_grid_pinpoints=grid, spatial_pool_stride=2,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    common = dict(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=image_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if arch == "llava":
-        return LlavaConfig(**common)
-    return LlavaNextConfig(**common, image_grid_pinpoints=grid)
+    return family.tiny_config(vision, text, tokens, grid)
 
 
 def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kwargs: Any) -> Path:
     """Write a tiny random checkpoint (model, tokenizer, image processor, video processor config) to ``out_dir``."""
     out = Path(out_dir)
-    family = FAMILIES.get(config_kwargs.get("arch", "llava"))
-    tokenizer = build_tokenizer(video_token=family is not None and family.placeholder == "video_token_id")
+    family = tiny_family(config_kwargs.get("arch", "llava"))
+    tokenizer = build_tokenizer(video_token=family.placeholder_kind == "video")
     config = build_config(tokenizer, **config_kwargs)
     with torch.random.fork_rng(devices=[]), whole_models():  # the caller's RNG stream stays; never partitioned
         torch.manual_seed(seed)
-        model = ARCHES[config.model_type](config)
+        model = family.hf_class(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -1,0 +1,145 @@
+"""The contract a model family implements; the base is LLaVA-1.5's video path.
+
+A family is HF's own ``...ForConditionalGeneration`` class used as it is. What it adds is what
+TC-LLaVA needs to know about it, and nothing else in the package branches on ``model_type``:
+
+- **the prompt**: the config attribute of its placeholder token id (``<image>`` or ``<video>``) and
+  how many placeholders a video takes (:meth:`Family.tokens_per_video`);
+- **the video path**: each frame's token grid (:meth:`Family.frame_grid`) and how frames become
+  visual tokens (:meth:`Family.frame_features`, the steps of HF's ``get_video_features`` on the
+  model's own modules), plus what follows the video (:meth:`Family.after_video`);
+- **its files**: the image and video processor configs its checkpoints ship
+  (:meth:`Family.processors`), the tiny random config the tests and the demo build
+  (:meth:`Family.tiny_config`) and the chat template its checkpoints are prompted with.
+
+A family module subclasses :class:`Family` (or a sibling) and overrides only where it differs,
+as transformers' ``modular_*.py`` files do.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
+
+from tc_llava.model.processors import VideoPreprocessor
+
+try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
+    from transformers import CLIPImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover - older 5.x
+    from transformers import CLIPImageProcessor as _ImageProcessor
+
+CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+# The settings every llava-hf video processor config shares (frame sampling stays ours).
+VIDEO_PROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
+                            "do_normalize": True, "do_convert_rgb": True, "default_to_square": False,
+                            "do_sample_frames": False}
+
+
+def clip_image_processor(size: int) -> Any:
+    """CLIP preprocessing (resize the short side, centre crop, CLIP mean/std) at a tower's resolution."""
+    return _ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def has_class_token(vision_tower: nn.Module) -> bool:
+    """CLIP towers prepend a CLS token to the patches; SigLIP towers do not."""
+    embeddings = getattr(getattr(vision_tower, "vision_model", vision_tower), "embeddings", None)
+    return hasattr(embeddings, "class_embedding")
+
+
+class Family:
+    """What every llava-hf family starts from: LLaVA-1.5's path (a CLIP tower's selected layer -> MLP
+    projector, ``<image>`` placeholder, nothing after the video, CLIP preprocessing).
+
+    A family module subclasses it, sets ``model_type``, ``hf_class`` and ``config_class``, and overrides
+    only where it differs; :func:`tc_llava.model.families.register` makes it known by its ``model_type``.
+    """
+
+    model_type: ClassVar[str]  # HF's config.model_type, the registry's key
+    hf_class: ClassVar[type[PreTrainedModel]]  # HF's own model class, used as it is
+    config_class: ClassVar[type[PreTrainedConfig]]
+    placeholder: ClassVar[str] = "image_token_id"  # the config attribute of the prompt's placeholder token id
+    video_processor_type: ClassVar[str | None] = None  # HF video processor of its frames (None: the image processor)
+    pools_patch_grid: ClassVar[bool] = False  # its video path pools the patch grid (a CLS token cannot ride along)
+    template: ClassVar[str] = "vicuna_v1"  # the chat template (data.templates) its checkpoints are prompted with
+    tokens_after_video: ClassVar[int] = 0  # rows of after_video()
+
+    @property
+    def placeholder_kind(self) -> str:
+        """``image`` or ``video``: what the prompt's placeholder is called."""
+        return self.placeholder.removesuffix("_token_id")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.model_type!r})"
+
+    # ----------------------------------------------------------------- video path
+    def frame_grid(self, config: PreTrainedConfig) -> tuple[int, int]:
+        """(H, W) of one frame's visual tokens after the family's own spatial stage: the tower's patch grid."""
+        vision = config.vision_config
+        side = vision.image_size // vision.patch_size
+        return side, side
+
+    def tower_features(self, hf_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` frames -> the tower's selected layer(s), CLS dropped where the config says so."""
+        config, tower = hf_model.config, hf_model.model.vision_tower
+        hidden = tower(pixel_values.to(tower.dtype), output_hidden_states=True).hidden_states
+        layer = config.vision_feature_layer
+        feats = hidden[layer] if isinstance(layer, int) else torch.cat([hidden[i] for i in layer], -1)
+        if config.vision_feature_select_strategy == "default":  # HF's rule: drop the first token (CLIP's CLS)
+            feats = feats[:, 1:]
+        return feats
+
+    def frame_features(self, hf_model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``[N, C, H, W]`` frames -> ``[N, tokens per frame, D]``: HF's video path, frame by frame."""
+        return hf_model.model.multi_modal_projector(self.tower_features(hf_model, pixel_values))
+
+    def keeps_cls(self, hf_model: nn.Module) -> bool:
+        """Whether each frame's tokens keep the tower's CLS token (``full`` strategy on a CLIP tower); refused
+        where the family pools the patch grid."""
+        full = hf_model.config.vision_feature_select_strategy == "full"
+        keeps = full and has_class_token(hf_model.model.vision_tower)
+        if keeps and self.pools_patch_grid:
+            raise ValueError(f"vision_feature_select_strategy='full' keeps the CLS token, which "
+                             f"{self.model_type}'s spatial pooling of the patch grid cannot take")
+        return keeps
+
+    def after_video(self, hf_model: nn.Module) -> torch.Tensor | None:
+        """``[K, D]`` embeddings that follow every video's frames in its placeholder run (None: nothing).
+
+        They are text in the layout (frame id -1): they follow every frame, so they take one
+        temporal step, attend causally and are never seen by a frame, under every rule."""
+        return None
+
+    def tokens_per_video(self, frames: int, grid: tuple[int, int], cls_token: bool) -> int:
+        """Placeholders a video takes: ``frames`` (after any temporal pooling) of ``grid`` tokens (+ CLS), then
+        what follows the video."""
+        return frames * (grid[0] * grid[1] + int(cls_token)) + self.tokens_after_video
+
+    # ----------------------------------------------------------------- files
+    def processors(self, config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
+        """The image processor and (video families) the video processor config a checkpoint of ``config``
+        ships: here CLIP preprocessing (resize, centre crop, CLIP mean/std) at the tower's resolution."""
+        return clip_image_processor(config.vision_config.image_size), None
+
+    def video_processor(self, frames: dict[str, Any]) -> VideoPreprocessor:
+        """This family's video processor config: the llava-hf defaults with ``frames`` (size, crop, mean/std)."""
+        return VideoPreprocessor({"video_processor_type": self.video_processor_type, **VIDEO_PROCESSOR_DEFAULTS,
+                                  **frames})
+
+    def tiny_vision_config(self, vision: dict[str, Any], layers: int) -> PreTrainedConfig:
+        """The tiny tower: CLIP read at layer -2, so ``layers`` useful ones plus the unread last."""
+        return CLIPVisionConfig(**vision, num_hidden_layers=layers + 1, projection_dim=vision["hidden_size"])
+
+    def tiny_config(self, vision: PreTrainedConfig, text: PreTrainedConfig, tokens: dict[str, int],
+                    grid_pinpoints: list[list[int]]) -> PreTrainedConfig:
+        """The HF config of a tiny model of this family (``tokens``: the tokenizer's ``image``, ``video`` and
+        ``pad`` ids; ``grid_pinpoints``: the any-res grid, for the families that have one)."""
+        return self.config_class(vision_config=vision, text_config=text,
+                                 **self.tiny_config_kwargs(tokens, grid_pinpoints))
+
+    def tiny_config_kwargs(self, tokens: dict[str, int], grid_pinpoints: list[list[int]]) -> dict[str, Any]:
+        """The family's own fields of :meth:`tiny_config`: as the llava-hf checkpoints set them."""
+        return dict(image_token_id=tokens["image"], vision_feature_layer=-2, vision_feature_select_strategy="default",
+                    pad_token_id=tokens["pad"])
