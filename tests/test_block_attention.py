@@ -191,25 +191,29 @@ def test_block_auto_builds_flex_masks_only_for_block_rules(monkeypatch):
     assert block == "block mask" and len(built) == 1
 
 
-def _merge_inputs(segmented: bool = False):
-    """A right-padded batch (one row each), or a left-padded one (segments on one token axis)."""
+def _merge_inputs(segmented: bool = False, unequal: bool = False):
+    """A right-padded batch (one row each), or a left-padded one (segments on one token axis); with ``unequal``
+    row 0's first frame is a token short."""
     torch.manual_seed(0)
     frame_ids, mask = layout([3, 11, 0], 64, frames=3, per_frame=5, pad_right=[0, 0, 0])
+    if unequal:
+        frame_ids[0, 3] = -1
     if segmented:
         frame_ids, mask = frame_ids.roll(7, -1), mask.clone()
         mask[:, :7] = 0
     spans = block_spans(frame_ids, mask)
-    assert (spans.segments is not None) == segmented
+    assert (spans.segments is not None) == segmented and (spans.sizes is not None) == unequal
     qkv = [torch.randn(3, 64, 4, 16, dtype=torch.float64).transpose(1, 2).requires_grad_() for _ in range(3)]
     return spans, qkv, block_causal_mask(frame_ids, mask) | torch.eye(64, dtype=torch.bool), mask[:, None, :, None]
 
 
+@pytest.mark.parametrize("unequal", [False, True])
 @pytest.mark.parametrize("segmented", [False, True])
-def test_block_merge_ops_pass_torch_library_opcheck(segmented):
+def test_block_merge_ops_pass_torch_library_opcheck(segmented, unequal):
     """The custom ops' schemas, fake kernels (shapes, strides, dtypes) and autograd registration, checked by
     torch.library itself against real calls."""
-    spans, (q, k, v), _, _ = _merge_inputs(segmented)
-    extra = (spans.segments, spans.max_segment)
+    spans, (q, k, v), _, _ = _merge_inputs(segmented, unequal)
+    extra = (spans.segments, spans.max_segment, spans.sizes)
     torch.library.opcheck(block_merge_op, (q, k, v, spans.starts, spans.size, 0.25, *extra))
     out, lse = block_merge_op(q, k, v, spans.starts, spans.size, 0.25, *extra)
     grad = torch.randn_like(out)
@@ -217,11 +221,12 @@ def test_block_merge_ops_pass_torch_library_opcheck(segmented):
                                                     lse.detach(), spans.starts, spans.size, 0.25, *extra))
 
 
+@pytest.mark.parametrize("unequal", [False, True])
 @pytest.mark.parametrize("segmented", [False, True])
-def test_compiled_block_merge_is_one_graph_around_the_op(segmented):
+def test_compiled_block_merge_is_one_graph_around_the_op(segmented, unequal):
     """Under torch.compile the attention is one opaque op in one graph (no break at SDPA's kernel choice), and
     its output and gradients are eager's."""
-    spans, (q, k, v), dense, real = _merge_inputs(segmented)  # padding queries' rows are no one's business
+    spans, (q, k, v), dense, real = _merge_inputs(segmented, unequal)  # padding queries' rows are no one's business
     graphs = []
 
     def backend(gm, example_inputs):
