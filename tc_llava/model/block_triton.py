@@ -171,8 +171,8 @@ def _launch(q: torch.Tensor, starts: torch.Tensor, size: int, sizes: torch.Tenso
 
     Blocks of one size: ``roles * T`` programs per block on axis 0. Blocks of different sizes: each
     block's ``roles * cdiv(size, tile)`` programs end to end on axis 0, mapped to blocks by device ops
-    (no sync); the grid is a bound on their total from the shapes alone, the longest block's count per
-    block or the token count, whichever is less.
+    (no sync); the grid is a bound on their total from the shapes alone (the longest block's count per
+    block, or the token count's), and the programs past the total fall on the last block beyond its tiles.
     """
     head_dim = q.shape[-1]
     meta = dict(D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TILE=tile, num_warps=warps,
@@ -181,11 +181,11 @@ def _launch(q: torch.Tensor, starts: torch.Tensor, size: int, sizes: torch.Tenso
     if sizes is None:
         return (roles * triton.cdiv(size, tile), blocks, q.shape[1]), (starts, starts, starts), meta
     programs = roles * ((sizes.flatten() + tile - 1) // tile)
-    first = programs.cumsum(0, dtype=torch.int32) - programs
+    ends = programs.cumsum(0, dtype=torch.int32)
     bound = roles * min(blocks * triton.cdiv(size, tile), triton.cdiv(q.shape[0] * q.shape[2], tile) + blocks)
-    block_of = torch.zeros(bound, dtype=torch.int32, device=q.device)
-    block_of.index_add_(0, first[1:], torch.ones_like(first[1:])).cumsum_(0)
-    return (bound, 1, q.shape[1]), (sizes, first, block_of), meta
+    program = torch.arange(bound, dtype=torch.int32, device=q.device)
+    block_of = torch.searchsorted(ends, program, right=True, out_int32=True).clamp_(max=blocks - 1)
+    return (bound, 1, q.shape[1]), (sizes, ends - programs, block_of), meta
 
 
 def inblock_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
