@@ -7,7 +7,8 @@ row; and an image of 4,096 tokens then 64-token frames (the widest spread of blo
 which the variable-length schedule exists for). Times, side by side:
 - causal SDPA (vanilla's attention), SDPA with the dense block mask (what these layouts got
   before ``block_merge`` took unequal blocks) and ``block_merge``, fwd+bwd with CUDA events;
-- the in-block kernels alone, forward and backward, as GPU time (replayed CUDA graphs).
+- the in-block kernels alone, forward and backward, as GPU time (replayed CUDA graphs); for the
+  equal layout also on the variable-length schedule (every size given), the cost of the schedule.
 Writes scripts/bench/results/unequal_blocks.json.
 """
 
@@ -86,11 +87,14 @@ def main() -> None:
                    else [spans.size], "segments": spans.segments is not None, "causal_sdpa_ms": causal,
                    "dense_mask_sdpa_ms": fwd_bwd(lambda: sdpa(q, k, v, attn_mask=dense)),
                    "block_merge_ms": fwd_bwd(lambda: block_merge_attention(q, k, v, spans))}
-            if spans.segments is None:  # the in-block kernels alone, on the batch layout
-                shape = (spans.starts, spans.size, 128 ** -0.5, spans.sizes)
-                row["inblock_forward_ms"] = statistics.median(cuda_graph_ms(
+            schedules = {"": spans.sizes} if spans.segments is None else {}  # the kernels alone, batch layout
+            if spans.segments is None and spans.sizes is None:
+                schedules["varlen_"] = torch.full_like(spans.starts, spans.size)
+            for prefix, sizes in schedules.items():
+                shape = (spans.starts, spans.size, 128 ** -0.5, sizes)
+                row[f"inblock_{prefix}forward_ms"] = statistics.median(cuda_graph_ms(
                     lambda: block_triton.inblock_forward(q, k, v, out, lse, *shape), args.reps))
-                row["inblock_backward_ms"] = statistics.median(cuda_graph_ms(
+                row[f"inblock_{prefix}backward_ms"] = statistics.median(cuda_graph_ms(
                     lambda: block_triton.inblock_backward(grad, q, k, v, out, lse, dq, dk, dv, *shape), args.reps))
             row["block_merge_ratio_to_causal"] = row["block_merge_ms"] / causal
             rows.append(row)
