@@ -412,3 +412,28 @@ def test_unequal_blocks_get_the_decomposition_not_a_mask(case, backend):
     assert chosen.attention_mask is None and chosen.position_ids is None
     spans = chosen.layer_kwargs["block_spans"]
     assert spans.sizes is not None and len(set(spans.sizes.flatten().tolist())) > 1
+
+
+def test_model_with_videos_of_different_lengths_takes_the_decomposition(tiny_llama, monkeypatch):
+    """Under bidirectional_visual a video is one block, so videos of 4, 1 and 2 frames in one batch are blocks of
+    different sizes: every layer takes the decomposition, with sdpa's loss and gradients (fp64)."""
+    from tc_llava.model import attention
+
+    from test_packed import padded_batch, samples
+
+    calls = []
+    merge = attention.block_merge_attention
+    monkeypatch.setattr(attention, "block_merge_attention", lambda *a: calls.append(1) or merge(*a))
+    losses, grads = {}, {}
+    for impl in ("sdpa", NAME):
+        model = load(tiny_llama, TADRoPE(), BidirectionalVisualMask(), impl=impl).double().train()
+        batch = padded_batch(samples(model)[:3], model.tokenizer.pad_token_id)
+        batch["pixel_values"] = batch["pixel_values"].double()
+        losses[impl] = model(**batch).loss
+        losses[impl].backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert len(calls) == model.config.text_config.num_hidden_layers
+    torch.testing.assert_close(losses[NAME], losses["sdpa"], rtol=1e-10, atol=1e-10)
+    assert grads[NAME].keys() == grads["sdpa"].keys() and len(grads[NAME]) > 10
+    for name, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads[NAME][name], grad, rtol=1e-9, atol=1e-10, msg=name)
