@@ -20,6 +20,7 @@ from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import TADRoPE, VideoRoPE
 
 from test_model import load, video_batch
+from test_packed import padded_batch, samples
 
 
 def layout(starts: list[int], length: int, frames: int, per_frame: int, pad_right: list[int]):
@@ -418,8 +419,6 @@ def test_model_with_videos_of_different_lengths_takes_the_decomposition(tiny_lla
     """Under bidirectional_visual a video is one block, so videos of 4, 1 and 2 frames in one batch are blocks of
     different sizes: every layer takes the decomposition, with sdpa's loss and gradients (fp64)."""
     from tc_llava.model import attention
-
-    from test_packed import padded_batch, samples
 
     calls = []
     merge = attention.block_merge_attention
