@@ -258,9 +258,10 @@ def inblock_forward_torch(q, k, v, out, lse, starts, size, scale, sizes=None):
 def inblock_backward_torch(grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale, sizes=None):
     """Part ``B``'s gradients (its kernel backward with the merged ``out``/``lse``) added to ``A``'s, with PyTorch ops."""
     full_rows = [_token_major(full) for full in (dq, dk, dv)]
-    for n, rows, cols in _reversed_groups(q, starts, size, sizes):
-        parts = _attend_backward(_take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n),
-                                 _take(out, rows, n), _take(lse, rows, n).contiguous(), scale, "flash")
+    for blocks, rows, cols in _reversed_groups(q, starts, size, sizes):
+        parts = _attend_backward(*(_take(x, rows, blocks) for x in (grad, q)),
+                                 *(_take(x, cols, blocks) for x in (k, v)), _take(out, rows, blocks),
+                                 _take(lse, rows, blocks).contiguous(), scale, "flash")
         for acc, part, index in zip(full_rows, parts, (rows, cols, cols)):
             acc.index_add_(0, index, _rows_of(part).flatten(1).to(acc.dtype))
     return [_head_major(acc, full.shape) for acc, full in zip(full_rows, (dq, dk, dv))]
