@@ -108,6 +108,50 @@ def test_segments_match_the_dense_reference_in_bf16(case):
     assert_as_close_as_bf16_sdpa(q, k, v, spans, dense, real=mask.bool()[:, None, :, None])
 
 
+def frame_runs(row: torch.Tensor, at: int, sizes: list[int], first: int = 0) -> int:
+    """Frame ids ``first, first + 1, ...`` of ``sizes`` tokens each from position ``at``; returns the end."""
+    for f, n in enumerate(sizes):
+        row[at:at + n] = first + f
+        at += n
+    return at
+
+
+@pytest.mark.parametrize("case", ["image_then_video", "resolutions_left_padded", "packed"])
+def test_unequal_blocks_match_the_dense_reference_in_bf16(case):
+    """Blocks of different sizes (an image then a video's frames; samples of two resolutions, left-padded; packed
+    rows mixing them) on the CUDA path: flash (or its variable-length kernel) plus the Triton in-block kernels on
+    their variable-length schedule, as close to the fp32 dense reference as bf16 SDPA with the mask is."""
+    from tc_llava.model.block_attention import block_spans
+    from tc_llava.model.masks import block_causal_mask, sample_block_ids
+
+    torch.manual_seed(2)
+    rows, length = (1, 4096) if case == "image_then_video" else (2, 3584)
+    frame_ids = torch.full((rows, length), -1, device="cuda")
+    sample_ids = torch.full((rows, length), -1, device="cuda")
+    if case == "image_then_video":  # a 26x46 image, then 16 frames of 12x12
+        sample_ids[0] = 0
+        frame_runs(frame_ids[0], frame_runs(frame_ids[0], 40, [1196]) + 12, [144] * 16, first=1)
+    elif case == "resolutions_left_padded":  # 12 frames of 16x16 beside 20 frames of 10x10
+        for row, (frames, per_frame) in enumerate(((12, 256), (20, 100))):
+            start = length - (frames * per_frame + 150)
+            sample_ids[row, start:] = 0
+            frame_runs(frame_ids[row], start + 60, [per_frame] * frames)
+    else:  # row 0: an image of 576 then 8 frames of 144, and 10 frames of 64; row 1: 6 frames of 256, padding
+        sample_ids[0, :1900], sample_ids[0, 1900:2700], sample_ids[1, :1700] = 0, 1, 0
+        frame_runs(frame_ids[0], frame_runs(frame_ids[0], 30, [576]) + 9, [144] * 8, first=1)
+        frame_runs(frame_ids[0], 1950, [64] * 10)
+        frame_runs(frame_ids[1], 50, [256] * 6)
+    mask = (sample_ids >= 0).long()
+    packed = case == "packed"
+    blocks = sample_block_ids(frame_ids, sample_ids) if packed else torch.where(mask.bool(), frame_ids, -1)
+    spans = block_spans(blocks, mask, sample_ids if packed else None)
+    assert spans is not None and spans.sizes is not None
+    dense = block_causal_mask(blocks, mask, sample_ids) | torch.eye(length, dtype=torch.bool, device="cuda")
+    q, k, v = (torch.randn(rows, length, 32, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+               .requires_grad_() for _ in range(3))
+    assert_as_close_as_bf16_sdpa(q, k, v, spans, dense, real=mask.bool()[:, None, :, None])
+
+
 def test_block_backends_match_sdpa_logits():
     """auto -> block_auto, and block_merge, against the dense SDPA mask.
 

@@ -57,7 +57,7 @@ def main() -> None:
         dq, dk, dv = (torch.zeros_like(t) for t in (q, k, v))
         scale = 128 ** -0.5
         for tile, warps, stages in itertools.product((32, 64, 128), (4, 8), (1, 2, 3)):
-            layout = (spans.starts, spans.size, scale, tile, warps, stages)
+            layout = (spans.starts, spans.size, scale, spans.sizes, tile, warps, stages)
             try:
                 fwd = cuda_graph_ms(lambda: block_triton.inblock_forward(q, k, v, out, lse, *layout), args.reps)
                 bwd = cuda_graph_ms(lambda: block_triton.inblock_backward(grad, q, k, v, out, lse, dq, dk, dv, *layout),

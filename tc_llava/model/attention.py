@@ -10,9 +10,10 @@ Two backends are registered in transformers' ``AttentionInterface`` and
 - ``block_merge``: the decomposition of :mod:`tc_llava.model.block_attention` wherever it
   applies, with :func:`~tc_llava.model.block_attention.block_spans` handed to the layers as
   a keyword argument and no mask built. It takes packed rows, left-padded evaluation
-  prefills and mixed frame counts through its variable-length segments. Where it does not
-  apply (a filled KV cache, fp32 on CUDA, blocks of unequal size) it gets transformers' SDPA
-  mask and runs SDPA.
+  prefills and mixed frame counts through its variable-length segments, and blocks of
+  different sizes (an image then a video, samples of different resolutions) with each
+  block's size. Where it does not apply (a filled KV cache, fp32 on CUDA, a block id that
+  comes back after a gap) it gets transformers' SDPA mask and runs SDPA.
 - ``block_auto``: the fastest correct path measured on the H200 (docs/performance.md):
   the decomposition wherever it applies; a GPU training prefill it cannot take gets flex
   attention with transformers' BlockMask rather than a dense mask; evaluation prefills and
@@ -136,7 +137,7 @@ def llm_attention(
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
     """Whether ``block_auto`` builds flex's BlockMask for a call the decomposition did not take: a GPU training
-    prefill (fp32, unequal blocks)."""
+    prefill (fp32, or a block id that comes back after a gap)."""
     # Measured on the H100: in training, flex with a BlockMask costs 1.04-1.14x of vanilla, SDPA with the dense
     # mask 1.10-1.38x. Without gradients (evaluation) every new padded width would compile flex and build a
     # BlockMask (seconds each), while the causal baseline of a left-padded batch runs SDPA with a dense mask too:

@@ -6,15 +6,18 @@ over their union is the log-sum-exp merge of two attentions that flash kernels c
 without any mask:
 
 - ``A``: plain causal attention over the whole sequence (the vanilla kernel, same cost);
-- ``B``: for every block of ``n`` tokens, each token against the later tokens of its block.
+- ``B``: for every block, each token against the later tokens of its block.
 
 ``out = (e^lse_A out_A + e^lse_B out_B) / (e^lse_A + e^lse_B)``. The backward runs ``A``'s
 kernel backward with the merged output and log-sum-exp (the split used by ring attention),
 then adds ``B``'s gradients, so no ``L x L`` mask or score matrix is ever built. On CUDA,
 ``B`` is two fused Triton kernels (:mod:`tc_llava.model.block_triton`) that fold it into
 ``A``'s results in place; elsewhere the blocks are reversed, which makes ``B`` an ordinary
-causal attention of all blocks as one batch, and merged with PyTorch ops. ``B`` costs
-about ``n / L`` of ``A``; see ``scripts/bench/inblock.py``. Forward and backward are the
+causal attention of all blocks of one size as one batch, and merged with PyTorch ops.
+Blocks may differ in size (an image then a video's frames, samples of different
+resolutions): the kernels then read each block's start and size from a list, as flash's
+variable-length kernel reads ``cu_seqlens``. ``B`` costs about ``n / L`` of ``A`` for
+blocks of ``n`` tokens; see ``scripts/bench/inblock.py``. Forward and backward are the
 custom ops ``tc_llava::block_merge`` and ``tc_llava::block_merge_backward`` under
 ``torch.compile``, and an autograd.Function over the same two functions in eager mode.
 
@@ -39,8 +42,9 @@ from torch.nn.attention import SDPBackend
 
 @dataclass(frozen=True)
 class BlockSpans:
-    """Equal-sized contiguous blocks: ``starts[b, k]`` (int32) is the first position of block ``k`` of
-    row ``b``, and every block has ``size`` tokens. Built once per forward; every layer reads it.
+    """Contiguous blocks: ``starts[b, k]`` (int32) is the first position of block ``k`` of row ``b``.
+    Every block has ``size`` tokens, or, where they differ, ``sizes[b, k]`` (int32, the shape of
+    ``starts``) and ``size`` is the largest. Built once per forward; every layer reads it.
 
     With ``segments`` the rows are one token axis (``B * L`` tokens, row after row): ``starts``
     is ``[1, K]`` positions on it, and ``segments`` (int32 ``cu_seqlens``, ``[S + 1]``) cuts it
@@ -51,11 +55,7 @@ class BlockSpans:
     size: int
     segments: torch.Tensor | None = None
     max_segment: int = 0
-
-    @property
-    def index(self) -> torch.Tensor:
-        """``index[b, k, j]``: sequence position of the ``j``-th token of block ``k`` in row ``b``."""
-        return self.starts.long()[..., None] + torch.arange(self.size, device=self.starts.device)
+    sizes: torch.Tensor | None = None
 
 
 def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
@@ -71,15 +71,16 @@ def flash_available(device: torch.device, dtype: torch.dtype, head_dim: int) -> 
 
 def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor,
                 sample_ids: torch.Tensor | None = None) -> BlockSpans | None:
-    """The equal-sized contiguous blocks of ``block_ids`` (-1: none), or None where the decomposition does not apply.
+    """The contiguous blocks of ``block_ids`` (-1: none), or None where the decomposition does not apply.
 
     Rows of right-padded samples with the same number of blocks (keys after a row's end are
     never seen by its real tokens) keep the batch layout. Packed rows (``sample_ids``: -1
     padding, ``k`` the row's k-th sample), left padding, and rows with different block
     counts get segments: each sample, and each run of real or padding tokens, is a segment
-    of its own, so no token attends across one. Either way every block must be one run of
-    one size inside one segment, with ids rising along the row (an id that comes back after
-    a gap would be one block to the mask but two runs here). The inputs make one copy to the
+    of its own, so no token attends across one. Either way every block must be one run
+    inside one segment, with ids rising along the row (an id that comes back after a gap
+    would be one block to the mask but two runs here). Blocks of different sizes get
+    ``sizes``; blocks of one size leave it None, the faster path. The inputs make one copy to the
     host (a single sync, once per forward), where a few dozen vector ops on a few thousand
     elements cost less than launching them on the GPU; the results go back.
     """
@@ -98,19 +99,22 @@ def block_spans(block_ids: torch.Tensor, attention_mask: torch.Tensor,
     sizes = sizes.scatter_add_(1, run, in_block.long())[:, 1:]
     start_ids = torch.where(run_starts, block_ids, -1).cummax(-1).values
     rising = (block_ids > nn.functional.pad(start_ids[:, :-1], (1, 0), value=-1)) | ~run_starts
-    runs, sizes = run_starts.sum(-1), sizes[sizes > 0]
-    if (sizes != sizes[:1]).any() or not rising.all():
+    if not rising.all():
         return None
-    size = int(sizes[0]) if len(sizes) else 0
+    runs, sizes = run_starts.sum(-1), sizes[sizes > 0].to(torch.int32)  # sizes in the blocks' row-major order
+    size = int(sizes.max()) if len(sizes) else 0
+    unequal = bool((sizes != size).any())
     left_padded = (real[:, 1:].bool() & ~real[:, :-1].bool()).any()
     if sample_ids is None and not left_padded and runs.min() > 0 and (runs == runs[0]).all():
         starts = run_starts.nonzero()[:, 1].view(batch, int(runs[0])).to(torch.int32)
-        return BlockSpans(starts.to(device, non_blocking=True), size)
+        return BlockSpans(starts.to(device, non_blocking=True), size,
+                          sizes=sizes.view(starts.shape).to(device, non_blocking=True) if unequal else None)
     cuts = segment_start.flatten().nonzero()[:, 0]
     segments = torch.cat([cuts, torch.tensor([batch * length])]).to(torch.int32)
     starts = run_starts.flatten().nonzero()[:, 0].to(torch.int32)[None]
     return BlockSpans(starts.to(device, non_blocking=True), size, segments.to(device, non_blocking=True),
-                      int((segments[1:] - segments[:-1]).max()))
+                      int((segments[1:] - segments[:-1]).max()),
+                      sizes[None].to(device, non_blocking=True) if unequal else None)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -219,42 +223,48 @@ def _rows_of(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).flatten(0, 1)
 
 
-def _reversed_rows(x: torch.Tensor, starts: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-row indices of every block reversed: its queries (all but the first token) and keys (all but the last)."""
-    offsets = torch.arange(starts.shape[0], device=x.device)[:, None, None] * x.shape[2]
-    reverse = starts[..., None] + offsets + torch.arange(size - 1, -1, -1, device=x.device)
-    return reverse[..., 1:].flatten(), reverse[..., :-1].flatten()
+def _reversed_groups(x: torch.Tensor, starts: torch.Tensor, size: int,
+                     sizes: torch.Tensor | None) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The blocks of more than one token in groups of one size: each group's block count and the token-row
+    indices of its blocks reversed, queries (all but the first token) and keys (all but the last)."""
+    flat = (starts.long() + torch.arange(starts.shape[0], device=x.device)[:, None] * x.shape[2]).flatten()
+    groups = [(size, flat)] if sizes is None else [(n, flat[sizes.flatten() == n]) for n in sizes.unique().tolist()]
+    out = []
+    for n, first in groups:
+        if n > 1:
+            reverse = first[:, None] + torch.arange(n - 1, -1, -1, device=x.device)
+            out.append((first.numel(), reverse[:, 1:].flatten(), reverse[:, :-1].flatten()))
+    return out
 
 
-def inblock_forward_torch(q, k, v, out, lse, starts, size, scale):
-    """Part ``B`` merged into ``A``'s ``out``/``lse`` with PyTorch ops (the CPU path): the reversed blocks as one
-    causal flash-attention batch, then the log-sum-exp merge of their rows. Returns the merged pair."""
-    rows, cols = _reversed_rows(q, starts, size)
-    blocks = starts.numel()
-    out_b, lse_b = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks), scale, "flash")
+def inblock_forward_torch(q, k, v, out, lse, starts, size, scale, sizes=None):
+    """Part ``B`` merged into ``A``'s ``out``/``lse`` with PyTorch ops (the CPU path): for each block size, the
+    reversed blocks as one causal flash-attention batch, then the log-sum-exp merge of their rows. Returns the
+    merged pair."""
     out_rows, lse_rows = _token_major(out).view(-1, q.shape[1], q.shape[3]), _token_major(lse)
-    lse_a, lse_b = lse_rows[rows], _rows_of(lse_b)
-    merged_lse = torch.logaddexp(lse_a, lse_b)
     acc = torch.promote_types(out.dtype, torch.float32)  # merge in fp32 (fp64 stays fp64)
-    merged = (out_rows[rows].to(acc) * (lse_a - merged_lse).exp().to(acc)[..., None]
-              + _rows_of(out_b).to(acc) * (lse_b - merged_lse).exp().to(acc)[..., None])
-    out_rows[rows] = merged.to(out.dtype)
-    lse_rows[rows] = merged_lse
+    for blocks, rows, cols in _reversed_groups(q, starts, size, sizes):
+        out_b, lse_b = _attend(_take(q, rows, blocks), _take(k, cols, blocks), _take(v, cols, blocks), scale,
+                               "flash")
+        lse_a, lse_b = lse_rows[rows], _rows_of(lse_b)
+        merged_lse = torch.logaddexp(lse_a, lse_b)
+        merged = (out_rows[rows].to(acc) * (lse_a - merged_lse).exp().to(acc)[..., None]
+                  + _rows_of(out_b).to(acc) * (lse_b - merged_lse).exp().to(acc)[..., None])
+        out_rows[rows] = merged.to(out.dtype)
+        lse_rows[rows] = merged_lse
     return _head_major(out_rows.flatten(1), out.shape), _head_major(lse_rows, lse.shape).contiguous()
 
 
-def inblock_backward_torch(grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale):
+def inblock_backward_torch(grad, q, k, v, out, lse, dq, dk, dv, starts, size, scale, sizes=None):
     """Part ``B``'s gradients (its kernel backward with the merged ``out``/``lse``) added to ``A``'s, with PyTorch ops."""
-    rows, cols = _reversed_rows(q, starts, size)
-    n = starts.numel()
-    parts = _attend_backward(_take(grad, rows, n), _take(q, rows, n), _take(k, cols, n), _take(v, cols, n),
-                             _take(out, rows, n), _take(lse, rows, n).contiguous(), scale, "flash")
-    grads = []
-    for full, part, index in zip((dq, dk, dv), parts, (rows, cols, cols)):
-        full_rows = _token_major(full)
-        full_rows.index_add_(0, index, _rows_of(part).flatten(1).to(full.dtype))
-        grads.append(_head_major(full_rows, full.shape))
-    return grads
+    full_rows = [_token_major(full) for full in (dq, dk, dv)]
+    for blocks, rows, cols in _reversed_groups(q, starts, size, sizes):
+        parts = _attend_backward(*(_take(x, rows, blocks) for x in (grad, q)),
+                                 *(_take(x, cols, blocks) for x in (k, v)), _take(out, rows, blocks),
+                                 _take(lse, rows, blocks).contiguous(), scale, "flash")
+        for acc, part, index in zip(full_rows, parts, (rows, cols, cols)):
+            acc.index_add_(0, index, _rows_of(part).flatten(1).to(acc.dtype))
+    return [_head_major(acc, full.shape) for acc, full in zip(full_rows, (dq, dk, dv))]
 
 
 def _inblock(device: torch.device):
@@ -272,8 +282,8 @@ def _strided_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _merge_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, size: int,
-                   scale: float, segments: torch.Tensor | None = None,
-                   max_segment: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                   scale: float, segments: torch.Tensor | None = None, max_segment: int = 0,
+                   sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` on the whole sequence (or within each segment), then ``B`` merged into its output and log-sum-exp.
 
     Returns the output token-major (``[B, L, H, D]``, the layout the output projection
@@ -282,13 +292,13 @@ def _merge_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: to
     if segments is None:
         out, lse = _attend(q, k, v, scale, sdpa_kernel(q, k, v))
         if size > 1 and starts.numel():
-            out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale)
+            out, lse = _inblock(q.device)[0](q, k, v, out, lse, starts, size, scale, sizes)
         return out.transpose(1, 2).contiguous(), lse.contiguous()
     flat = [_tokens(x) for x in (q, k, v)]
     out, lse = _attend_segments(*flat, segments, max_segment, scale)
     out, lse = _one_row(out), lse[None]
     if size > 1 and starts.numel():
-        out, lse = _inblock(q.device)[0](*(_one_row(x) for x in flat), out, lse, starts, size, scale)
+        out, lse = _inblock(q.device)[0](*(_one_row(x) for x in flat), out, lse, starts, size, scale, sizes)
     return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], q.shape[1], q.shape[3]), lse.contiguous()
 
 
@@ -304,8 +314,8 @@ def _one_row(x: torch.Tensor) -> torch.Tensor:
 
 def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     lse: torch.Tensor, starts: torch.Tensor, size: int, scale: float,
-                    segments: torch.Tensor | None = None,
-                    max_segment: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    segments: torch.Tensor | None = None, max_segment: int = 0,
+                    sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``A``'s kernel backward with the merged output and log-sum-exp, then ``B``'s gradients added."""
     grad = grad.to(out.dtype)
     grad = grad if grad.stride(-1) == 1 else grad.contiguous()
@@ -313,7 +323,7 @@ def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         grad, out, kernel = grad.transpose(1, 2), out.transpose(1, 2), sdpa_kernel(q, k, v)
         grads = _attend_backward(grad, q, k, v, out, lse, scale, kernel)
         if size > 1 and starts.numel():
-            grads = _inblock(q.device)[1](grad, q, k, v, out, lse, *grads, starts, size, scale)
+            grads = _inblock(q.device)[1](grad, q, k, v, out, lse, *grads, starts, size, scale, sizes)
     else:
         shape = (q.shape[0], q.shape[2], q.shape[1], q.shape[3])  # [B, L, H, D]
         grad, out = grad.reshape(-1, *shape[2:]), out.reshape(-1, *shape[2:])
@@ -321,7 +331,7 @@ def _merge_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: tor
         grads = _attend_segments_backward(grad, *flat, out, lse[0], segments, max_segment, scale)
         if size > 1 and starts.numel():
             grads = _inblock(q.device)[1](*(_one_row(x) for x in (grad, *flat, out)), lse,
-                                          *(_one_row(g) for g in grads), starts, size, scale)
+                                          *(_one_row(g) for g in grads), starts, size, scale, sizes)
             grads = [g[0].transpose(0, 1) for g in grads]
         grads = [g.view(shape).transpose(1, 2) for g in grads]
     return tuple(_strided_like(g, t) for g, t in zip(grads, (q, k, v)))
@@ -336,7 +346,7 @@ block_merge_backward_op = torch.library.custom_op("tc_llava::block_merge_backwar
 
 
 @block_merge_op.register_fake
-def _(q, k, v, starts, size, scale, segments=None, max_segment=0):
+def _(q, k, v, starts, size, scale, segments=None, max_segment=0, sizes=None):
     batch, heads, length, dim = q.shape
     lse_dtype = torch.promote_types(q.dtype, torch.float32)
     lse_shape = (batch, heads, length) if segments is None else (1, heads, batch * length)
@@ -344,21 +354,21 @@ def _(q, k, v, starts, size, scale, segments=None, max_segment=0):
 
 
 @block_merge_backward_op.register_fake
-def _(grad, q, k, v, out, lse, starts, size, scale, segments=None, max_segment=0):
+def _(grad, q, k, v, out, lse, starts, size, scale, segments=None, max_segment=0, sizes=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, starts, size, scale, segments, max_segment = inputs
-    ctx.save_for_backward(q, k, v, *output, starts, segments)
+    q, k, v, starts, size, scale, segments, max_segment, sizes = inputs
+    ctx.save_for_backward(q, k, v, *output, starts, segments, sizes)
     ctx.size, ctx.scale, ctx.max_segment = size, scale, max_segment
 
 
 def _backward_with(merge_backward):
     def backward(ctx, grad, _grad_lse):
-        q, k, v, out, lse, starts, segments = ctx.saved_tensors
-        grads = merge_backward(grad, q, k, v, out, lse, starts, ctx.size, ctx.scale, segments, ctx.max_segment)
-        return (*grads, None, None, None, None, None)
+        q, k, v, out, lse, starts, segments, sizes = ctx.saved_tensors
+        grads = merge_backward(grad, q, k, v, out, lse, starts, ctx.size, ctx.scale, segments, ctx.max_segment, sizes)
+        return (*grads, None, None, None, None, None, None)
 
     return backward
 
@@ -382,4 +392,5 @@ def block_merge_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spa
         return nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     merge = block_merge_op if torch.compiler.is_compiling() else _BlockMerge.apply
-    return merge(q, k, v, spans.starts, spans.size, scale, spans.segments, spans.max_segment)[0].transpose(1, 2)
+    return merge(q, k, v, spans.starts, spans.size, scale, spans.segments, spans.max_segment,
+                 spans.sizes)[0].transpose(1, 2)

@@ -9,6 +9,13 @@ online softmax starts from ``A``'s state), and the backward adds ``B``'s gradien
 ``A``'s in place: one launch each way. A program owns one tile of one block and head (in
 the backward, the tile's keys or its queries), so no two programs write the same element.
 
+Blocks of one size get a ``(tile, block, head)`` grid. Blocks of different sizes (an image
+then a video's frames, samples of different resolutions) get a variable-length schedule,
+as flash's ``cu_seqlens`` kernels do: each block's size is read from ``sizes``, and the
+programs of axis 0 are the blocks' tiles laid end to end (``first[b]`` is block ``b``'s
+first program, ``block_of[p]`` program ``p``'s block), so no program is spent on the tiles a
+small block lacks; the few at the end beyond the last tile do nothing.
+
 Tensors are ``[B, H, L, D]`` with any batch/head/token strides and a contiguous last dim;
 the log-sum-exp is fp32 ``[B, H, L]`` in natural-log units, as the flash and cuDNN kernels
 return it. On CPU the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``), which
@@ -36,11 +43,23 @@ BACKWARD_STAGES = 1
 
 
 @triton.jit
-def _inblock_forward(Q, K, V, O, LSE, STARTS, n, blocks_per_row, scale_log2,
+def _program_block(STARTS, SIZES, FIRST, BLOCK_OF, n, VARLEN: tl.constexpr):
+    """This program's block, its first position and size, and the program's index among the block's."""
+    if VARLEN:
+        block = tl.load(BLOCK_OF + tl.program_id(0))
+        program = tl.program_id(0) - tl.load(FIRST + block)
+        n = tl.load(SIZES + block)
+    else:
+        block, program = tl.program_id(1), tl.program_id(0)
+    return block, tl.load(STARTS + block), n, program
+
+
+@triton.jit
+def _inblock_forward(Q, K, V, O, LSE, STARTS, SIZES, FIRST, BLOCK_OF, n, blocks_per_row, scale_log2,
                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l, sl_b, sl_h, sl_l,
-                     D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
-    tile, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, start = block // blocks_per_row, tl.load(STARTS + block)
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr, VARLEN: tl.constexpr):
+    block, start, n, tile = _program_block(STARTS, SIZES, FIRST, BLOCK_OF, n, VARLEN)
+    row, head = block // blocks_per_row, tl.program_id(2)
     scale_log2 = tl.cast(scale_log2, tl.float32)  # torch.compile may hand Python floats over as fp64
     i = tile * TILE + tl.arange(0, TILE)
     d = tl.arange(0, BLOCK_D)
@@ -89,22 +108,23 @@ def _add_into(ptr, value, mask):
 
 
 @triton.jit
-def _inblock_backward(Q, K, V, O, DO, LSE, DQ, DK, DV, STARTS, n, blocks_per_row, scale, scale_log2,
-                      sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
+def _inblock_backward(Q, K, V, O, DO, LSE, DQ, DK, DV, STARTS, SIZES, FIRST, BLOCK_OF, n, blocks_per_row, scale,
+                      scale_log2, sq_b, sq_h, sq_l, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, so_b, so_h, so_l,
                       sg_b, sg_h, sg_l, sl_b, sl_h, sl_l, sdq_b, sdq_h, sdq_l, sdk_b, sdk_h, sdk_l,
-                      sdv_b, sdv_h, sdv_l, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr):
+                      sdv_b, sdv_h, sdv_l, D: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
+                      VARLEN: tl.constexpr):
     """Program ``t`` of a block's ``2T``: ``dk``, ``dv`` of key tile ``t`` (over earlier queries); program ``T + t``:
     ``dq`` of query tile ``t`` (over later keys). Two roles rather than one program doing both: twice the
-    programs, each holding half the accumulators."""
-    program, block, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    row, start = block // blocks_per_row, tl.load(STARTS + block)
+    programs, each holding half the accumulators. A program past ``2T`` (the schedule's tail) owns no token."""
+    block, start, n, program = _program_block(STARTS, SIZES, FIRST, BLOCK_OF, n, VARLEN)
+    row, head = block // blocks_per_row, tl.program_id(2)
     scale, scale_log2 = tl.cast(scale, tl.float32), tl.cast(scale_log2, tl.float32)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     Q, K, V = Q + row * sq_b + head * sq_h, K + row * sk_b + head * sk_h, V + row * sv_b + head * sv_h
     O, DO, LSE = O + row * so_b + head * so_h, DO + row * sg_b + head * sg_h, LSE + row * sl_b + head * sl_h
     tiles = tl.cdiv(n, TILE)
-    own = (program % tiles) * TILE + tl.arange(0, TILE)
+    own = tl.where(program < tiles, program, program - tiles) * TILE + tl.arange(0, TILE)
     own_ok = own < n
     own_mask = own_ok[:, None] & d_ok[None, :]
     if program < tiles:  # keys ``own`` against the queries before the tile's last key
@@ -145,34 +165,52 @@ def _strides(*tensors: torch.Tensor) -> list[int]:
     return [s for t in tensors for s in t.stride()[:3]]
 
 
-def _launch(q: torch.Tensor, starts: torch.Tensor, size: int, tile: int, warps: int, stages: int,
-            roles: int = 1) -> tuple[tuple, dict]:
-    grid = (roles * triton.cdiv(size, tile), starts.numel(), q.shape[1])
+def _launch(q: torch.Tensor, starts: torch.Tensor, size: int, sizes: torch.Tensor | None, tile: int, warps: int,
+            stages: int, roles: int = 1) -> tuple[tuple, tuple, dict]:
+    """Grid, schedule tensors (``sizes``, ``first``, ``block_of``) and meta-parameters of one launch.
+
+    Blocks of one size: ``roles * T`` programs per block on axis 0. Blocks of different sizes: each
+    block's ``roles * cdiv(size, tile)`` programs end to end on axis 0, mapped to blocks by device ops
+    (no sync); the grid is a bound on their total from the shapes alone (the longest block's count per
+    block, or the token count's), and the programs past the total fall on the last block beyond its tiles.
+    """
     head_dim = q.shape[-1]
-    return grid, dict(D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TILE=tile, num_warps=warps,
-                      num_stages=stages)
+    meta = dict(D=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)), TILE=tile, num_warps=warps,
+                num_stages=stages, VARLEN=sizes is not None)
+    blocks = starts.numel()
+    if sizes is None:
+        return (roles * triton.cdiv(size, tile), blocks, q.shape[1]), (starts, starts, starts), meta
+    programs = roles * ((sizes.flatten() + tile - 1) // tile)
+    ends = programs.cumsum(0, dtype=torch.int32)
+    bound = roles * min(blocks * triton.cdiv(size, tile), triton.cdiv(q.shape[0] * q.shape[2], tile) + blocks)
+    program = torch.arange(bound, dtype=torch.int32, device=q.device)
+    block_of = torch.searchsorted(ends, program, right=True, out_int32=True).clamp_(max=blocks - 1)
+    return (bound, 1, q.shape[1]), (sizes, ends - programs, block_of), meta
 
 
 def inblock_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                    starts: torch.Tensor, size: int, scale: float, tile: int = TILE, warps: int = WARPS,
+                    starts: torch.Tensor, size: int, scale: float, sizes: torch.Tensor | None = None,
+                    tile: int = TILE, warps: int = WARPS,
                     stages: int = FORWARD_STAGES) -> tuple[torch.Tensor, torch.Tensor]:
     """In place: ``out``/``lse`` (part ``A``'s) become the merge with the in-block term; returns them.
 
-    ``starts[b, k]`` is the first position of block ``k`` of row ``b``; every block has ``size`` tokens.
+    ``starts[b, k]`` is the first position of block ``k`` of row ``b``; every block has ``size`` tokens,
+    or, where ``sizes`` (int32, the shape of ``starts``) is given, ``sizes[b, k]`` of at most ``size``.
     """
-    grid, meta = _launch(q, starts, size, tile, warps, stages)
-    _inblock_forward[grid](q, k, v, out, lse, starts, size, starts.shape[1], scale * LOG2E,
+    grid, schedule, meta = _launch(q, starts, size, sizes, tile, warps, stages)
+    _inblock_forward[grid](q, k, v, out, lse, starts, *schedule, size, starts.shape[1], scale * LOG2E,
                            *_strides(q, k, v, out, lse), **meta)
     return out, lse
 
 
 def inblock_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor,
-                     starts: torch.Tensor, size: int, scale: float, tile: int = TILE, warps: int = WARPS,
+                     starts: torch.Tensor, size: int, scale: float, sizes: torch.Tensor | None = None,
+                     tile: int = TILE, warps: int = WARPS,
                      stages: int = BACKWARD_STAGES) -> tuple[torch.Tensor, ...]:
     """In place: ``dq``, ``dk``, ``dv`` (part ``A``'s, from the merged ``out``/``lse``) gain the in-block term's
-    gradients; returns them."""
-    grid, meta = _launch(q, starts, size, tile, warps, stages, roles=2)
-    _inblock_backward[grid](q, k, v, out, grad, lse, dq, dk, dv, starts, size, starts.shape[1], scale,
+    gradients; returns them. ``starts``, ``size`` and ``sizes`` as in :func:`inblock_forward`."""
+    grid, schedule, meta = _launch(q, starts, size, sizes, tile, warps, stages, roles=2)
+    _inblock_backward[grid](q, k, v, out, grad, lse, dq, dk, dv, starts, *schedule, size, starts.shape[1], scale,
                             scale * LOG2E, *_strides(q, k, v, out, grad, lse, dq, dk, dv), **meta)
     return dq, dk, dv
