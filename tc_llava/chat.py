@@ -23,7 +23,8 @@ from typing import Any, TextIO
 import torch
 
 from tc_llava.cli import one_line_errors
-from tc_llava.data.templates import build_chat_prompt, image_token_of, stop_token_ids, tokenize_prompt
+from tc_llava.data.inputs import model_inputs
+from tc_llava.data.templates import build_chat_prompt, image_token_of, stop_token_ids
 from tc_llava.data.video import IMAGE_SUFFIXES, STRATEGIES, sample_frames
 from tc_llava.model.tc_llava import TCLlava
 
@@ -88,22 +89,26 @@ class Chat:
                  generate_kwargs: dict[str, Any] | None = None) -> None:
         self.model, self.template, self.system = model, template, system
         self.generate_kwargs = generate_kwargs or {}
-        device, dtype = next(model.parameters()).device, next(model.parameters()).dtype
-        pixels = model.frame_processor(images=list(frames), return_tensors="pt")["pixel_values"]
-        self.pixel_values = pixels[None].to(device, dtype)
-        self.num_frames = len(frames)
+        self.frames = frames
         self.history: list[tuple[str, str]] = []
+
+    def inputs(self, question: str) -> dict[str, Any]:
+        """The model inputs of the next turn (:func:`~tc_llava.data.inputs.model_inputs`): the conversation so far,
+        then ``question``, about the video's frames."""
+        prompt = build_chat_prompt(self.template, self.system, self.history, question,
+                                   image_token=image_token_of(self.model.tokenizer))
+        return model_inputs(self.model.tokenizer, self.model.frame_processor, self.model.tokens_per_video,
+                            self.template, self.frames, prompt)
 
     def ask(self, question: str, out: TextIO = sys.stdout) -> str:
         """Stream the answer to ``question`` to ``out``; the turn joins the conversation."""
         tokenizer = self.model.tokenizer
-        prompt = build_chat_prompt(self.template, self.system, self.history, question,
-                                   image_token=image_token_of(tokenizer))
-        visual = self.model.tokens_per_video(self.num_frames)
-        ids = tokenize_prompt(tokenizer, self.template, prompt, visual)[None].to(self.pixel_values.device)
+        device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
+        inputs = self.inputs(question)
+        ids, pixel_values = inputs["input_ids"][None].to(device), inputs["pixel_values"][None].to(device, dtype)
         stops = stop_token_ids(tokenizer, self.template)
         stream = TokenStream(tokenizer, stops, out)
-        self.model.generate(ids, None, self.pixel_values, eos_token_id=stops, streamer=stream, **self.generate_kwargs)
+        self.model.generate(ids, None, pixel_values, eos_token_id=stops, streamer=stream, **self.generate_kwargs)
         out.write("\n")
         self.history.append((question, stream.text))
         return stream.text

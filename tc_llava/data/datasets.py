@@ -57,7 +57,8 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tc_llava.data.files import EncodingError, read_text
-from tc_llava.data.templates import get_template, image_token_of, tokenize_conversation
+from tc_llava.data.inputs import model_inputs
+from tc_llava.data.templates import get_template, image_token_of
 from tc_llava.data.video import (DECODE_TIMEOUT, IMAGE_SUFFIXES, DecodeTimeoutError, NotRegularFileError,
                                  VideoReadError, sample_frames)
 
@@ -248,8 +249,9 @@ def _largest_remainder(weights: np.ndarray, total: int) -> np.ndarray:
 
 
 class SFTDataset(torch.utils.data.Dataset):
-    """Samples ``{input_ids, labels, pixel_values [T,C,H,W], num_frames, num_visual_tokens, is_image, truncated,
-    skipped, source}``; ``T`` may differ between samples (images, corpora of their own frame counts)."""
+    """Samples ``{input_ids, attention_mask, labels, pixel_values [T,C,H,W], num_frames, num_visual_tokens,
+    truncated}`` (:func:`~tc_llava.data.inputs.model_inputs`) with ``is_image``, ``skipped`` and ``source``;
+    ``T`` may differ between samples (images, corpora of their own frame counts)."""
 
     def __init__(
         self,
@@ -425,19 +427,9 @@ class SFTDataset(torch.utils.data.Dataset):
         pairs = [(first, turns[0][1])] + [(q, a) for q, a, _ in turns[1:]]
         count = self.frames_of(corpus, record)
         frames = self._frames(corpus, int(r), record, seed, count)
-        visual = self.num_visual_tokens(count) if callable(self.num_visual_tokens) else self.num_visual_tokens
-        encoded = tokenize_conversation(self.tokenizer, self.template, pairs, visual, system, self.max_txt_len)
-        pixel_values = self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
-        return {
-            "input_ids": encoded.input_ids,
-            "labels": encoded.labels,
-            "pixel_values": pixel_values,
-            "num_frames": count,
-            "num_visual_tokens": visual,
-            "is_image": record.is_image,
-            "truncated": encoded.truncated,
-            "source": f"{corpus.name}:{r}",
-        }
+        inputs = model_inputs(self.tokenizer, self.image_processor, self.num_visual_tokens, self.template, frames,
+                              pairs, system, self.max_txt_len)
+        return {**inputs, "is_image": record.is_image, "source": f"{corpus.name}:{r}"}
 
     def max_length(self) -> int | None:
         """The most tokens a sample can have: ``max_txt_len`` text tokens and the most visual tokens of any

@@ -41,8 +41,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tc_llava.data.collate import collate_frames
-from tc_llava.data.templates import stop_token_ids, tokenize_prompt
+from tc_llava.data.collate import SFTCollator
+from tc_llava.data.inputs import encode_prompt, preprocess_frames
+from tc_llava.data.templates import stop_token_ids
 from tc_llava.data.video import DECODE_TIMEOUT, sample_frames
 from tc_llava.eval import jsonl
 
@@ -113,7 +114,8 @@ class GenerationSettings:
 
 
 class _ItemFrames(Dataset):
-    """Decodes and preprocesses one item per call, inside the DataLoader worker."""
+    """Decodes and preprocesses one item per call, inside the DataLoader worker: the halves of
+    :func:`~tc_llava.data.inputs.model_inputs`, the prompt's checked against the context before the decode."""
 
     def __init__(self, items: Sequence[Item], settings: GenerationSettings, tokenizer: Any, image_processor: Any,
                  num_visual_tokens: int, max_length: int | None):
@@ -127,7 +129,7 @@ class _ItemFrames(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item, s = self.items[index], self.settings
-        ids = tokenize_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens)
+        ids = encode_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens).input_ids
         if self.max_length is not None and len(ids) + s.max_new_tokens > self.max_length:
             return {"id": item.id, "retry": False, "failed": (
                 f"{TOO_LONG}: {len(ids)} prompt tokens + max_new_tokens {s.max_new_tokens} exceed the model's "
@@ -144,29 +146,23 @@ class _ItemFrames(Dataset):
             raise
         except Exception as e:  # any decoder error is this item's failure, not the run's
             return {"id": item.id, "failed": f"{type(e).__name__}: {e}"}
-        pixels = self.image_processor(images=list(frames), return_tensors="pt")["pixel_values"]
-        return {"id": item.id, "input_ids": ids, "pixel_values": pixels}
+        return {"id": item.id, "input_ids": ids, "pixel_values": preprocess_frames(self.image_processor, frames)}
 
 
 class _LeftPad:
-    """Left-pads the decodable items of a batch; failed ones travel beside them."""
+    """Left-pads the decodable items of a batch as training's collator pads (``padding_side="left"``); failed
+    ones travel beside them."""
 
     def __init__(self, pad_token_id: int):
-        self.pad_token_id = pad_token_id
+        self.collator = SFTCollator(pad_token_id, padding_side="left")
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ok = [s for s in samples if "failed" not in s]
         failed = [(s["id"], s["failed"], s.get("retry", True)) for s in samples if "failed" in s]
         batch: dict[str, Any] = {"failed": failed, "ids": [s["id"] for s in ok]}
         if ok:
-            width = max(len(s["input_ids"]) for s in ok)
-            input_ids = torch.full((len(ok), width), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(ok), width), dtype=torch.long)
-            for row, s in enumerate(ok):
-                input_ids[row, width - len(s["input_ids"]):] = s["input_ids"]
-                mask[row, width - len(s["input_ids"]):] = 1
-            pixel_values, num_frames = collate_frames([s["pixel_values"] for s in ok])
-            batch.update(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values, num_frames=num_frames)
+            padded = self.collator(ok)
+            batch.update({key: padded[key] for key in ("input_ids", "attention_mask", "pixel_values", "num_frames")})
         return batch
 
 

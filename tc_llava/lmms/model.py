@@ -51,7 +51,8 @@ from accelerate import PartialState
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from tc_llava.data.templates import build_prompt, image_token_of, tokenize_prompt
+from tc_llava.data.inputs import model_inputs
+from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.data.video import sample_frames
 from tc_llava.eval.runner import SAMPLING, GenerationSettings, Item, generate_predictions
 from tc_llava.model.pooling import VideoPooling
@@ -270,8 +271,8 @@ class TCLlavaLMM(lmms):
     def loglikelihood(self, requests: Sequence[Instance]) -> list[GenerationResult]:
         """(mean negative log-likelihood of the continuation, greedy) per request, by the model's forward,
         each in a :class:`GenerationResult` (see the module docstring)."""
-        tokenizer, processor = self.model.tokenizer, self.model.frame_processor
-        pixels_of: dict[tuple[str, int, str], torch.Tensor] = {}
+        tokenizer, dtype = self.model.tokenizer, next(self.model.parameters()).dtype
+        last: tuple[tuple[str, int, str, str], dict[str, Any]] | None = None  # a question's choices share its inputs
         out = []
         for request in requests:
             context, continuation, doc_to_visual, doc_id, task, split = request.args
@@ -279,16 +280,17 @@ class TCLlavaLMM(lmms):
                 continuation = continuation(self.task_dict[task][split][doc_id])
             frames, sampling = self._view(request, {})
             video = self._video(doc_to_visual, task, split, doc_id)
-            if (video, frames, sampling) not in pixels_of:
+            if last is None or last[0] != (video, frames, sampling, context):
                 array, _ = sample_frames(video, frames, sampling, None, self.decode_backend)
-                pixels_of[(video, frames, sampling)] = processor(images=list(array), return_tensors="pt")["pixel_values"]
-            prompt_ids = tokenize_prompt(tokenizer, self.model.template, self._prompt(context),
-                                         self.model.tokens_per_video(frames))
+                last = (video, frames, sampling, context), model_inputs(
+                    tokenizer, self.model.frame_processor, self.model.tokens_per_video, self.model.template, array,
+                    self._prompt(context))
+            prompt_ids = last[1]["input_ids"]
             target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], dtype=torch.long)
             if target.numel() == 0:
                 raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} has no tokens")
             ids = torch.cat([prompt_ids, target])[None].to(self._device)
-            pixels = pixels_of[(video, frames, sampling)][None].to(self._device, next(self.model.parameters()).dtype)
+            pixels = last[1]["pixel_values"][None].to(self._device, dtype)
             logits = self.model(ids, torch.ones_like(ids), pixels).logits[0, len(prompt_ids) - 1 : -1].float()
             logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None].to(self._device))[:, 0]
             greedy = bool((logits.argmax(-1).cpu() == target).all())
