@@ -20,7 +20,8 @@ from typing import Any, Union
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tc_llava.data.templates import Encoded, Template, get_template, tokenize_conversation, tokenize_prompt
+from tc_llava.data.templates import (IGNORE_INDEX, Encoded, Template, get_template, tokenize_conversation,
+                                     tokenize_prompt)
 
 # A rendered generation prompt, or a training conversation's (user, answer) turns.
 Prompt = Union[str, Sequence[tuple[str, str]]]
@@ -44,7 +45,7 @@ def encode_prompt(
             raise ValueError("a rendered prompt holds its system text and is never truncated: pass system and "
                              "max_txt_len only with a conversation of (user, answer) turns")
         ids = tokenize_prompt(tokenizer, template, prompt, num_visual_tokens)
-        return Encoded(ids, torch.full_like(ids, -100), False)
+        return Encoded(ids, torch.full_like(ids, IGNORE_INDEX), False)
     return tokenize_conversation(tokenizer, template, prompt, num_visual_tokens, system, max_txt_len)
 
 
