@@ -114,8 +114,8 @@ class GenerationSettings:
 
 
 class _ItemFrames(Dataset):
-    """Decodes and preprocesses one item per call, inside the DataLoader worker: the halves of
-    :func:`~tc_llava.data.inputs.model_inputs`, the prompt's checked against the context before the decode."""
+    """Decodes and preprocesses one item per call, inside the DataLoader worker, by the two halves of
+    :func:`~tc_llava.data.inputs.model_inputs`: a prompt too long for the context fails before its video is decoded."""
 
     def __init__(self, items: Sequence[Item], settings: GenerationSettings, tokenizer: Any, image_processor: Any,
                  num_visual_tokens: int, max_length: int | None):
