@@ -71,18 +71,23 @@ def stop_on_signals(how_to_continue: Callable[[], str]) -> Iterator[None]:
     """Ctrl-C (SIGINT) and SIGTERM (a scheduler's stop; torchrun forwards it to every rank) end the app with
     one line, ``stopped by SIGTERM: <how_to_continue()>``, from the main rank, and exit 128 + the signal number."""
     def stop(signum: int, frame: object) -> None:
+        # Loader workers stopped by the same signal trip torch's SIGCHLD handler, which would raise again
+        # while the stack unwinds (in a DataLoader's __del__, as an "Exception ignored" traceback): from the
+        # first signal on, neither it nor a second Ctrl-C raises.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for s in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(s, signal.SIG_IGN)
         raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     except KeyboardInterrupt as e:
-        # A loader worker killed by the same SIGTERM trips torch's SIGCHLD handler, which would raise here
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signum = getattr(e, "signum", signal.SIGINT)
         log.debug("traceback", exc_info=True)
         if os.environ.get("RANK", "0") == "0":
             log.error("stopped by %s: %s", signal.Signals(signum).name, how_to_continue())
         sys.exit(128 + signum)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
