@@ -369,6 +369,9 @@ def finish(run: Run) -> dict[str, Any]:
             record = {"settings": OmegaConf.to_container(cfg, resolve=True),
                       "setting_changes": run.state.setting_changes}
             (exported / TRAINING_RECORD).write_text(json.dumps(record, indent=1))
+    # The DDP wrapper's gloo reducer must go while its process group lives: freed after end_training destroys
+    # the group (accelerate 1.16), its destructor deadlocks and the run never exits.
+    run.model, run.optimizer = run.accelerator.free_memory(run.model, run.optimizer)
     run.accelerator.end_training()
     return {**asdict(run.state), "data": totals, "media": media,
             "export": str(exported) if exported else None, "run_dir": str(run.run_dir)}
