@@ -54,6 +54,32 @@ def test_forward_and_backward_equal_dense_sdpa(rule, per_frame):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
+def _check_inblock_kernels(kernels, dense: torch.Tensor, heads: int, dim: int, starts: torch.Tensor, size: int,
+                           sizes: torch.Tensor | None = None, **tiling) -> None:
+    """The in-frame kernels, from a causal flash pass's state, give the output, log-sum-exp and gradients of
+    dense attention with ``dense`` as its mask (fp32 kernels against an fp64 reference)."""
+    batch, length = dense.shape[0], dense.shape[-1]
+    q, k, v = (torch.randn(batch, length, heads, dim, dtype=torch.float64).transpose(1, 2).requires_grad_()
+               for _ in range(3))
+    scale = dim ** -0.5
+    ref = sdpa(q, k, v, attn_mask=dense, scale=scale)
+    ref_lse = torch.logsumexp((q @ k.transpose(-1, -2) * scale).masked_fill(~dense, float("-inf")), -1)
+    grad = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    q32, k32, v32, g32 = (x.detach().float() for x in (q, k, v, grad))
+    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
+    out, lse = out.contiguous(), lse.contiguous()
+    out, lse = kernels.inblock_forward(q32, k32, v32, out, lse, starts, size, scale, sizes, **tiling)
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=2e-6)
+    torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=0, atol=2e-6)
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g32, q32, k32, v32, out, lse, 0.0, True, scale=scale)
+    grads = kernels.inblock_backward(g32, q32, k32, v32, out, lse, *(x.contiguous() for x in grads), starts, size,
+                                     scale, sizes, **tiling)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-6)
+
+
 @pytest.mark.parametrize("per_frame", [7, 150])  # one partial tile; three tiles of 64, the last partial
 @pytest.mark.skipif(torch.cuda.is_available(), reason="tests/test_gpu.py runs the compiled kernels")
 def test_triton_inblock_kernels_equal_dense_attention(per_frame):
@@ -65,27 +91,8 @@ def test_triton_inblock_kernels_equal_dense_attention(per_frame):
     frames, length, heads, dim = 2, 2 * per_frame + 40, 2, 24
     frame_ids, _ = layout([5, 30], length, frames=frames, per_frame=per_frame, pad_right=[0, 0])
     dense = block_causal_mask(FrameBlockCausalMask().block_ids(frame_ids))
-    q, k, v = (torch.randn(2, length, heads, dim, dtype=torch.float64).transpose(1, 2).requires_grad_()
-               for _ in range(3))
-    scale = dim ** -0.5
-    ref = sdpa(q, k, v, attn_mask=dense, scale=scale)
-    ref_lse = torch.logsumexp((q @ k.transpose(-1, -2) * scale).masked_fill(~dense, float("-inf")), -1)
-    grad = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-
-    q32, k32, v32, g32 = (x.detach().float() for x in (q, k, v, grad))
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
-    out, lse = out.contiguous(), lse.contiguous()
     starts = torch.tensor([[5, 5 + per_frame], [30, 30 + per_frame]], dtype=torch.int32)
-    out, lse = kernels.inblock_forward(q32, k32, v32, out, lse, starts, per_frame, scale)
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=2e-6)
-    torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=0, atol=2e-6)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g32, q32, k32, v32, out, lse, 0.0, True, scale=scale)
-    grads = kernels.inblock_backward(g32, q32, k32, v32, out, lse, *(x.contiguous() for x in grads),
-                                            starts, per_frame, scale)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-6)
+    _check_inblock_kernels(kernels, dense, heads, dim, starts, per_frame)
 
 
 def test_spans_refuse_layouts_the_decomposition_cannot_take():
@@ -372,27 +379,8 @@ def test_triton_varlen_schedule_spans_tiles_of_unequal_blocks():
     end = frames(frame_ids[0], frames(frame_ids[0], 4, [150, 7, 1]) + 10, [70, 33], first=3)
     spans = block_spans(frame_ids, torch.ones_like(frame_ids))
     assert spans.sizes.tolist() == [[150, 7, 1, 70, 33]] and spans.size == 150 and end == 275
-    dense = frame_block_causal_mask(frame_ids)
-    q, k, v = (torch.randn(1, length, heads, dim, dtype=torch.float64).transpose(1, 2).requires_grad_()
-               for _ in range(3))
-    scale = dim ** -0.5
-    ref = sdpa(q, k, v, attn_mask=dense, scale=scale)
-    ref_lse = torch.logsumexp((q @ k.transpose(-1, -2) * scale).masked_fill(~dense, float("-inf")), -1)
-    grad = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
-    q32, k32, v32, g32 = (x.detach().float() for x in (q, k, v, grad))
-    out, lse, *_ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q32, k32, v32, 0.0, True, scale=scale)
-    out, lse = out.contiguous(), lse.contiguous()
-    out, lse = kernels.inblock_forward(q32, k32, v32, out, lse, spans.starts, spans.size, scale, spans.sizes,
-                                       tile=tile)
-    torch.testing.assert_close(out.double(), ref.detach(), rtol=0, atol=2e-6)
-    torch.testing.assert_close(lse.double(), ref_lse.detach(), rtol=0, atol=2e-6)
-    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        g32, q32, k32, v32, out, lse, 0.0, True, scale=scale)
-    grads = kernels.inblock_backward(g32, q32, k32, v32, out, lse, *(x.contiguous() for x in grads), spans.starts,
-                                     spans.size, scale, spans.sizes, tile=tile)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=0, atol=5e-6)
+    _check_inblock_kernels(kernels, frame_block_causal_mask(frame_ids), heads, dim, spans.starts, spans.size,
+                           spans.sizes, tile=tile)
 
 
 @pytest.mark.parametrize("case", ["image_then_video", "left_padded", "packed"])
