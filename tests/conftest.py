@@ -109,3 +109,22 @@ def save_lively(checkpoint: Path, out: Path, seed: int) -> None:
             if param.ndim == 2:
                 param.normal_(0.0, 0.3, generator=generator)
     model.save_pretrained(out)
+
+
+# The Qwen-VL families: a Qwen2 LLM with M-RoPE over its 8 frequency pairs, towers of patch 14 with the 2x2 merger.
+TINY_QWEN2_5_VL = dict(TINY, arch="qwen2_5_vl", text_model="qwen2")
+TINY_QWEN3_VL = dict(TINY, arch="qwen3_vl", text_model="qwen2")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_5_vl(cache_dir) -> Path:
+    from tc_llava.model.tiny import tiny_checkpoint
+
+    return tiny_checkpoint(cache_dir, **TINY_QWEN2_5_VL)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_vl(cache_dir) -> Path:
+    from tc_llava.model.tiny import tiny_checkpoint
+
+    return tiny_checkpoint(cache_dir, **TINY_QWEN3_VL)

@@ -34,7 +34,7 @@ def video_prompt(model: TCLlava, frames: int) -> tuple[torch.Tensor, torch.Tenso
     return ids, torch.randn(1, frames, 3, size, size, generator=g)
 
 
-@pytest.mark.parametrize("model_type", sorted(FAMILIES))
+@pytest.mark.parametrize("model_type", sorted(t for t, f in FAMILIES.items() if not f.multimodal_rope))
 def test_every_family_builds_its_tiny_model_and_round_trips(model_type, cache_dir, tmp_path):
     family = FAMILIES[model_type]
     path = tiny_checkpoint(cache_dir, arch=model_type, **TINY)
@@ -127,7 +127,7 @@ name = family.model_type
 
 def test_a_family_states_only_its_difference():
     """Every family module holds one Family subclass; what it does not override is the base's."""
-    modules = sorted(p.stem for p in FAMILIES_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
+    modules = sorted(p.stem for p in FAMILIES_DIR.glob("*.py") if p.stem not in ("__init__", "base", "qwen_vl"))  # qwen_vl: the Qwen-VL families' shared base
     assert modules == sorted(FAMILIES) and all(isinstance(f, Family) for f in FAMILIES.values())
     assert {t: type(f).__module__.rsplit(".", 1)[-1] for t, f in FAMILIES.items()} == {t: t for t in FAMILIES}
     assert "frame_features" not in vars(type(FAMILIES["llava"]))

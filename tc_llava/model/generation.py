@@ -2,8 +2,8 @@
 
 The prefill runs the full model (video, the mask rule's block mask, the rope rule's
 positions). Each new token is text, so decoding needs only the plain causal mask, and its
-rotary position (``[B, 1]``, or ``[3, B, 1]`` for multi-axis rules) is
-``rope.next_positions`` of the previous token's.
+rotary position (``[B, 1]``, or ``[3, B, 1]`` for multi-axis rules) is the prefill's
+``next_rope_positions`` for the first one, then ``rope.next_positions`` of the previous token's.
 """
 
 from __future__ import annotations
@@ -48,19 +48,22 @@ def generate(
     output_scores: bool = False,
     num_frames: torch.Tensor | Sequence[int] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    **visual: torch.Tensor,
 ) -> GenerationOutput:
     """Greedy or sampled generation for a left-padded batch of video prompts.
 
     ``num_frames`` gives each sample's frame count when ``pixel_values`` is ``[N, C, H, W]``;
-    ``streamer`` is called with each step's new tokens ``[B]`` as soon as they are chosen.
+    ``streamer`` is called with each step's new tokens ``[B]`` as soon as they are chosen; ``visual`` holds a
+    Qwen-VL family's own visual inputs (grids, video patches).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be 1 for every sample")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)
-    out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1, num_frames=num_frames)
-    cache, positions = out.cache, out.rope_positions[..., -1:]
+    out = model(input_ids, attention_mask, pixel_values, use_cache=True, logits_to_keep=1, num_frames=num_frames,
+                **visual)
+    cache, positions = out.cache, out.next_rope_positions
     position_ids = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens, scores = [], []
@@ -77,11 +80,10 @@ def generate(
         if bool(finished.all()) or len(tokens) == max_new_tokens:
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], -1)
-        positions = model.rope.next_positions(positions)
         out = model(
             nxt[:, None], attention_mask, cache=cache, use_cache=True,
             rope_positions=positions, position_ids=position_ids,
         )
-        position_ids = position_ids + 1
+        positions, position_ids = model.rope.next_positions(positions), position_ids + 1
     sequences = torch.stack(tokens, -1) if tokens else input_ids.new_zeros((input_ids.shape[0], 0))
     return GenerationOutput(sequences=sequences, scores=scores if output_scores else None)

@@ -43,13 +43,19 @@ def temporal_positions(
     With a padding mask, ``m`` and ``tau`` count real tokens only; padding gets 0.
     """
     real = _real(frame_ids, attention_mask)
+    m = real_token_index(frame_ids, attention_mask)
+    return (m + gamma * temporal_index(frame_ids, attention_mask)).to(torch.float32) * real
+
+
+def temporal_index(frame_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TC-LLaVA's temporal index ``tau`` as int64 ``[B, L]`` (0 on padding): one step per text token and per frame,
+    the tokens of a frame sharing their frame's."""
+    real = _real(frame_ids, attention_mask)
     prev = torch.roll(frame_ids, 1, dims=-1)
     prev_real = torch.roll(real, 1, dims=-1)
     prev_real[..., 0] = False
     starts_step = real & ((frame_ids < 0) | ~prev_real | (frame_ids != prev))
-    tau = (starts_step.long().cumsum(-1) - 1).clamp(min=0)
-    m = real_token_index(frame_ids, attention_mask)
-    return (m + gamma * tau).to(torch.float32) * real
+    return (starts_step.long().cumsum(-1) - 1).clamp(min=0) * real
 
 
 def _real(frame_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -142,6 +148,10 @@ class VanillaRoPE:
     def pair_axes(self, num_pairs: int) -> None:
         return None
 
+    def on_model_positions(self, native: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """On a family whose positions are its own (Qwen-VL's M-RoPE): those positions, unchanged."""
+        return native.float()
+
 
 @dataclass
 class TADRoPE:
@@ -169,6 +179,11 @@ class TADRoPE:
 
     def pair_axes(self, num_pairs: int) -> None:
         return None
+
+    def on_model_positions(self, native: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        """On a family whose positions are its own (``[3, B, L]`` M-RoPE): ``gamma * tau`` added to every axis, so a
+        temporal step moves t, h and w alike and ``gamma = 0`` is the family's own positions (docs/families.md)."""
+        return native.float() + self.gamma * tau.to(torch.float32)
 
 
 @dataclass

@@ -39,13 +39,14 @@ from transformers.utils import ModelOutput
 
 from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
 from tc_llava.model.families import family_of
+from tc_llava.model.families.qwen_vl import QwenVisual
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
 from tc_llava.model.layout import PackedSamples, check_visual_token_count, frame_ids_from_tokens
 from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
-from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index
+from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index, temporal_index
 from tc_llava.model.settings import (
     FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
@@ -86,6 +87,7 @@ class TCLlavaOutput(ModelOutput):
     cache: Cache | None = None
     rope_positions: torch.Tensor | None = None
     frame_ids: torch.Tensor | None = None
+    next_rope_positions: torch.Tensor | None = None  # [..., B, 1]: where the next (generated) token sits
 
 
 def frames_per_sample(pixel_values: torch.Tensor, num_frames: torch.Tensor | Sequence[int] | None,
@@ -154,6 +156,10 @@ class TCLlava(nn.Module):
         check_backend(lm.config._attn_implementation, self.mask)
         if not self.mask.is_causal and "sliding_attention" in (getattr(lm.config, "layer_types", None) or []):
             raise ValueError(f"mask={self.mask.name} is not supported with sliding-window attention layers")
+        self.grid, self.keeps_cls = None, False
+        if self.family.multimodal_rope:
+            self._check_model_positions()
+            return
         if not isinstance(lm.rotary_emb, RotaryPositions):
             lm.rotary_emb = RotaryPositions(lm.rotary_emb)
         self.grid = self.family.frame_grid(self.config)
@@ -161,6 +167,17 @@ class TCLlava(nn.Module):
         if self.keeps_cls and self.pooling.pooling_shape is not None:
             raise ValueError("projector=pllava_pool needs vision_feature_select_strategy='default' (CLS dropped)")
         self._check_processors()
+
+    def _check_model_positions(self) -> None:
+        """A family with its own multi-axis positions (Qwen-VL) takes the rules defined on them, and no PLLaVA pooling
+        (its frames are grids of their own size)."""
+        if not hasattr(self.rope, "on_model_positions"):
+            raise ValueError(f"rope={self.rope.name} is not defined on {self.family.model_type}, whose positions are "
+                             "its own M-RoPE: use rope=vanilla (the family's own positions) or rope=tad "
+                             "(docs/families.md)")
+        if self.pooling.pooling_shape is not None:
+            raise ValueError(f"projector=pllava_pool needs a fixed frame grid; {self.family.model_type} sees each "
+                             "video at its own resolution: use projector=mlp")
 
     def _check_processors(self) -> None:
         """Refuse a tokenizer or video processor that does not belong to this family (they would train garbage)."""
@@ -225,13 +242,20 @@ class TCLlava(nn.Module):
         return h, w
 
     def tokens_per_frame(self, num_frames: int) -> int:
+        self._fixed_grid()
         _, h, w = self.pooling.output_grid(num_frames, self.grid)
         return h * w + int(self.keeps_cls)
 
     def tokens_per_video(self, num_frames: int) -> int:
         """Placeholder tokens one video of ``num_frames`` frames occupies in the prompt (OneVision: + its newline)."""
+        self._fixed_grid()
         t, h, w = self.pooling.output_grid(num_frames, self.grid)
         return self.family.tokens_per_video(t, (h, w), self.keeps_cls)
+
+    def _fixed_grid(self) -> None:
+        if self.grid is None:
+            raise ValueError(f"{self.family.model_type} sees every image and video at its own resolution: its "
+                             "placeholder count follows the grid its processor gives, not a frame count")
 
     # ----------------------------------------------------------------- video
     def visual_tokens(self, frames: torch.Tensor, num_frames: Sequence[int]) -> torch.Tensor:
@@ -281,6 +305,7 @@ class TCLlava(nn.Module):
         num_items_in_batch: torch.Tensor | int | None = None,
         num_frames: torch.Tensor | Sequence[int] | None = None,
         sample_ids: torch.Tensor | None = None,
+        **visual: torch.Tensor,
     ) -> TCLlavaOutput:
         """Prefill/training forward, or (with a filled cache and ``rope_positions``) a decode step.
 
@@ -291,6 +316,10 @@ class TCLlava(nn.Module):
         accumulated micro-batches. ``sample_ids [B, L]`` packs several samples per row (-1
         padding, ``k`` the row's k-th sample; frames and ``num_frames`` sample after sample,
         row after row); ``attention_mask`` is then ``sample_ids >= 0``.
+
+        A Qwen-VL family takes HF's own visual inputs instead: ``pixel_values`` and ``image_grid_thw`` for
+        images, ``pixel_values_videos``, ``video_grid_thw`` and (Qwen2.5-VL) ``second_per_grid_ts`` for
+        videos, as its processor gives them (:class:`~tc_llava.model.families.qwen_vl.QwenVisual`).
         """
         lm = self.language_model
         if sample_ids is not None:
@@ -303,26 +332,42 @@ class TCLlava(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds = lm.get_input_embeddings()(input_ids)
-        frame_ids = counts = None  # a decode step: its new tokens are text
+        multimodal_rope = self.family.multimodal_rope
+        if visual and not multimodal_rope:
+            raise ValueError(f"{self.family.model_type} takes pixel_values and num_frames; got {sorted(visual)}")
+        qwen_visual = QwenVisual.of(pixel_values=pixel_values, **visual) if multimodal_rope else None
+        frame_ids = counts = next_positions = None  # a decode step: its new tokens are text
         if cache is not None and cache.get_seq_length() > 0:
             if rope_positions is None:
                 raise ValueError("a decode step (a filled cache) needs rope_positions")
         else:
             packed = None if sample_ids is None else PackedSamples(sample_ids)
-            if pixel_values is not None:
-                samples = input_ids.shape[0] if packed is None else len(packed)
-                frames, counts = frames_per_sample(pixel_values, num_frames, samples)
-            frame_ids, rope_positions, position_ids = self._layout(input_ids, attention_mask, counts, packed)
+            if multimodal_rope:
+                layout = self._model_positions_layout(input_ids, attention_mask, qwen_visual, packed)
+            else:
+                if pixel_values is not None:
+                    samples = input_ids.shape[0] if packed is None else len(packed)
+                    frames, counts = frames_per_sample(pixel_values, num_frames, samples)
+                layout = self._layout(input_ids, attention_mask, counts, packed)
+            frame_ids, rope_positions, position_ids, next_positions = layout
         # Positions and mask before the vision tower: the layout's host sync then waits for
         # little, and the tower's kernels keep the GPU busy while the host goes on.
         attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache,
                                   sample_ids)
-        if counts is not None:
-            visual = self.visual_tokens(frames, counts).to(embeds.dtype)
-            embeds = embeds.masked_scatter((input_ids == self.placeholder_token_id)[..., None], visual)
-        pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
-        with lm.rotary_emb.use(rope_positions, pair_axes):
-            out = lm(inputs_embeds=embeds, use_cache=use_cache, **cache_kwargs(cache), **attention.kwargs())
+        lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs()}
+        if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
+            if not qwen_visual.empty and frame_ids is not None:
+                embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual)
+                lm_kwargs.update(extra, inputs_embeds=embeds)
+            out = lm(**{**lm_kwargs, "position_ids": rope_positions})
+        else:
+            if counts is not None:
+                visual_tokens = self.visual_tokens(frames, counts).to(embeds.dtype)
+                lm_kwargs["inputs_embeds"] = embeds.masked_scatter(
+                    (input_ids == self.placeholder_token_id)[..., None], visual_tokens)
+            pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
+            with lm.rotary_emb.use(rope_positions, pair_axes):
+                out = lm(**lm_kwargs)
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None:
@@ -331,22 +376,40 @@ class TCLlava(nn.Module):
             logits = self.hf.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TCLlavaOutput(
             loss=loss, logits=logits, cache=output_cache(out),
-            rope_positions=rope_positions, frame_ids=frame_ids,
+            rope_positions=rope_positions, frame_ids=frame_ids, next_rope_positions=next_positions,
         )
 
     def _layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int] | None,
-                packed: PackedSamples | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Frame ids, rotary positions and real-token index of a prefill; packed rows get each sample's own,
-        computed on the samples unpacked and packed back."""
+                packed: PackedSamples | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Frame ids, rotary positions, real-token index and the next token's positions of a prefill; packed rows
+        get each sample's own, computed on the samples unpacked and packed back."""
         grid = self.token_grid(None if counts is None else counts[0])
         if packed is None:
             frame_ids = self.frame_ids(input_ids, counts)
-            return (frame_ids, self.rope.positions(frame_ids, attention_mask, grid),
-                    real_token_index(frame_ids, attention_mask))
+            positions = self.rope.positions(frame_ids, attention_mask, grid)
+            return (frame_ids, positions, real_token_index(frame_ids, attention_mask),
+                    self.rope.next_positions(positions[..., -1:]))
         frame_ids = self.frame_ids(packed.unpack(input_ids, fill=-1), counts)
         positions = self.rope.positions(frame_ids, packed.valid, grid)
         return (packed.pack(frame_ids, fill=-1), packed.pack(positions),
-                packed.pack(real_token_index(frame_ids, packed.valid)))
+                packed.pack(real_token_index(frame_ids, packed.valid)), None)
+
+    def _model_positions_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: QwenVisual,
+                                packed: PackedSamples | None
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`_layout` of a family with its own positions: frames are its temporal patches, the positions its
+        own (``get_rope_index``) under the rope rule, the next token's one past the largest (as HF decodes)."""
+        rows, real = (input_ids, attention_mask) if packed is None else (packed.unpack(input_ids, fill=-1), packed.valid)
+        frame_ids = self.family.frame_ids(self.config, rows, visual)
+        native = self.family.rope_index(self.hf, rows, real.long(), visual)
+        tau = temporal_index(frame_ids, real)
+        positions = self.rope.on_model_positions(native, tau) * real
+        index = real_token_index(frame_ids, real)
+        if packed is not None:
+            return (packed.pack(frame_ids, fill=-1), packed.pack(positions), packed.pack(index), None)
+        following = native.amax(dim=(0, 2))[None, :, None] + 1
+        nxt = self.rope.on_model_positions(following.expand(3, -1, 1), tau.amax(-1, keepdim=True) + 1)
+        return frame_ids, positions, index, nxt
 
     def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
               sample_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -50,13 +50,19 @@ Describe describe answer yes no because
 """
 
 
-def build_tokenizer(vocab_size: int = 1024, video_token: bool = False) -> PreTrainedTokenizerFast:
+def build_tokenizer(vocab_size: int = 1024, video_token: bool = False,
+                    family_tokens: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on the synthetic vocabulary (deterministic, < 1 s).
 
     ``video_token`` adds and declares the video families' ``<video>`` placeholder (last of the
-    special tokens, so the image families' tokenizer is unchanged)."""
-    special = SPECIAL_TOKENS + [VIDEO_TOKEN] if video_token else SPECIAL_TOKENS
+    special tokens, so the image families' tokenizer is unchanged); ``family_tokens`` (a family's
+    :attr:`~tc_llava.model.families.Family.tiny_tokens` beyond LLaVA's, e.g. Qwen-VL's ``<|video_pad|>``)
+    are added after them and declared under their role (``video_token`` for ``video``)."""
+    special = SPECIAL_TOKENS + [VIDEO_TOKEN] if video_token else list(SPECIAL_TOKENS)
     declared = {"image_token": IMAGE_TOKEN, **({"video_token": VIDEO_TOKEN} if video_token else {})}
+    for role, token in (family_tokens or {}).items():
+        special.append(token)
+        declared[f"{role}_token"] = token
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -154,6 +160,7 @@ def build_config(
         raise ValueError(f"tiny model: text_model must be 'llama' or 'qwen2', got {text_model!r}")
     tokens = {"image": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN), "pad": tokenizer.pad_token_id,
               "video": tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)}
+    tokens.update({role: tokenizer.convert_tokens_to_ids(token) for role, token in family.tiny_tokens.items()})
     grid = [[image_size, image_size], [image_size, 2 * image_size], [2 * image_size, image_size]]
     return family.tiny_config(vision, text, tokens, grid)
 
@@ -162,7 +169,10 @@ def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kw
     """Write a tiny random checkpoint (model, tokenizer, image processor, video processor config) to ``out_dir``."""
     out = Path(out_dir)
     family = tiny_family(config_kwargs.get("arch", "llava"))
-    tokenizer = build_tokenizer(video_token=family.placeholder_kind == "video")
+    tokenizer = build_tokenizer(video_token=family.placeholder_kind == "video" and not family.tiny_tokens,
+                                family_tokens=family.tiny_tokens)
+    if family.chat_template is not None:
+        tokenizer.chat_template = family.chat_template
     config = build_config(tokenizer, **config_kwargs)
     with torch.random.fork_rng(devices=[]), whole_models():  # the caller's RNG stream stays; never partitioned
         torch.manual_seed(seed)

@@ -65,6 +65,9 @@ class Family:
     pools_patch_grid: ClassVar[bool] = False  # its video path pools the patch grid (a CLS token cannot ride along)
     template: ClassVar[str] = "vicuna_v1"  # the chat template (data.templates) its checkpoints are prompted with
     tokens_after_video: ClassVar[int] = 0  # rows of after_video()
+    multimodal_rope: ClassVar[bool] = False  # the LLM rotates by its own [3, B, L] position_ids (Qwen-VL's M-RoPE)
+    tiny_tokens: ClassVar[dict[str, str]] = {}  # the tiny tokenizer's own special tokens by role (image, video, ...)
+    chat_template: ClassVar[str | None] = None  # the Jinja chat template its checkpoints' tokenizers carry
 
     @property
     def placeholder_kind(self) -> str:
