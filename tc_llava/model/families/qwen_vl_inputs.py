@@ -216,8 +216,6 @@ def preprocessing(model_type: str, image_processor: Any, video_processor: Any,
     """Apply ``budget`` (unset fields: the processor's own) to a copy of HF's ``video_processor``."""
     resolved = resolve_budget(model_type, video_processor, budget)
     settings = video_processor.to_dict()
-    for legacy in ("min_pixels", "max_pixels"):  # Qwen2VLVideoProcessor would let these override ``size``
-        settings.pop(legacy, None)
     settings.update(
         fps=resolved.fps, num_frames=resolved.num_frames, do_sample_frames=True,
         size={"shortest_edge": resolved.min_pixels, "longest_edge": resolved.max_pixels},
