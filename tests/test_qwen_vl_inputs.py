@@ -19,7 +19,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from tc_llava.data.video import read_frames
 from tc_llava.model.families.qwen_vl_inputs import (
-    FrameBudget, QwenTokens, expand_placeholders, image_inputs, load_preprocessing, preprocessing, qwen3_timestamps,
+    FrameBudget, QwenTokens, expand_placeholders, image_inputs, load_preprocessing, mm_token_type_ids, preprocessing,
+    qwen3_timestamps, save_tiny_processors,
     resolve_budget, save_preprocessing, select_frames, video_inputs, vision_kwargs,
 )
 
@@ -160,7 +161,10 @@ def test_inputs_equal_hf_processor(model_type, tokenizer, media):
     for key, value in ours.items():
         assert value.dtype == expected[key].dtype and torch.equal(value, expected[key]), key
     text = expand_placeholders(PROMPT, videos, [image], QwenTokens.from_tokenizer(tokenizer))
-    assert torch.equal(tokenizer(text, return_tensors="pt")["input_ids"], expected["input_ids"])
+    input_ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    assert torch.equal(input_ids, expected["input_ids"])
+    types = mm_token_type_ids(input_ids, hf.image_token_id, hf.video_token_id)
+    assert types.dtype == expected["mm_token_type_ids"].dtype and torch.equal(types, expected["mm_token_type_ids"])
     # the two resolutions give two grids, and frame choice follows each video's length
     assert videos[0].video_grid_thw[0, 1:].tolist() != videos[1].video_grid_thw[0, 1:].tolist()
     if model_type == "qwen2_5_vl":
@@ -248,3 +252,26 @@ def test_placeholder_count_mismatch_refused():
 def test_qwen3_timestamps_hand_computed():
     # frames 0, 5, 10 at 10 fps: patches (0, 5) and (10, 10 repeated) -> 0.25 s, 1.0 s
     assert qwen3_timestamps([0, 5, 10], 10.0, 2) == [0.25, 1.0]
+
+
+@pytest.mark.parametrize("model_type, rendered", [
+    ("qwen2_5_vl", "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+                   "<|vision_start|><|video_pad|><|vision_end|>What moves?<|im_end|>\n<|im_start|>assistant\n"),
+    ("qwen3_vl", "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What moves?<|im_end|>\n"
+                 "<|im_start|>assistant\n"),
+])
+def test_tiny_processors_saved_and_reloaded(model_type, rendered, tokenizer, tmp_path):
+    """A tiny checkpoint's processors reload to the same budget; its tokenizer carries the family's template."""
+    transformers = _hf()
+    config = {"qwen2_5_vl": transformers.Qwen2_5_VLConfig, "qwen3_vl": transformers.Qwen3VLConfig}[model_type]()
+    budget = FrameBudget(max_frames=8)
+    prep = save_tiny_processors(tmp_path, model_type, tokenizer, config.vision_config, budget)
+    assert prep.budget.max_frames == 8 and prep.budget.fps == 2.0
+    assert load_preprocessing(tmp_path, model_type).budget == prep.budget
+    assert prep.video_processor.patch_size == config.vision_config.patch_size
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert reloaded.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == rendered
+    plain = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
+    with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['<\|image_pad\|>'"):
+        save_tiny_processors(tmp_path / "bad", model_type, plain, config.vision_config)

@@ -388,3 +388,90 @@ def vision_kwargs(videos: Sequence[VideoInputs] = (), images: Sequence[ImageInpu
         if None not in seconds:
             kwargs["second_per_grid_ts"] = torch.tensor(seconds)
     return kwargs
+
+
+def mm_token_type_ids(input_ids: torch.Tensor, image_token_id: int, video_token_id: int) -> torch.Tensor:
+    """``input_ids``' modality per token as HF's processor marks it for ``get_rope_index``: 0 text, 1 image pad,
+    2 video pad (``ProcessorMixin.create_mm_token_type_ids``; timestamps and vision start/end are text)."""
+    types = torch.zeros_like(input_ids)
+    types[input_ids == image_token_id] = 1
+    types[input_ids == video_token_id] = 2
+    return types
+
+
+# ---------------------------------------------------------------------------------------- tiny checkpoints
+# Qwen2-VL's chat template, which the Qwen2.5-VL checkpoints ship: a default system turn, media as
+# <|vision_start|><pad><|vision_end|> where the message puts them.
+QWEN2_5_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen3-VL-Instruct's rendering of system, user and assistant turns with text, images and videos (no default
+# system turn); its tool-calling and reasoning branches are left out of the tiny checkpoints.
+QWEN3_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CHAT_TEMPLATES = {"qwen2_5_vl": QWEN2_5_VL_CHAT_TEMPLATE, "qwen3_vl": QWEN3_VL_CHAT_TEMPLATE}
+# Normalisation of each family's vision tower (its checkpoints' image_mean/image_std).
+_MEAN_STD = {"qwen2_5_vl": ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]),
+             "qwen3_vl": ([0.5, 0.5, 0.5], [0.5, 0.5, 0.5])}
+
+
+def tiny_preprocessing(model_type: str, vision_config: Any, budget: FrameBudget | None = None) -> QwenVLPreprocessing:
+    """The processors a tiny checkpoint of ``model_type`` ships: the family's processor classes at the tower's
+    ``patch_size``/``temporal_patch_size``/``spatial_merge_size``, the family's mean/std, and small pixel
+    budgets (images up to 16 merged patches; videos 2 fps, 4-16 frames, up to 4 merged patches a frame),
+    then ``budget`` on top."""
+    try:
+        import torchvision  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"a tiny {model_type} checkpoint's video processor needs torchvision ({e})") from e
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type {model_type!r} is not a Qwen-VL family {MODEL_TYPES}")
+    mean, std = _MEAN_STD[model_type]
+    shape = dict(patch_size=vision_config.patch_size, temporal_patch_size=vision_config.temporal_patch_size,
+                 merge_size=vision_config.spatial_merge_size, image_mean=mean, image_std=std)
+    patch = (vision_config.patch_size * vision_config.spatial_merge_size) ** 2
+    image = Qwen2VLImageProcessor(**shape, size={"shortest_edge": patch, "longest_edge": 16 * patch})
+    frames = dict(fps=2.0, min_frames=4, max_frames=16, cap_pixels_per_frame=False)
+    if model_type == "qwen2_5_vl":  # per frame
+        video = Qwen2VLVideoProcessor(**shape, **frames, size={"shortest_edge": patch, "longest_edge": 4 * patch})
+    else:  # per clip
+        video = Qwen3VLVideoProcessor(**shape, **frames, size={"shortest_edge": 4 * patch, "longest_edge": 64 * patch})
+    return preprocessing(model_type, image, video, budget)
+
+
+def save_tiny_processors(out_dir: str | Path, model_type: str, tokenizer: Any, vision_config: Any,
+                         budget: FrameBudget | None = None) -> QwenVLPreprocessing:
+    """Write what a tiny checkpoint of ``model_type`` ships beside its weights: ``preprocessor_config.json``,
+    ``video_preprocessor_config.json`` (:func:`tiny_preprocessing`) and ``tokenizer`` with the family's chat
+    template (checkpoints carry the template in the tokenizer). The tokenizer must hold the Qwen tokens."""
+    tokens = QwenTokens.from_tokenizer(tokenizer)
+    vocab = tokenizer.get_vocab()
+    missing = [token for token in (*dataclasses.astuple(tokens), "<|im_start|>", "<|im_end|>") if token not in vocab]
+    if missing:
+        raise ValueError(f"tiny {model_type} checkpoint: the tokenizer lacks the special token(s) {missing}")
+    prep = tiny_preprocessing(model_type, vision_config, budget)
+    save_preprocessing(prep, out_dir)
+    tokenizer.chat_template = CHAT_TEMPLATES[model_type]
+    tokenizer.save_pretrained(out_dir)
+    return prep
