@@ -219,8 +219,10 @@ def test_defaults_come_from_the_checkpoint_and_reload(model_type, tmp_path):
 
 @pytest.mark.parametrize("model_type, fields, named", [
     ("qwen2_5_vl", dict(num_frames=9), "num_frames=9 is not a multiple of temporal_patch_size=2"),
-    ("qwen2_5_vl", dict(fps=2.0, max_frames=33), "max_frames=33 .* round it to 32"),
-    ("qwen2_5_vl", dict(fps=2.0, min_frames=5), "min_frames=5 .* round it to 4"),
+    ("qwen2_5_vl", dict(num_frames=7), "num_frames=7 .* make it 8"),
+    ("qwen2_5_vl", dict(fps=2.0, max_frames=33), "max_frames=33 .* make it 32"),
+    ("qwen2_5_vl", dict(fps=2.0, min_frames=5), "min_frames=5 .* make it 4"),
+    ("qwen2_5_vl", dict(fps=2.0, max_pixels=700), "min_pixels=100352 > max_pixels=700 .* video processor's"),
     ("qwen2_5_vl", dict(fps=2.0, min_pixels=100, max_pixels=700), "max_pixels=700 is below one merged patch"),
     ("qwen2_5_vl", dict(), "set fps or num_frames"),
     ("qwen3_vl", dict(min_frames=1), "min_frames=1 is below"),
@@ -242,6 +244,7 @@ def test_hf_would_override_the_refused_settings():
     processor = transformers.Qwen2VLVideoProcessor(fps=2.0, min_frames=5, max_frames=33)
     assert len(processor.sample_frames(VideoMetadata(total_num_frames=160, fps=8.0))) == 32  # not max_frames 33
     assert len(processor.sample_frames(VideoMetadata(total_num_frames=8, fps=8.0))) == 4  # not min_frames 5
+    assert len(processor.sample_frames(VideoMetadata(total_num_frames=80, fps=8.0), num_frames=7, fps=None)) == 8
 
 
 def test_placeholder_count_mismatch_refused():

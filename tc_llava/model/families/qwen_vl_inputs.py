@@ -166,12 +166,16 @@ def resolve_budget(model_type: str, video_processor: Any, budget: FrameBudget | 
     if not cap and budget.max_video_tokens is not None:
         raise ValueError(f"frame budget: max_video_tokens={budget.max_video_tokens} applies only with "
                          f"cap_pixels_per_frame=true ({model_type}'s video processor leaves it off)")
-    resolved = FrameBudget(
-        fps=fps, num_frames=num_frames, **sampling,
-        min_pixels=budget.min_pixels or vp.size["shortest_edge"],
-        max_pixels=budget.max_pixels or vp.size["longest_edge"],
-        cap_pixels_per_frame=cap, max_video_tokens=(budget.max_video_tokens or vp.max_video_tokens) if cap else None,
-    )
+    try:
+        resolved = FrameBudget(
+            fps=fps, num_frames=num_frames, **sampling,
+            min_pixels=budget.min_pixels or vp.size["shortest_edge"],
+            max_pixels=budget.max_pixels or vp.size["longest_edge"],
+            cap_pixels_per_frame=cap,
+            max_video_tokens=(budget.max_video_tokens or vp.max_video_tokens) if cap else None,
+        )
+    except ValueError as e:  # a set field against an unset one: say where the other value came from
+        raise ValueError(f"{e}; the fields left unset are {model_type}'s video processor's") from None
     fewest = resolved.num_frames if fps is None else resolved.min_frames
     field = "num_frames" if fps is None else "min_frames"
     if fewest < tps:
@@ -180,9 +184,10 @@ def resolve_budget(model_type: str, video_processor: Any, budget: FrameBudget | 
     if model_type == "qwen2_5_vl":
         for name in ("num_frames", "min_frames", "max_frames"):
             value = getattr(resolved, name)
-            if value is not None and value % tps:
+            if value is not None and value % tps:  # sample_frames rounds num_frames, floors the fps bounds
+                kept = round(value / tps) * tps if name == "num_frames" else value // tps * tps
                 raise ValueError(f"frame budget: {name}={value} is not a multiple of temporal_patch_size={tps}; "
-                                 f"qwen2_5_vl's sample_frames would round it to {value // tps * tps}")
+                                 f"qwen2_5_vl's sample_frames would make it {kept}")
         if resolved.max_pixels < factor * factor:
             raise ValueError(f"frame budget: max_pixels={resolved.max_pixels} is below one merged patch "
                              f"({factor}x{factor}={factor * factor} pixels), the least qwen2_5_vl resizes a frame to")
