@@ -7,6 +7,7 @@ decodes only the frames :func:`select_frames` picks. Everything must be equal bi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -278,3 +279,22 @@ def test_tiny_processors_saved_and_reloaded(model_type, rendered, tokenizer, tmp
     plain = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE()))
     with pytest.raises(ValueError, match=r"lacks the special token\(s\) \['<\|image_pad\|>'"):
         save_tiny_processors(tmp_path / "bad", model_type, plain, config.vision_config)
+
+
+@pytest.mark.parametrize("model_type, tokens", [("qwen2_5_vl", 4), ("qwen3_vl", 1)])
+def test_pixel_cap_as_hf(model_type, tokens, tokenizer, media):
+    """``cap_pixels_per_frame``/``max_video_tokens`` reach HF's resize as HF's own arguments do."""
+    transformers = _hf()
+    image_processor, video_processor = _default_processors(transformers, model_type)
+    capped = dataclasses.replace(BUDGETS[model_type], cap_pixels_per_frame=True, max_video_tokens=tokens)
+    prep = preprocessing(model_type, image_processor, video_processor, capped)
+    plain = preprocessing(model_type, image_processor, video_processor, BUDGETS[model_type])
+    frames, indices, fps, total = read_frames(media["wide"], lambda n, f: select_frames(prep, n, f), backend="pyav")
+    ours = video_inputs(prep, frames, indices, fps, total)
+    hf = _hf_processor(transformers, model_type, tokenizer, image_processor).video_processor
+    hf.cap_pixels_per_frame, hf.max_video_tokens = True, tokens
+    expected = hf(videos=[frames], do_sample_frames=False, return_tensors="pt",
+                  video_metadata=[{"total_num_frames": total, "fps": fps, "frames_indices": indices}])
+    assert torch.equal(ours.pixel_values_videos, expected["pixel_values_videos"])
+    assert torch.equal(ours.video_grid_thw, expected["video_grid_thw"])
+    assert ours.num_tokens < video_inputs(plain, frames, indices, fps, total).num_tokens
