@@ -35,7 +35,6 @@ import torch
 MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 # HF's video processor class of each family (its checkpoints' ``video_processor_type``).
 VIDEO_PROCESSOR_TYPES = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}
-PROCESSOR_CLASSES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
 
 
 @dataclass(frozen=True)
