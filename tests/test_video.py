@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tc_llava.data.video import VideoReadError, _PyAVClip, frame_indices, sample_frames
+from tc_llava.data.video import VideoReadError, _PyAVClip, frame_indices, read_frames, sample_frames
 
 NUM_FRAMES = 64
 FPS = 8
@@ -233,3 +233,21 @@ def test_fps_sampling_follows_the_duration(media):
         frame_indices(3, 8, 63, bound=(1.0, 3.5))
     with pytest.raises(VideoReadError, match="strategy 'fps' needs sample_fps > 0"):
         sample_frames(media["h264.mp4"], 8, "fps", backend="pyav")
+
+
+@pytest.mark.parametrize("name, total, first", [("h264.mp4", NUM_FRAMES, 0), ("frames", 20, 1)])
+def test_read_frames_decodes_the_indices_the_caller_chooses(media, name, total, first):
+    """A sampler that is not ours gets the clip's length and rate and is given exactly its frames; a frame
+    folder's index 0 is its file 00001.jpg."""
+    given = {}
+
+    def choose(count: int, rate: float) -> list[int]:
+        given.update(count=count, rate=rate)
+        return [0, 3, count - 1]
+
+    frames, indices, fps, count = read_frames(media[name], choose, backend="pyav")
+    assert given == {"count": total, "rate": fps} and count == total and indices == [0, 3, total - 1]
+    assert fps == (FPS if name != "frames" else 3.0)
+    assert read_codes(frames) == [i + first for i in indices]
+    with pytest.raises(VideoReadError, match=f"not all within 0..{total - 1}"):
+        read_frames(media[name], lambda count, rate: [count], backend="pyav")

@@ -20,7 +20,7 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import Any, Callable, Protocol, TypeVar
+from typing import Any, Callable, Protocol, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -408,16 +408,11 @@ def sample_frames(
     Anything but a regular file (or a folder of them) raises :class:`NotRegularFileError` unopened.
     """
     path = Path(path)
-    if backend not in BACKENDS:
-        raise VideoReadError(path, f"unknown backend {backend!r}; expected one of {BACKENDS}")
     if strategy not in STRATEGIES:
         raise VideoReadError(path, f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
     if num_frames < 1:
         raise VideoReadError(path, f"num_frames must be >= 1, got {num_frames}")
-    if timeout is not None and not timeout > 0:
-        raise VideoReadError(path, f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
-    if not path.exists():
-        raise VideoReadError(path, "no such file or directory")
+    _check_read(path, backend, timeout)
 
     def read() -> tuple[np.ndarray, list[int]]:
         clip = _open(path, backend, fps, num_threads)
@@ -432,6 +427,54 @@ def sample_frames(
     if timeout is None:
         return read()
     return _with_deadline(read, path, timeout)
+
+
+def read_frames(
+    path: str | Path,
+    choose: Callable[[int, float], Sequence[int]],
+    backend: str = "decord",
+    fps: float | None = None,
+    num_threads: int = 1,
+    timeout: float | None = DECODE_TIMEOUT,
+) -> tuple[np.ndarray, list[int], float, int]:
+    """Frames chosen by the caller: ``choose(total_frames, fps)`` returns 0-based indices into the clip's frames.
+
+    For samplers that are not ours (a model family's processor decides which frames it takes, from the
+    video's length and rate): only the chosen frames are decoded. Returns ``uint8 [T, H, W, 3]`` frames, the
+    chosen indices, the rate and the frame count ``choose`` was given. A frame folder's frame ``i`` is its file
+    ``i + 1``; a still image is one frame at 1 fps. ``backend``, ``fps``, ``num_threads`` and ``timeout`` are
+    :func:`sample_frames`'s.
+    """
+    path = Path(path)
+    _check_read(path, backend, timeout)
+
+    def read() -> tuple[np.ndarray, list[int], float, int]:
+        clip = _open(path, backend, fps, num_threads)
+        try:
+            rate = clip.fps if fps is None else fps
+            if not rate > 0:
+                raise VideoReadError(path, "the container reports no frame rate; pass fps=")
+            total = clip.max_frame - clip.first_idx + 1
+            indices = [int(i) for i in choose(total, rate)]
+            if any(not 0 <= i < total for i in indices):
+                raise VideoReadError(path, f"frame indices {indices} are not all within 0..{total - 1}")
+            frames = clip.read([i + clip.first_idx for i in indices])
+        finally:
+            clip.close()
+        return np.ascontiguousarray(frames, dtype=np.uint8), indices, rate, total
+
+    if timeout is None:
+        return read()
+    return _with_deadline(read, path, timeout)
+
+
+def _check_read(path: Path, backend: str, timeout: float | None) -> None:
+    if backend not in BACKENDS:
+        raise VideoReadError(path, f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if timeout is not None and not timeout > 0:
+        raise VideoReadError(path, f"timeout must be a number of seconds > 0 or None, got {timeout!r}")
+    if not path.exists():
+        raise VideoReadError(path, "no such file or directory")
 
 
 def _with_deadline(read: Callable[[], T], path: Path, timeout: float) -> T:
