@@ -8,6 +8,7 @@ from tc_llava.data.templates import (
     IGNORE_INDEX,
     TEMPLATES,
     build_prompt,
+    get_template,
     render,
     tokenize_conversation,
     tokenize_prompt,
@@ -29,6 +30,8 @@ LEARNED = {
     "chatml": "{}<|im_end|>",
     "next_video": " {}</s>",
     "plain": "{}\n",
+    "qwen2_vl": "{}<|im_end|>",
+    "qwen3_vl": "{}<|im_end|>",
 }
 
 
@@ -121,7 +124,7 @@ def test_truncation_keeps_every_visual_token_and_is_flagged(tok, name):
 @pytest.mark.parametrize("name", sorted(LEARNED))
 def test_generation_prompt_is_the_training_prefix(tok, name):
     """The prompt's tokens are exactly the training tokens before the first learned token."""
-    q, a = TURNS[0]
+    q, a = get_template(name).with_video("<image>", "What color is the circle?"), TURNS[0][1]  # as SFTDataset writes it
     train = tokenize_conversation(tok, name, [(q, a)], N_VISUAL, system="Be brief.")
     first_learned = next(i for i, t in enumerate(train.labels.tolist()) if t != IGNORE_INDEX)
     prompt = build_prompt(name, "Be brief.", "What color is the circle?")

@@ -19,8 +19,10 @@ from tc_llava.data.templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
+# A Qwen-VL sample's visual inputs as HF's processors give them: rows that batch by concatenation, in sample order.
+GRID_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # What the model takes; a batch holds those its collator makes (``sample_ids`` only when packed).
-MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "num_frames", "sample_ids")
+MODEL_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "num_frames", "sample_ids", *GRID_KEYS)
 PACKING_STRATEGIES = ("best_fit", "greedy")
 
 
@@ -34,6 +36,16 @@ def collate_frames(pixel_values: Sequence[torch.Tensor]) -> tuple[torch.Tensor, 
     counts = torch.tensor([p.shape[0] for p in pixel_values])
     stacked = torch.stack(list(pixel_values)) if len(set(counts.tolist())) == 1 else torch.cat(list(pixel_values))
     return stacked, counts
+
+
+def collate_visual(samples: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+    """The samples' visual inputs as one batch's: ``pixel_values`` and ``num_frames`` (:func:`collate_frames`), or
+    a Qwen-VL family's :data:`GRID_KEYS` concatenated in sample order with ``num_frames`` (frames decoded)."""
+    if not all(key in s for s in samples for key in GRID_KEYS[:2]):
+        pixel_values, num_frames = collate_frames([s["pixel_values"] for s in samples])
+        return {"pixel_values": pixel_values, "num_frames": num_frames}
+    batch = {key: torch.cat([s[key] for s in samples]) for key in GRID_KEYS if key in samples[0]}
+    return {**batch, "num_frames": torch.tensor([int(s["num_frames"]) for s in samples])}
 
 
 def _pad(seqs: Sequence[torch.Tensor], value: int, side: str, multiple: int | None = None) -> torch.Tensor:
@@ -57,8 +69,9 @@ class SFTCollator:
     recompiling for every batch.
 
     Output: ``input_ids``, ``attention_mask``, ``labels`` (if the samples have them; padded
-    with IGNORE_INDEX) ``[B, L]``, ``pixel_values`` and ``num_frames`` (:func:`collate_frames`:
-    samples may differ in frame count, e.g. a one-frame image beside 8- and 32-frame videos),
+    with IGNORE_INDEX) ``[B, L]``, ``pixel_values`` and ``num_frames`` (:func:`collate_frames`: samples may
+    differ in frame count, e.g. a one-frame image beside 8- and 32-frame videos; a Qwen-VL family's
+    :data:`GRID_KEYS` instead, :func:`collate_visual`),
     and the batch's ``skips`` (reason -> count), ``skipped`` (one dict per replaced sample),
     ``num_truncated``, ``num_samples``, ``media`` (frames, visual tokens, image samples) and
     ``sources``. Feed the model ``{k: batch[k] for k in MODEL_KEYS if k in batch}``.
@@ -77,17 +90,16 @@ class SFTCollator:
 
     def __call__(self, samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         ids = [s["input_ids"] for s in samples]
-        pixel_values, num_frames = collate_frames([s["pixel_values"] for s in samples])
+        visual = collate_visual(samples)
         batch = {
             "input_ids": _pad(ids, self.pad_token_id, self.padding_side, self.pad_to_multiple_of),
             "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, self.padding_side, self.pad_to_multiple_of),
-            "pixel_values": pixel_values,
-            "num_frames": num_frames,
+            **visual,
         }
         if all("labels" in s for s in samples):
             batch["labels"] = _pad([s["labels"] for s in samples], IGNORE_INDEX, self.padding_side,
                                    self.pad_to_multiple_of)
-        return {**batch, **_counts(samples, num_frames)}
+        return {**batch, **_counts(samples, visual["num_frames"])}
 
 
 def _counts(samples: Sequence[Mapping[str, Any]], num_frames: torch.Tensor) -> dict[str, Any]:
@@ -165,7 +177,7 @@ class PackingCollator(SFTCollator):
                                 f"(data.pack.max_tokens={self.max_tokens}); raise it or lower data.max_txt_len")
         packed = [[samples[i] for i in row] for row in pack(lengths, self.max_tokens, self.strategy)]
         ordered = [s for row in packed for s in row]
-        pixel_values, num_frames = collate_frames([s["pixel_values"] for s in ordered])
+        visual = collate_visual(ordered)
         ids = [torch.cat([s["input_ids"] for s in row]) for row in packed]
         sample_ids = [torch.cat([torch.full_like(s["input_ids"], k, dtype=torch.long) for k, s in enumerate(row)])
                       for row in packed]
@@ -173,15 +185,14 @@ class PackingCollator(SFTCollator):
             "input_ids": _pad(ids, self.pad_token_id, "right", self.pad_to_multiple_of),
             "attention_mask": _pad([torch.ones_like(i) for i in ids], 0, "right", self.pad_to_multiple_of),
             "sample_ids": _pad(sample_ids, -1, "right", self.pad_to_multiple_of),
-            "pixel_values": pixel_values,
-            "num_frames": num_frames,
+            **visual,
         }
         if all("labels" in s for s in samples):
             batch["labels"] = _pad([torch.cat([_unlearn_first(s["labels"]) for s in row]) for row in packed],
                                    IGNORE_INDEX, "right", self.pad_to_multiple_of)
         batch["packing"] = {"rows": len(packed), "tokens": sum(lengths), "capacity": batch["input_ids"].numel(),
                             "samples": len(samples)}
-        return {**batch, **_counts(ordered, num_frames)}
+        return {**batch, **_counts(ordered, visual["num_frames"])}
 
 
 def _unlearn_first(labels: torch.Tensor) -> torch.Tensor:

@@ -57,10 +57,10 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from tc_llava.data.files import EncodingError, read_text
-from tc_llava.data.inputs import model_inputs
-from tc_llava.data.templates import get_template, image_token_of
+from tc_llava.data.inputs import Clip, ClipEncoder, model_inputs
+from tc_llava.data.templates import check_chat_template, get_template, image_token_of
 from tc_llava.data.video import (DECODE_TIMEOUT, IMAGE_SUFFIXES, DecodeTimeoutError, NotRegularFileError,
-                                 VideoReadError, sample_frames)
+                                 VideoReadError, read_frames, sample_frames)
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +289,7 @@ class SFTDataset(torch.utils.data.Dataset):
             raise ValueError(f"data.image_frames must be a positive integer or null, got {image_frames!r}")
         self.corpora = check_sources(corpora, num_frames, select)
         self.template = get_template(template)
+        check_chat_template(tokenizer, self.template)
         self.image_token = image_token_of(tokenizer)
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -423,18 +424,21 @@ class SFTDataset(torch.utils.data.Dataset):
         instruction = turns[0][2]
         system = self.template.system if self.system is None else self.system
         system = f"{system} {instruction}".strip() if instruction else system
-        first = f"{self.image_token}\n{turns[0][0]}" if turns[0][0] else self.image_token
+        question = turns[0][0]
+        first = self.template.with_video(self.image_token, question) if question else \
+            self.template.with_video(self.image_token, "").rstrip("\n")
         pairs = [(first, turns[0][1])] + [(q, a) for q, a, _ in turns[1:]]
         count = self.frames_of(corpus, record)
-        frames = self._frames(corpus, int(r), record, seed, count)
+        frames, clip = self._frames(corpus, int(r), record, seed, count)
         inputs = model_inputs(self.tokenizer, self.image_processor, self.num_visual_tokens, self.template, frames,
-                              pairs, system, self.max_txt_len)
+                              pairs, system, self.max_txt_len, clip)
         return {**inputs, "is_image": record.is_image, "source": f"{corpus.name}:{r}"}
 
     def max_length(self) -> int | None:
         """The most tokens a sample can have: ``max_txt_len`` text tokens and the most visual tokens of any
-        record's frame count (``None`` when ``max_txt_len`` is: text is not capped)."""
-        if self.max_txt_len is None or not self.frame_counts:
+        record's frame count (``None`` when ``max_txt_len`` is: text is not capped; and for a Qwen-VL model, whose
+        visual tokens follow each video's length and resolution)."""
+        if self.max_txt_len is None or not self.frame_counts or isinstance(self.image_processor, ClipEncoder):
             return None
         visual = self.num_visual_tokens
         return self.max_txt_len + max(visual(n) if callable(visual) else visual for n in self.frame_counts)
@@ -445,7 +449,10 @@ class SFTDataset(torch.utils.data.Dataset):
             return self.image_frames
         return corpus.num_frames or self.num_frames
 
-    def _frames(self, corpus: Corpus, index: int, record: _Record, seed: int, count: int) -> np.ndarray:
+    def _frames(self, corpus: Corpus, index: int, record: _Record, seed: int,
+                count: int) -> tuple[np.ndarray, Clip | None]:
+        """The record's frames: ``count`` of them by our sampling, or those a :class:`ClipEncoder` frame processor
+        (Qwen-VL) chooses under its budget, with their :class:`Clip`."""
         def fail(reason: str, detail: str) -> SampleError:
             skip = {"reason": reason, "corpus": corpus.name, "json": corpus.json, "record": index, "file": record.media}
             where = f"record {index} of {corpus.json} (corpus {corpus.name!r})"
@@ -453,17 +460,24 @@ class SFTDataset(torch.utils.data.Dataset):
 
         if not os.path.exists(record.media):
             raise fail(MISSING, "no such file or directory")
+        encoder = self.image_processor if isinstance(self.image_processor, ClipEncoder) else None
         try:
-            frames, _ = sample_frames(
-                record.media,
-                count,
-                strategy="random" if self.train else "middle",
-                bound=record.bound,
-                backend=self.backend,
-                seed=seed,
-                num_threads=self.decode_threads,
-                timeout=self.decode_timeout,
-            )
+            if encoder is not None:
+                frames, indices, fps, total = read_frames(record.media, encoder.frame_indices, backend=self.backend,
+                                                          num_threads=self.decode_threads,
+                                                          timeout=self.decode_timeout)
+                count = len(indices)
+            else:
+                frames, _ = sample_frames(
+                    record.media,
+                    count,
+                    strategy="random" if self.train else "middle",
+                    bound=record.bound,
+                    backend=self.backend,
+                    seed=seed,
+                    num_threads=self.decode_threads,
+                    timeout=self.decode_timeout,
+                )
         except NotRegularFileError as e:
             raise fail(NOT_A_FILE, e.reason) from e
         except DecodeTimeoutError as e:
@@ -473,4 +487,4 @@ class SFTDataset(torch.utils.data.Dataset):
             raise fail(reason, e.reason) from e
         if len(frames) != count:
             raise fail(ZERO_FRAMES if not len(frames) else UNREADABLE, f"decoded {len(frames)} of {count} frames")
-        return frames
+        return frames, None if encoder is None else Clip(indices, fps, total)

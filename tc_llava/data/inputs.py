@@ -10,12 +10,17 @@ one video placeholder, expanded to the model's ``tokens_per_video(T)`` placehold
 Callers that must know a prompt's length before its frames are decoded (the runner refuses a
 too-long prompt without decoding its video) use the two halves, :func:`encode_prompt` and
 :func:`preprocess_frames`, which :func:`model_inputs` is made of.
+
+A Qwen-VL model's frame processor is a :class:`ClipEncoder`: its own frame budget chooses which
+frames to decode (:meth:`ClipEncoder.frame_indices`), and the frames' times shape its inputs and
+the placeholder's replacement (Qwen3-VL writes timestamps), so it takes the :class:`Clip`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Union
+from dataclasses import dataclass
+from typing import Any, Protocol, Union, runtime_checkable
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -27,15 +32,35 @@ from tc_llava.data.templates import (IGNORE_INDEX, Encoded, Template, get_templa
 Prompt = Union[str, Sequence[tuple[str, str]]]
 
 
+@dataclass(frozen=True)
+class Clip:
+    """Where decoded frames came from: their indices in a video of ``total_frames`` at ``fps``."""
+
+    indices: Sequence[int]
+    fps: float
+    total_frames: int
+
+
+@runtime_checkable
+class ClipEncoder(Protocol):
+    """A frame processor that chooses its frames and encodes them with their times (Qwen-VL's ``QwenFrames``)."""
+
+    def frame_indices(self, total_frames: int, video_fps: float) -> list[int]: ...
+
+    def encode(self, frames: Any, frame_indices: Sequence[int], video_fps: float,
+               total_frames: int) -> tuple[dict[str, torch.Tensor], list[int]]: ...
+
+
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     prompt: Prompt,
-    num_visual_tokens: int,
+    num_visual_tokens: int | Sequence[int],
     system: str | None = None,
     max_txt_len: int | None = None,
 ) -> Encoded:
-    """``input_ids``/``labels`` [L] of ``prompt``, its placeholder expanded to ``num_visual_tokens`` ids.
+    """``input_ids``/``labels`` [L] of ``prompt``, its placeholder expanded to ``num_visual_tokens`` ids (or to
+    the given ids).
 
     A conversation is rendered with ``system`` (None: the template's) and capped at ``max_txt_len`` text
     tokens; a rendered prompt already holds its system text and is never truncated, so those must be None.
@@ -63,22 +88,31 @@ def model_inputs(
     prompt: Prompt,
     system: str | None = None,
     max_txt_len: int | None = None,
+    clip: Clip | None = None,
 ) -> dict[str, Any]:
     """One sample's inputs: ``input_ids``, ``attention_mask`` and ``labels`` [L], ``pixel_values`` [T, C, H, W],
     ``num_frames`` T, ``num_visual_tokens`` and ``truncated`` (text tokens dropped to fit ``max_txt_len``).
 
     ``tokens_per_video`` is the model's (a frame count -> its placeholder tokens), or the one count of a
-    caller whose videos all have the same frame count. Collators batch these samples.
+    caller whose videos all have the same frame count. A :class:`ClipEncoder` frame processor (Qwen-VL) needs
+    the frames' ``clip`` and gives its own inputs (``pixel_values_videos``, ``video_grid_thw``, ...) and
+    placeholder ids instead; ``tokens_per_video`` is then unused. Collators batch these samples.
     """
     count = len(frames)
-    visual = tokens_per_video(count) if callable(tokens_per_video) else tokens_per_video
+    if isinstance(frame_processor, ClipEncoder):
+        if clip is None:
+            raise ValueError("a Qwen-VL frame processor needs the frames' clip (indices, fps, total frames)")
+        pixels, visual = frame_processor.encode(frames, clip.indices, clip.fps, clip.total_frames)
+    else:
+        visual = tokens_per_video(count) if callable(tokens_per_video) else tokens_per_video
+        pixels = {"pixel_values": preprocess_frames(frame_processor, frames)}
     encoded = encode_prompt(tokenizer, get_template(template), prompt, visual, system, max_txt_len)
     return {
         "input_ids": encoded.input_ids,
         "attention_mask": torch.ones_like(encoded.input_ids),
         "labels": encoded.labels,
-        "pixel_values": preprocess_frames(frame_processor, frames),
+        **pixels,
         "num_frames": count,
-        "num_visual_tokens": visual,
+        "num_visual_tokens": visual if isinstance(visual, int) else len(visual),
         "truncated": encoded.truncated,
     }

@@ -43,6 +43,12 @@ class Template:
     answer_suffix: str = ""  # not learned, after the end-of-turn (chatml's "\n")
     add_bos: bool = True  # prepend the tokenizer's BOS id (if it has one)
     keep_user_text: bool = True  # plain: a user turn keeps only its image placeholder
+    placeholder_format: str = "{token}\n"  # how a user turn opens with the video (Qwen-VL: its vision span)
+    checkpoint_template: bool = False  # the checkpoints' own Jinja chat template, written as data (checked against it)
+
+    def with_video(self, token: str, text: str) -> str:
+        """A user turn's text opened by the video placeholder ``token``, as this format writes it."""
+        return self.placeholder_format.format(token=token) + text
 
     @property
     def answer_lead(self) -> str:
@@ -94,6 +100,32 @@ TEMPLATES: dict[str, Template] = {
             answer_format="{content}<|im_end|>",
             answer_suffix="\n",
             add_bos=False,
+        ),
+        Template(  # Qwen2-VL's and Qwen2.5-VL's chat template: ChatML, a default system turn, the video item
+            name="qwen2_vl",  # rendered as its vision span right before the question
+            system="You are a helpful assistant.",
+            system_format="<|im_start|>system\n{system}<|im_end|>\n",
+            system_in_first_user=False,
+            user_format="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            answer_format="{content}<|im_end|>",
+            answer_suffix="\n",
+            add_bos=False,
+            placeholder_format="<|vision_start|>{token}<|vision_end|>",
+            checkpoint_template=True,
+        ),
+        Template(  # Qwen3-VL-Instruct's: the same turns without a default system turn
+            name="qwen3_vl",
+            system="",
+            system_format="<|im_start|>system\n{system}<|im_end|>\n",
+            system_in_first_user=False,
+            user_format="<|im_start|>user\n{content}<|im_end|>\n",
+            assistant_prefix="<|im_start|>assistant\n",
+            answer_format="{content}<|im_end|>",
+            answer_suffix="\n",
+            add_bos=False,
+            placeholder_format="<|vision_start|>{token}<|vision_end|>",
+            checkpoint_template=True,
         ),
         Template(  # LLaVA-NeXT-Video's chat_template.json: vicuna roles, no system prompt of its own
             name="next_video",
@@ -208,11 +240,38 @@ def build_chat_prompt(
 
     The video placeholder goes before the first question, once, as in training.
     """
+    template = get_template(template)
     users = [q for q, _ in history] + [user_text]
     if not any(image_token in u for u in users):
-        users[0] = f"{image_token}\n{users[0]}"
+        users[0] = template.with_video(image_token, users[0])
     answers = [a for _, a in history]
-    return "".join(s.text for s in _render(get_template(template), users, answers, system, image_token, assistant_prefix))
+    return "".join(s.text for s in _render(template, users, answers, system, image_token, assistant_prefix))
+
+
+def check_chat_template(tokenizer: PreTrainedTokenizerBase, template: str | Template) -> None:
+    """Refuse a template that writes prompts differently from the checkpoint's own chat template.
+
+    A template marked ``checkpoint_template`` is that Jinja template as data (so training can label the answers
+    and prompts tokenize as one text); the checkpoint's ``tokenizer.chat_template`` must render a two-turn
+    video conversation, with and without a system turn, to exactly the same text.
+    """
+    template = get_template(template)
+    jinja = getattr(tokenizer, "chat_template", None)
+    if not template.checkpoint_template or not jinja:
+        return
+    token = image_token_of(tokenizer)
+    video = [{"type": "video"}, {"type": "text", "text": "What happens?"}]
+    for system in (None, "Be brief."):
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": video}, {"role": "assistant", "content": "A ball moves."},
+            {"role": "user", "content": "And then?"}]
+        theirs = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        ours = build_chat_prompt(template, system, [(template.with_video(token, "What happens?"), "A ball moves.")],
+                                 "And then?", image_token=token)
+        if theirs != ours:
+            raise ValueError(f"chat template {template.name!r} does not write prompts as the checkpoint's own "
+                             f"({tokenizer.name_or_path}: {theirs!r} vs {ours!r}); set model.template to the "
+                             "checkpoint family's")
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | Template) -> list[int]:
@@ -246,11 +305,15 @@ def image_token_of(tokenizer: PreTrainedTokenizerBase) -> str:
 def encode_segments(
     tokenizer: PreTrainedTokenizerBase,
     segments: Sequence[Segment],
-    num_visual_tokens: int,
+    num_visual_tokens: int | Sequence[int],
     add_bos: bool = True,
     max_txt_len: int | None = None,
 ) -> Encoded:
     """Tokenize segments as one text, label learned tokens, expand the one video placeholder.
+
+    ``num_visual_tokens`` is how many copies of the placeholder id replace it, or the ids that replace it
+    (a Qwen3-VL video's timestamps and vision spans: text that special tokens separate from the rest, so it
+    tokenizes alone as it would in place).
 
     ``max_txt_len`` caps the text tokens (BOS included, visual tokens excluded): tokens past
     it are dropped from the end, the placeholder is always kept.
@@ -279,9 +342,10 @@ def encode_segments(
         keep = sorted(text_positions[:max_txt_len] + places)
         ids, learned = [ids[i] for i in keep], [learned[i] for i in keep]
     p = ids.index(image_id)
-    input_ids = ids[:p] + [image_id] * num_visual_tokens + ids[p + 1 :]
+    visual = [image_id] * num_visual_tokens if isinstance(num_visual_tokens, int) else list(num_visual_tokens)
+    input_ids = ids[:p] + visual + ids[p + 1 :]
     labels = [t if lrn else IGNORE_INDEX for t, lrn in zip(ids, learned)]
-    labels = labels[:p] + [IGNORE_INDEX] * num_visual_tokens + labels[p + 1 :]
+    labels = labels[:p] + [IGNORE_INDEX] * len(visual) + labels[p + 1 :]
     return Encoded(torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated)
 
 
@@ -289,7 +353,7 @@ def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     turns: Sequence[tuple[str, str]],
-    num_visual_tokens: int,
+    num_visual_tokens: int | Sequence[int],
     system: str | None = None,
     max_txt_len: int | None = None,
 ) -> Encoded:
@@ -303,7 +367,7 @@ def tokenize_prompt(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     prompt: str,
-    num_visual_tokens: int,
+    num_visual_tokens: int | Sequence[int],
 ) -> torch.Tensor:
     """``input_ids`` [L] of a ``build_prompt`` text, the placeholder expanded (never truncated)."""
     template = get_template(template)

@@ -41,10 +41,10 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from tc_llava.data.collate import SFTCollator
-from tc_llava.data.inputs import encode_prompt, preprocess_frames
+from tc_llava.data.collate import GRID_KEYS, SFTCollator
+from tc_llava.data.inputs import Clip, ClipEncoder, encode_prompt, model_inputs, preprocess_frames
 from tc_llava.data.templates import stop_token_ids
-from tc_llava.data.video import DECODE_TIMEOUT, sample_frames
+from tc_llava.data.video import DECODE_TIMEOUT, read_frames, sample_frames
 from tc_llava.eval import jsonl
 
 log = logging.getLogger(__name__)
@@ -115,10 +115,14 @@ class GenerationSettings:
 
 class _ItemFrames(Dataset):
     """Decodes and preprocesses one item per call, inside the DataLoader worker, by the two halves of
-    :func:`~tc_llava.data.inputs.model_inputs`: a prompt too long for the context fails before its video is decoded."""
+    :func:`~tc_llava.data.inputs.model_inputs`: a prompt too long for the context fails before its video is decoded.
+
+    A Qwen-VL model (a :class:`~tc_llava.data.inputs.ClipEncoder` frame processor) takes the frames its budget
+    chooses within the item's bound instead of ``num_frames``; its prompt's length follows the video, so the
+    length check comes after decoding."""
 
     def __init__(self, items: Sequence[Item], settings: GenerationSettings, tokenizer: Any, image_processor: Any,
-                 num_visual_tokens: int, max_length: int | None):
+                 num_visual_tokens: int | None, max_length: int | None):
         self.items, self.settings = items, settings
         self.tokenizer, self.image_processor = tokenizer, image_processor
         self.num_visual_tokens = num_visual_tokens
@@ -127,13 +131,22 @@ class _ItemFrames(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item, s = self.items[index], self.settings
-        ids = encode_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens).input_ids
+    def _too_long(self, item: Item, ids: torch.Tensor) -> dict[str, Any] | None:
+        s = self.settings
         if self.max_length is not None and len(ids) + s.max_new_tokens > self.max_length:
             return {"id": item.id, "retry": False, "failed": (
                 f"{TOO_LONG}: {len(ids)} prompt tokens + max_new_tokens {s.max_new_tokens} exceed the model's "
                 f"context of {self.max_length} (max_position_embeddings)")}
+        return None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if isinstance(self.image_processor, ClipEncoder):
+            return self._clip_item(self.items[index])
+        item, s = self.items[index], self.settings
+        ids = encode_prompt(self.tokenizer, s.template, item.prompt, self.num_visual_tokens).input_ids
+        too_long = self._too_long(item, ids)
+        if too_long is not None:
+            return too_long
         try:
             if item.data_type == "frame" and not Path(item.media).is_dir():
                 raise ValueError(f"{item.media}: data type 'frame' expects a folder of 00001.jpg, ...")
@@ -147,6 +160,34 @@ class _ItemFrames(Dataset):
         except Exception as e:  # any decoder error is this item's failure, not the run's
             return {"id": item.id, "failed": f"{type(e).__name__}: {e}"}
         return {"id": item.id, "input_ids": ids, "pixel_values": preprocess_frames(self.image_processor, frames)}
+
+    def _clip_item(self, item: Item) -> dict[str, Any]:
+        s, encoder = self.settings, self.image_processor
+
+        def choose(total: int, rate: float) -> list[int]:  # the budget's frames of the item's bound
+            first, last = 0, total - 1
+            if item.bound is not None:
+                first = min(max(0, round(item.bound[0] * rate)), last)
+                last = max(first, min(last, round(item.bound[1] * rate)))
+            return [first + i for i in encoder.frame_indices(last - first + 1, rate)]
+
+        try:
+            if item.data_type == "frame" and not Path(item.media).is_dir():
+                raise ValueError(f"{item.media}: data type 'frame' expects a folder of 00001.jpg, ...")
+            frames, indices, rate, total = read_frames(
+                item.media, choose, s.backend, fps=s.frame_fps if item.data_type == "frame" else None,
+                num_threads=s.decode_threads, timeout=s.decode_timeout)
+            inputs = model_inputs(self.tokenizer, encoder, None, s.template, frames, item.prompt,
+                                  clip=Clip(indices, rate, total))
+        except ImportError:
+            raise
+        except Exception as e:
+            return {"id": item.id, "failed": f"{type(e).__name__}: {e}"}
+        too_long = self._too_long(item, inputs["input_ids"])
+        if too_long is not None:
+            return too_long
+        return {"id": item.id, "input_ids": inputs["input_ids"], "num_frames": inputs["num_frames"],
+                **{key: inputs[key] for key in GRID_KEYS if key in inputs}}
 
 
 class _LeftPad:
@@ -162,7 +203,8 @@ class _LeftPad:
         batch: dict[str, Any] = {"failed": failed, "ids": [s["id"] for s in ok]}
         if ok:
             padded = self.collator(ok)
-            batch.update({key: padded[key] for key in ("input_ids", "attention_mask", "pixel_values", "num_frames")})
+            keys = ("input_ids", "attention_mask", "pixel_values", "num_frames", *GRID_KEYS)
+            batch.update({key: padded[key] for key in keys if key in padded})
         return batch
 
 
@@ -201,6 +243,7 @@ def model_settings(model: Any) -> dict[str, Any]:
         "checkpoint": checkpoint,
         "weights": weights_fingerprint(checkpoint) if checkpoint else None,
         "tc_llava": model.tc_settings(),
+        **({"frame_budget": model.preprocessing.budget.to_json()} if getattr(model, "preprocessing", None) else {}),
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "attn_implementation": model.language_model.config._attn_implementation,
         **allowed,
@@ -303,7 +346,8 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if settings.num_workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the fast tokenizer runs in forked workers
-    num_visual_tokens = model.tokens_per_video(settings.num_frames)
+    clips = isinstance(model.frame_processor, ClipEncoder)  # a Qwen-VL model: frames by its budget
+    num_visual_tokens = None if clips else model.tokens_per_video(settings.num_frames)
     max_length = getattr(model.language_model.config, "max_position_embeddings", None)
     dataset = _ItemFrames(items, settings, tokenizer, model.frame_processor, num_visual_tokens, max_length)
     loader = DataLoader(dataset, batch_size=settings.batch_size, num_workers=settings.num_workers,
@@ -318,10 +362,12 @@ def _generate(model: Any, items: Sequence[Item], digests: Mapping[str, str], pat
                 final = {} if retry else {"retry": False}
                 out.write({"id": item_id, "item": digests[item_id], "output": None, "failed": reason, **final})
             if batch["ids"]:
+                visual = {key: batch[key].to(device, dtype if key.startswith("pixel_values") else None)
+                          for key in ("pixel_values", *GRID_KEYS) if key in batch}
                 result = model.generate(
-                    batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                    batch["pixel_values"].to(device, dtype), num_frames=batch["num_frames"],
+                    batch["input_ids"].to(device), batch["attention_mask"].to(device), num_frames=batch["num_frames"],
                     max_new_tokens=settings.max_new_tokens, do_sample=False, eos_token_id=stops, pad_token_id=pad,
+                    **visual,
                 )
                 for item_id, text in zip(batch["ids"], _decode(tokenizer, result.sequences, stops)):
                     out.write({"id": item_id, "item": digests[item_id], "output": text, "failed": None})

@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from tc_llava.model.build import check_model_settings
-from tc_llava.model.settings import checkpoint_dtype, read_frame_sampling
+from tc_llava.model.settings import BUDGET_KEY, checkpoint_dtype, read_frame_sampling
 from tc_llava.runtime import check_numerics
 
 DEFAULT_FRAMES = 16          # a checkpoint that records no frame count (a llava-hf download, the tiny model)
@@ -117,6 +117,12 @@ def from_export(cfg: DictConfig) -> dict[str, dict[str, Any]]:
                               "trained_with": recorded["sampling"]}
     else:
         chosen["sampling"] = {"value": DEFAULT_SAMPLING, "source": "default"}
+    budget = cfg.model.get("frame_budget")
+    if budget is not None or BUDGET_KEY in config:  # a Qwen-VL model: its budget chooses each video's frames
+        chosen["frame_budget"] = ({"value": OmegaConf.to_container(budget), "source": _source("model.frame_budget", given)}
+                                  if budget is not None else {"value": config[BUDGET_KEY], "source": "export"})
+        for key in ("num_frames", "sampling"):
+            chosen[key]["used"] = False
     if cfg.model.get("dtype") is not None:
         chosen["dtype"] = {"value": cfg.model.dtype, "source": _source("model.dtype", given)}
     else:

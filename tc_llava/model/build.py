@@ -69,6 +69,7 @@ def build_model(
     cache_dir: str | None = None,
     template: str | None = None,
     allow_missing_weights: bool = False,
+    frame_budget: dict[str, Any] | None = None,
 ) -> TCLlava:
     """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``.
 
@@ -78,7 +79,7 @@ def build_model(
     ``rope``, ``mask``, ``projector`` (a ``projector`` group's factory, completed with the
     model's ``pllava_pooling_shape``) or ``template`` (the chat template) left as None come
     from the checkpoint's saved TC-LLaVA settings (vanilla / causal / mlp / none for a plain
-    llava-hf checkpoint).
+    llava-hf checkpoint). ``frame_budget`` is a Qwen-VL family's (None: the checkpoint's).
     """
     if (checkpoint is None and tiny is None) or (checkpoint is not None and not str(checkpoint).strip()):
         raise ModelSettingsError(f"model.checkpoint={checkpoint!r} names no model: give the llava-hf directory to load")
@@ -87,6 +88,7 @@ def build_model(
     return TCLlava.from_pretrained(
         path, rope=rope, mask=mask, pooling=pooling, attn_implementation=attn_implementation, dtype=dtype,
         template=template, allow_missing_weights=allow_missing_weights,
+        frame_budget=None if frame_budget is None else dict(frame_budget),
     )
 
 

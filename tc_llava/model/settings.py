@@ -25,6 +25,7 @@ SETTINGS = ("rope", "mask", "pooling_shape", "template")
 # videos, for the apps that ask it about a video: {"num_frames": 32, "image_frames": 1, "sampling": "random",
 # "system": ""} (system: the system text its training prompts began with, before each record's instruction).
 FRAMES_KEY = "tc_llava_frames"
+BUDGET_KEY = "tc_llava_frame_budget"  # a Qwen-VL export's frame budget (FrameBudget.to_json())
 FRAME_SAMPLING = {"num_frames": "a positive integer", "image_frames": "a positive integer or null",
                   "sampling": "a frame sampling strategy's name", "system": "a string (the training's system text)"}
 

@@ -39,7 +39,10 @@ from transformers.utils import ModelOutput
 
 from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
 from tc_llava.model.families import family_of
-from tc_llava.model.families.qwen_vl import QwenVisual
+from tc_llava.model.families.qwen_vl import QwenFrames, QwenVisual
+from tc_llava.model.families.qwen_vl_inputs import (
+    FrameBudget, QwenVLPreprocessing, load_preprocessing, save_preprocessing,
+)
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
 from tc_llava.model.layout import PackedSamples, check_visual_token_count, frame_ids_from_tokens
@@ -48,7 +51,7 @@ from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index, temporal_index
 from tc_llava.model.settings import (
-    FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
+    BUDGET_KEY, FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
 
 log = logging.getLogger(__name__)
@@ -125,7 +128,8 @@ class TCLlava(nn.Module):
     preprocessing, :mod:`tc_llava.model.processors`) travel with the model and are saved
     with it; :attr:`frame_processor` is what turns a sample's frames into ``pixel_values``.
     ``frame_sampling`` records how the model was trained to see videos (an export's
-    ``tc_llava_frames``: ``num_frames``, ``image_frames``, ``sampling``).
+    ``tc_llava_frames``: ``num_frames``, ``image_frames``, ``sampling``). A Qwen-VL family's
+    ``preprocessing`` holds HF's processors under its frame budget instead (``tc_llava_frame_budget``).
     """
 
     def __init__(
@@ -139,6 +143,7 @@ class TCLlava(nn.Module):
         template: str | None = None,
         video_preprocessor: VideoPreprocessor | None = None,
         frame_sampling: dict[str, Any] | None = None,
+        preprocessing: QwenVLPreprocessing | None = None,
     ) -> None:
         super().__init__()
         self.family = family_of(hf_model.config.model_type)
@@ -150,6 +155,7 @@ class TCLlava(nn.Module):
         self.video_preprocessor = video_preprocessor
         self.template = template  # the chat template's name (data.templates): how prompts are written for it
         self.frame_sampling = frame_sampling
+        self.preprocessing = preprocessing  # a Qwen-VL family's processors under its frame budget
         # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
         self.weights_report: dict[str, Any] = {"allow_missing_weights": False}
         lm = self.language_model
@@ -226,7 +232,13 @@ class TCLlava(nn.Module):
 
     @property
     def frame_processor(self) -> Any:
-        """What turns frames into ``pixel_values``: the video processor's steps (video families), else the image processor."""
+        """What turns frames into ``pixel_values``: the video processor's steps (video families), else the image processor;
+        a Qwen-VL family's :class:`~tc_llava.model.families.qwen_vl.QwenFrames` (frames chosen by its budget)."""
+        if self.family.multimodal_rope:
+            if self.preprocessing is None:
+                raise ValueError(f"{self.family.model_type} preprocesses frames with its image and video processors "
+                                 f"({VIDEO_PREPROCESSOR_FILE}); this model was built without them")
+            return QwenFrames(self.preprocessing, self.tokenizer)
         if self.family.video_processor_type is None:
             return self.image_processor
         if self.video_preprocessor is None:
@@ -444,8 +456,14 @@ class TCLlava(nn.Module):
         self.config.tc_llava = self.tc_settings()
         if self.frame_sampling is not None:
             setattr(self.config, FRAMES_KEY, dict(self.frame_sampling))
+        if self.preprocessing is not None:
+            setattr(self.config, BUDGET_KEY, self.preprocessing.budget.to_json())
         self.hf.save_pretrained(path, state_dict=state_dict, **kwargs)
-        for extra in (self.tokenizer, self.image_processor, self.video_preprocessor):
+        extras = (self.tokenizer, self.image_processor, self.video_preprocessor)
+        if self.preprocessing is not None:  # the image and video processors, with the budget applied
+            save_preprocessing(self.preprocessing, path)
+            extras = (self.tokenizer,)
+        for extra in extras:
             if extra is not None:
                 extra.save_pretrained(path)
 
@@ -460,10 +478,15 @@ class TCLlava(nn.Module):
         dtype: torch.dtype | str | None = torch.float32,
         template: str | None = None,
         allow_missing_weights: bool = False,
+        frame_budget: dict[str, Any] | None = None,
         **hf_kwargs: Any,
     ) -> "TCLlava":
         """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
         vanilla/causal/mlp and no template. The video families need their ``video_preprocessor_config.json``.
+
+        A Qwen-VL family loads its image and video processors under ``frame_budget`` (the fields of
+        :class:`~tc_llava.model.families.qwen_vl_inputs.FrameBudget`; None: the export's recorded budget, else the
+        checkpoint processors' own), refused here where the processor would override it.
 
         ``dtype`` None is the checkpoint's (:func:`~tc_llava.model.settings.checkpoint_dtype`). Weights the
         checkpoint lacks, or holds beyond the model's, are a :class:`WeightsError` naming them unless
@@ -484,6 +507,16 @@ class TCLlava(nn.Module):
         family = family_of(config.get("model_type"), f"{config_file}: model_type")
         saved_rope, saved_mask, saved_pooling, saved_template = read_settings(config, config_file)
         frame_sampling = read_frame_sampling(config, config_file)
+        preprocessing = None
+        if frame_budget is not None and not family.multimodal_rope:
+            raise ValueError(f"model.frame_budget is a Qwen-VL family's; {family.model_type} samples frames by "
+                             "data.num_frames and the benchmark's frame count")
+        if family.multimodal_rope and (path / VIDEO_PREPROCESSOR_FILE).is_file():
+            budget = frame_budget if frame_budget is not None else config.get(BUDGET_KEY)
+            try:
+                preprocessing = load_preprocessing(path, family.model_type, FrameBudget.from_json(budget))
+            except ValueError as e:
+                raise ValueError(f"{path}: frame budget: {e}") from None
         video_file = path / VIDEO_PREPROCESSOR_FILE
         wants_video = family.video_processor_type is not None
         if wants_video and not video_file.is_file():
@@ -491,6 +524,12 @@ class TCLlava(nn.Module):
                                     "processor, whose config the llava-hf checkpoint ships beside the weights")
         if template and saved_template and template != saved_template:
             log.warning("%s records chat template %r; using the given %r", config_file, saved_template, template)
+        if family.multimodal_rope:  # its prompts are its checkpoints' own chat template's
+            template = template or saved_template or family.template
+            if template != family.template:
+                raise ValueError(f"model.template={template!r} does not write {family.model_type} prompts: its "
+                                 f"checkpoints' chat template is {family.template!r} (set model.template="
+                                 f"{family.template})")
         adapter_file = path / "adapter_config.json"  # an export with the LoRA adapter kept apart
         has_adapter = adapter_file.is_file()
         if has_adapter:  # before transformers, which loads an adapter it finds by itself
@@ -508,15 +547,16 @@ class TCLlava(nn.Module):
         if has_adapter:
             hf = PeftModel.from_pretrained(hf, path).merge_and_unload()
         has_tokenizer = (path / "tokenizer_config.json").is_file()
-        has_processor = (path / "preprocessor_config.json").is_file()
+        has_processor = (path / "preprocessor_config.json").is_file() and preprocessing is None
         model = cls(
             hf, rope or saved_rope, mask or saved_mask, pooling or saved_pooling,
             tokenizer=AutoTokenizer.from_pretrained(path, trust_remote_code=False) if has_tokenizer else None,
-            image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False)
-                             if has_processor else None),
+            image_processor=(AutoImageProcessor.from_pretrained(path, trust_remote_code=False) if has_processor
+                             else preprocessing and preprocessing.image_processor),
             template=template or saved_template,
             video_preprocessor=VideoPreprocessor.from_pretrained(path) if wants_video else None,
             frame_sampling=frame_sampling,
+            preprocessing=preprocessing,
         )
         model.weights_report = {"allow_missing_weights": allow_missing_weights,
                                 **{key: names for key, names in found.items() if names}}

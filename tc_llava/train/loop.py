@@ -360,7 +360,8 @@ def finish(run: Run) -> dict[str, Any]:
     if cfg.export.enabled:
         def build_fresh():
             fresh = model_from_config(cfg)
-            fresh.frame_sampling = frame_sampling(cfg)
+            recorded = frame_sampling(cfg)  # a Qwen-VL export records its frame budget instead of a frame count
+            fresh.frame_sampling = recorded if fresh.preprocessing is None else {"system": recorded["system"]}
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
         exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",

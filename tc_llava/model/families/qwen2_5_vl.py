@@ -11,10 +11,13 @@ from transformers import (
 )
 
 from tc_llava.model.families.qwen_vl import QwenVL
+from tc_llava.model.families.qwen_vl_inputs import CHAT_TEMPLATES
 
 
 class Qwen2_5_VL(QwenVL):
     model_type = "qwen2_5_vl"
+    template = "qwen2_vl"
+    chat_template = CHAT_TEMPLATES["qwen2_5_vl"]
     hf_class = Qwen2_5_VLForConditionalGeneration
     config_class = Qwen2_5_VLConfig
 

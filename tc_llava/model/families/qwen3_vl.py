@@ -12,6 +12,7 @@ from torch import nn
 from transformers import PreTrainedConfig, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from tc_llava.model.families.qwen_vl import QwenVisual, QwenVL
+from tc_llava.model.families.qwen_vl_inputs import CHAT_TEMPLATES
 
 
 def _joined(features: Any) -> torch.Tensor:
@@ -21,6 +22,8 @@ def _joined(features: Any) -> torch.Tensor:
 
 class Qwen3VL(QwenVL):
     model_type = "qwen3_vl"
+    template = "qwen3_vl"
+    chat_template = CHAT_TEMPLATES["qwen3_vl"]
     hf_class = Qwen3VLForConditionalGeneration
     config_class = Qwen3VLConfig
 

@@ -14,6 +14,7 @@ the definitions.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -21,27 +22,12 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from tc_llava.model.families.base import Family
+from tc_llava.model.families.qwen_vl_inputs import (
+    FrameBudget, QwenTokens, QwenVLPreprocessing, select_frames, tiny_preprocessing, video_inputs, vision_kwargs,
+)
 
 IMAGE, VIDEO = 1, 2  # HF's mm_token_type_ids: 0 text, 1 image, 2 video
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
-
-
-# The chat template Qwen2-VL and Qwen2.5-VL checkpoints ship (tokenizer_config.json), which the tiny models carry:
-# a default system turn, and one <|vision_start|><|..._pad|><|vision_end|> run per image or video item.
-QWEN_VL_CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
-    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
-    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
-    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
-    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 @dataclass(frozen=True)
@@ -113,14 +99,13 @@ def qwen_frame_ids(input_ids: torch.Tensor, config: PreTrainedConfig, visual: Qw
 
 class QwenVL(Family):
     """The Qwen-VL path: HF's ``get_image_features``/``get_video_features`` and ``get_rope_index`` on the model's own
-    modules; prompts are written with the checkpoint's own chat template."""
+    modules; prompts are written as the checkpoint's own chat template writes them (``template``, checked against
+    the tokenizer's ``chat_template`` on load)."""
 
     placeholder = "video_token_id"
     multimodal_rope: ClassVar[bool] = True
-    template = "checkpoint"
     tiny_tokens: ClassVar[dict[str, str]] = {"image": "<|image_pad|>", "video": "<|video_pad|>",
                                               "vision_start": "<|vision_start|>", "vision_end": "<|vision_end|>"}
-    chat_template = QWEN_VL_CHAT_TEMPLATE
 
     def frame_ids(self, config: PreTrainedConfig, input_ids: torch.Tensor, visual: QwenVisual) -> torch.Tensor:
         """Per-token frame ids: each temporal patch a frame (:func:`qwen_frame_ids`)."""
@@ -165,7 +150,10 @@ class QwenVL(Family):
 
     # ----------------------------------------------------------------- files
     def processors(self, config: PreTrainedConfig) -> tuple[Any, Any]:
-        return None, None
+        """HF's own image and video processors (torchvision) at the tower's patch sizes, with the tiny models' small
+        pixel and frame budgets (:func:`~tc_llava.model.families.qwen_vl_inputs.tiny_preprocessing`)."""
+        prep = tiny_preprocessing(self.model_type, config.vision_config)
+        return prep.image_processor, prep.video_processor
 
     def tiny_text_config(self, text: PreTrainedConfig) -> dict[str, Any]:
         """The tiny LLM's fields in this family's text config: the Qwen2 LLM's sizes, M-RoPE over its head dims."""
@@ -178,3 +166,37 @@ class QwenVL(Family):
                     max_position_embeddings=text.max_position_embeddings, pad_token_id=text.pad_token_id,
                     bos_token_id=text.bos_token_id, eos_token_id=text.eos_token_id,
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
+
+
+class QwenFrames:
+    """A Qwen-VL model's frame processor: which frames of a video to decode under the frame budget, and decoded
+    frames -> the model's video inputs and the ids that replace the prompt's ``<|video_pad|>``, all by HF's own
+    processors (:mod:`~tc_llava.model.families.qwen_vl_inputs`).
+
+    A still image (or a video shorter than a temporal patch) is a video of its frames, padded to one temporal
+    patch by repeating the last frame, as HF's video processor pads any video."""
+
+    def __init__(self, preprocessing: QwenVLPreprocessing, tokenizer: Any) -> None:
+        self.preprocessing, self.tokenizer = preprocessing, tokenizer
+        self.tokens = QwenTokens.from_tokenizer(tokenizer)
+
+    @property
+    def budget(self) -> FrameBudget:
+        return self.preprocessing.budget
+
+    def frame_indices(self, total_frames: int, video_fps: float) -> list[int]:
+        """Indices of the frames to decode (HF's ``sample_frames`` under the budget)."""
+        if total_frames < self.preprocessing.video_processor.temporal_patch_size:
+            return list(range(total_frames))
+        return select_frames(self.preprocessing, total_frames, video_fps)
+
+    def encode(self, frames: Any, frame_indices: Sequence[int], video_fps: float,
+               total_frames: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """The video's model inputs (``pixel_values_videos``, ``video_grid_thw``, Qwen2.5-VL's
+        ``second_per_grid_ts``) and the ids of what HF's processor writes in place of its ``<|video_pad|>``.
+
+        The replacement (pads; Qwen3-VL's timestamps and vision spans) sits between special tokens in every
+        prompt, so tokenized alone it gives the ids it gets in place."""
+        video = video_inputs(self.preprocessing, frames, frame_indices, video_fps, total_frames)
+        ids = self.tokenizer(video.placeholder(self.tokens), add_special_tokens=False)["input_ids"]
+        return vision_kwargs([video]), list(ids)
