@@ -23,9 +23,10 @@ from typing import Any, TextIO
 import torch
 
 from tc_llava.cli import one_line_errors
-from tc_llava.data.inputs import model_inputs
+from tc_llava.data.collate import GRID_KEYS
+from tc_llava.data.inputs import Clip, ClipEncoder, model_inputs
 from tc_llava.data.templates import build_chat_prompt, image_token_of, stop_token_ids
-from tc_llava.data.video import IMAGE_SUFFIXES, STRATEGIES, sample_frames
+from tc_llava.data.video import IMAGE_SUFFIXES, STRATEGIES, read_frames, sample_frames
 from tc_llava.model.tc_llava import TCLlava
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,10 @@ class Chat:
     """A conversation about one video: its frames, decoded once, and the turns so far."""
 
     def __init__(self, model: TCLlava, frames: Any, template: str, system: str | None = None,
-                 generate_kwargs: dict[str, Any] | None = None) -> None:
+                 generate_kwargs: dict[str, Any] | None = None, clip: Clip | None = None) -> None:
         self.model, self.template, self.system = model, template, system
         self.generate_kwargs = generate_kwargs or {}
-        self.frames = frames
+        self.frames, self.clip = frames, clip  # clip: where the frames came from (a Qwen-VL model's budget)
         self.history: list[tuple[str, str]] = []
 
     def inputs(self, question: str) -> dict[str, Any]:
@@ -98,17 +99,20 @@ class Chat:
         prompt = build_chat_prompt(self.template, self.system, self.history, question,
                                    image_token=image_token_of(self.model.tokenizer))
         return model_inputs(self.model.tokenizer, self.model.frame_processor, self.model.tokens_per_video,
-                            self.template, self.frames, prompt)
+                            self.template, self.frames, prompt, clip=self.clip)
 
     def ask(self, question: str, out: TextIO = sys.stdout) -> str:
         """Stream the answer to ``question`` to ``out``; the turn joins the conversation."""
         tokenizer = self.model.tokenizer
         device, dtype = next(self.model.parameters()).device, next(self.model.parameters()).dtype
         inputs = self.inputs(question)
-        ids, pixel_values = inputs["input_ids"][None].to(device), inputs["pixel_values"][None].to(device, dtype)
+        ids = inputs["input_ids"][None].to(device)
+        visual = ({"pixel_values": inputs["pixel_values"][None].to(device, dtype)} if "pixel_values" in inputs else
+                  {key: inputs[key].to(device, dtype if key.startswith("pixel_values") else None)
+                   for key in GRID_KEYS if key in inputs})
         stops = stop_token_ids(tokenizer, self.template)
         stream = TokenStream(tokenizer, stops, out)
-        self.model.generate(ids, None, pixel_values, eos_token_id=stops, streamer=stream, **self.generate_kwargs)
+        self.model.generate(ids, None, eos_token_id=stops, streamer=stream, **visual, **self.generate_kwargs)
         out.write("\n")
         self.history.append((question, stream.text))
         return stream.text
@@ -155,13 +159,24 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
     if template is None:
         raise ValueError(f"{args.model} records no chat template: pass --template ({model.family.model_type} "
                          f"checkpoints use {model.family.template}; e.g. vicuna_v1, chatml, next_video)")
-    count, why = frame_count(args, model)
-    frames, indices = sample_frames(args.video, count, args.sampling, backend=args.backend, sample_fps=args.fps)
-    rate = f" at {args.fps:g} per second" if args.sampling == "fps" else ""
-    out.write(f"{args.video}: {len(frames)} frames, {args.sampling} sampling{rate} ({why}), indices {indices}\n")
+    encoder, clip = model.frame_processor, None
+    if isinstance(encoder, ClipEncoder):  # a Qwen-VL model: the frames its budget chooses
+        given = [flag for flag, value in (("--frames", args.frames), ("--fps", args.fps)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} do not apply to {model.family.model_type}: its frame budget "
+                             f"chooses the frames ({encoder.budget.to_json()}); the export records it")
+        frames, indices, fps, total = read_frames(args.video, encoder.frame_indices, backend=args.backend)
+        clip = Clip(indices, fps, total)
+        out.write(f"{args.video}: {len(frames)} of {total} frames at {fps:g} fps, chosen by the model's frame budget "
+                  f"{encoder.budget.to_json()}, indices {indices}\n")
+    else:
+        count, why = frame_count(args, model)
+        frames, indices = sample_frames(args.video, count, args.sampling, backend=args.backend, sample_fps=args.fps)
+        rate = f" at {args.fps:g} per second" if args.sampling == "fps" else ""
+        out.write(f"{args.video}: {len(frames)} frames, {args.sampling} sampling{rate} ({why}), indices {indices}\n")
     sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "generator": torch.Generator(args.device).manual_seed(args.seed)}
-    chat = Chat(model, frames, template, args.system, sampling)
+    chat = Chat(model, frames, template, args.system, sampling, clip)
     answers = []
     for question in questions(args, lambda: input("> ")):
         out.write(f"Q: {question}\nA: ")

@@ -55,7 +55,8 @@ OPTIONS = _options()
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, tiny_llama, tiny_next, tiny_onevision, tiny_next_video) -> dict[str, Path]:
+def world(tmp_path_factory, tiny_llama, tiny_next, tiny_onevision, tiny_next_video, tiny_qwen2_5_vl,
+          tiny_qwen3_vl) -> dict[str, Path]:
     """Stand-ins for everything the options name on disk: checkpoints, data, a video."""
     root = tmp_path_factory.mktemp("world")
     checkpoints, data = root / "checkpoints", root / "data"
@@ -64,6 +65,10 @@ def world(tmp_path_factory, tiny_llama, tiny_next, tiny_onevision, tiny_next_vid
     for name in ("llava-onevision-qwen2-7b-ov-hf", "LLaVA-Video-7B-Qwen2-hf", "llava-onevision-qwen2-7b-si-hf"):
         shutil.copytree(tiny_onevision, checkpoints / name)
     shutil.copytree(tiny_next_video, checkpoints / "LLaVA-NeXT-Video-7B-hf")
+    for name in ("Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-7B-Instruct"):
+        shutil.copytree(tiny_qwen2_5_vl, checkpoints / name)
+    for name in ("Qwen3-VL-2B-Instruct", "Qwen3-VL-4B-Instruct", "Qwen3-VL-8B-Instruct"):
+        shutil.copytree(tiny_qwen3_vl, checkpoints / name)
     generate(data / "synthetic", num_train=4, num_eval_per_task=1, seed=0, num_frames=8)
     generate(data / "ablation", num_train=4, num_eval_per_task=1, seed=0, num_frames=8)
     video = next((data / "synthetic" / "videos").iterdir())

@@ -360,3 +360,39 @@ def _nll(model: TCLlava, video: str, frames: int, sampling: str, prompt: str, co
     with torch.no_grad():
         logits = model(full, torch.ones_like(full), pixels).logits[0, len(ids) - 1 : -1].float()
     return float(-torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0].mean())
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def test_a_qwen_export_answers_through_the_plugin(ckpt, request, task_dir):
+    """A Qwen-VL checkpoint through the plugin: the frames its budget chooses, HF's processors, its template; the
+    log-likelihood equals the model's own forward on those inputs, and generation answers."""
+    from tc_llava.data.inputs import Clip, model_inputs
+    from tc_llava.data.video import read_frames
+
+    path = request.getfixturevalue(ckpt)
+    plugin = TCLlavaLMM(pretrained=str(path), device="cpu")
+    direct = TCLlava.from_pretrained(path)
+    doc = json.loads((task_dir / "questions.json").read_text())[0]
+    plugin.task_dict = {"t": {"test": [doc]}}
+    context = "What colour? A. red B. green"
+    (result,) = plugin.loglikelihood([_instance("loglikelihood", (context, " A", lambda d: [d["video"]], 0, "t",
+                                                                   "test"))])
+    nll, _ = result.text
+
+    encoder = direct.frame_processor
+    frames, indices, fps, total = read_frames(doc["video"], encoder.frame_indices, "pyav")
+    prompt = build_prompt(direct.template, None, context, "", image_token_of(direct.tokenizer))
+    assert prompt.count("<|vision_start|><|video_pad|><|vision_end|>") == 1
+    inputs = model_inputs(direct.tokenizer, encoder, None, direct.template, frames, prompt,
+                          clip=Clip(indices, fps, total))
+    target = torch.tensor(direct.tokenizer(" A", add_special_tokens=False)["input_ids"])
+    full = torch.cat([inputs["input_ids"], target])[None]
+    visual = {k: inputs[k] for k in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts") if k in inputs}
+    with torch.no_grad():
+        logits = direct(full, torch.ones_like(full), **visual).logits[0, len(inputs["input_ids"]) - 1 : -1].float()
+    logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None])[:, 0]
+    assert nll == pytest.approx(float(-logprobs.mean()), abs=1e-6)
+
+    request_args = (context, {"max_new_tokens": 3, "until": []}, lambda d: [d["video"]], 0, "t", "test")
+    (answer,) = plugin.generate_until([_instance("generate_until", request_args)])
+    assert isinstance(answer, str)

@@ -89,4 +89,5 @@ def test_a_regular_install_finds_its_configs(tmp_path):
         help_text = subprocess.run([str(tmp_path / "site" / "bin" / app), "--help"], env=env, cwd=tmp_path,
                                    capture_output=True, text=True, check=True).stdout
         assert ("model: llava-1.5-7b, llava-v1.6-vicuna-7b, llava_next_video_7b, llava_onevision_qwen2_7b, "
-                "llava_video_qwen2_7b, pretrained, tiny, tiny_next_video, tiny_onevision") in help_text
+                "llava_video_qwen2_7b, pretrained, qwen2_5_vl_3b, qwen2_5_vl_7b, qwen3_vl_2b, qwen3_vl_4b, "
+                "qwen3_vl_8b, tiny, tiny_next_video, tiny_onevision, tiny_qwen2_5_vl, tiny_qwen3_vl") in help_text

@@ -51,9 +51,10 @@ from accelerate import PartialState
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from tc_llava.data.inputs import model_inputs
+from tc_llava.data.collate import GRID_KEYS
+from tc_llava.data.inputs import Clip, ClipEncoder, model_inputs
 from tc_llava.data.templates import build_prompt, image_token_of
-from tc_llava.data.video import sample_frames
+from tc_llava.data.video import read_frames, sample_frames
 from tc_llava.eval.runner import SAMPLING, GenerationSettings, Item, generate_predictions
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.settings import build_rule, rule_parameters
@@ -281,17 +282,25 @@ class TCLlavaLMM(lmms):
             frames, sampling = self._view(request, {})
             video = self._video(doc_to_visual, task, split, doc_id)
             if last is None or last[0] != (video, frames, sampling, context):
-                array, _ = sample_frames(video, frames, sampling, None, self.decode_backend)
+                encoder, clip = self.model.frame_processor, None
+                if isinstance(encoder, ClipEncoder):  # a Qwen-VL model: the frames its budget chooses
+                    array, indices, fps, total = read_frames(video, encoder.frame_indices, self.decode_backend)
+                    clip = Clip(indices, fps, total)
+                else:
+                    array, _ = sample_frames(video, frames, sampling, None, self.decode_backend)
                 last = (video, frames, sampling, context), model_inputs(
-                    tokenizer, self.model.frame_processor, self.model.tokens_per_video, self.model.template, array,
-                    self._prompt(context))
+                    tokenizer, encoder, self.model.tokens_per_video, self.model.template, array,
+                    self._prompt(context), clip=clip)
             prompt_ids = last[1]["input_ids"]
             target = torch.tensor(tokenizer(continuation, add_special_tokens=False)["input_ids"], dtype=torch.long)
             if target.numel() == 0:
                 raise ValueError(f"task {task!r} doc {doc_id}: the continuation {continuation!r} has no tokens")
             ids = torch.cat([prompt_ids, target])[None].to(self._device)
-            pixels = last[1]["pixel_values"][None].to(self._device, dtype)
-            logits = self.model(ids, torch.ones_like(ids), pixels).logits[0, len(prompt_ids) - 1 : -1].float()
+            visual = ({"pixel_values": last[1]["pixel_values"][None].to(self._device, dtype)}
+                      if "pixel_values" in last[1] else
+                      {key: last[1][key].to(self._device, dtype if key.startswith("pixel_values") else None)
+                       for key in GRID_KEYS if key in last[1]})
+            logits = self.model(ids, torch.ones_like(ids), **visual).logits[0, len(prompt_ids) - 1 : -1].float()
             logprobs = torch.log_softmax(logits, -1).gather(-1, target[:, None].to(self._device))[:, 0]
             greedy = bool((logits.argmax(-1).cpu() == target).all())
             out.append(GenerationResult((float(-logprobs.mean()), greedy)))
