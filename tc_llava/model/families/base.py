@@ -26,13 +26,6 @@ from transformers import CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 
 from tc_llava.model.processors import VideoPreprocessor, require_torchvision, video_processor_class
 
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-# The settings every llava-hf video processor config shares (frame sampling stays ours).
-VIDEO_PROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-                            "do_normalize": True, "do_convert_rgb": True, "default_to_square": False,
-                            "do_sample_frames": False}
-
-
 def clip_image_processor(size: int) -> Any:
     """HF's ``CLIPImageProcessor`` (resize the short side, centre crop, CLIP mean/std) at a tower's resolution."""
     require_torchvision("CLIPImageProcessor")
@@ -122,9 +115,10 @@ class Family:
         return clip_image_processor(config.vision_config.image_size), None
 
     def video_processor(self, frames: dict[str, Any]) -> VideoPreprocessor:
-        """This family's HF video processor: the llava-hf defaults with ``frames`` (size, crop, mean/std)."""
+        """This family's HF video processor: its class's defaults (bicubic, 1/255, no frame sampling) with
+        ``frames`` (size, crop, mean/std)."""
         cls = video_processor_class(self.video_processor_type, f"{self.model_type} family")
-        return VideoPreprocessor(cls(**VIDEO_PROCESSOR_DEFAULTS, **frames))
+        return VideoPreprocessor(cls(**frames))
 
     def tiny_vision_config(self, vision: dict[str, Any], layers: int) -> PreTrainedConfig:
         """The tiny tower: CLIP read at layer -2, so ``layers`` useful ones plus the unread last."""

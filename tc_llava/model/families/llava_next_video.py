@@ -9,7 +9,6 @@ import torch
 from torch import nn
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, PreTrainedConfig
 
-from tc_llava.model.families.base import CLIP_MEAN, CLIP_STD
 from tc_llava.model.families.llava_next import LlavaNext
 from tc_llava.model.processors import VideoPreprocessor, require_torchvision
 
@@ -39,8 +38,7 @@ class LlavaNextVideo(LlavaNext):
         edge, crop = {"shortest_edge": size}, {"height": size, "width": size}
         image = LlavaNextImageProcessor(size=edge, crop_size=crop,
                                         image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
-        return image, self.video_processor({"size": edge, "do_center_crop": True, "crop_size": crop,
-                                            "image_mean": CLIP_MEAN, "image_std": CLIP_STD})
+        return image, self.video_processor({"size": edge, "crop_size": crop})  # centre crop, CLIP mean/std: defaults
 
     def tiny_config_kwargs(self, tokens: dict[str, int], grid_pinpoints: list[list[int]]) -> dict[str, Any]:
         return dict(image_token_index=tokens["image"], video_token_index=tokens["video"], vision_feature_layer=-2,

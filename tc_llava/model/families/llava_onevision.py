@@ -46,8 +46,7 @@ class LlavaOnevision(Family):
         square, half = {"height": size, "width": size}, [0.5, 0.5, 0.5]
         image = LlavaOnevisionImageProcessor(size=square, image_mean=half, image_std=half,
                                              image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
-        return image, self.video_processor({"size": square, "do_center_crop": False, "crop_size": None,
-                                            "image_mean": half, "image_std": half})
+        return image, self.video_processor({"size": square, "image_mean": half, "image_std": half})
 
     def tiny_vision_config(self, vision: dict[str, Any], layers: int) -> PreTrainedConfig:
         return SiglipVisionConfig(**vision, num_hidden_layers=layers, vision_use_head=False)
