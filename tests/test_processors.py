@@ -115,11 +115,12 @@ def test_video_processor_is_resolved_by_registered_name_only(tiny_onevision, tmp
     (export / "evil.py").write_text("raise SystemExit('imported')\n")
     file.write_text(json.dumps({**config, "auto_map": {"AutoVideoProcessor": "evil.EvilVideoProcessor"}}))
     assert type(VideoPreprocessor.from_pretrained(export).processor).__module__.startswith("transformers.models.")
-    file.write_text(json.dumps({**config, "video_processor_type": "EvilVideoProcessor",
-                                "auto_map": {"AutoVideoProcessor": "evil.EvilVideoProcessor"}}))
-    with pytest.raises(ValueError, match=f"{file}: video_processor_type 'EvilVideoProcessor' is not a video "
-                                         "processor transformers registers"):
-        VideoPreprocessor.from_pretrained(export)
+    for name in ("EvilVideoProcessor", "CLIPImageProcessor"):  # unknown; a transformers class, not a video processor
+        file.write_text(json.dumps({**config, "video_processor_type": name,
+                                    "auto_map": {"AutoVideoProcessor": "evil.EvilVideoProcessor"}}))
+        with pytest.raises(ValueError, match=f"{file}: video_processor_type '{name}' is not a video "
+                                             "processor transformers registers"):
+            VideoPreprocessor.from_pretrained(export)
 
 
 def test_processors_without_torchvision_are_one_clear_error(monkeypatch, tiny_onevision):

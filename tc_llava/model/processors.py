@@ -23,6 +23,7 @@ import numpy as np
 from transformers import BatchFeature
 from transformers.models.auto.video_processing_auto import video_processor_class_from_name
 from transformers.utils import is_torchvision_available
+from transformers.video_processing_utils import BaseVideoProcessor
 
 VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
 
@@ -38,7 +39,7 @@ def video_processor_class(name: str | None, where: str) -> type:
     """The video processor class transformers registers under ``name``; ``where`` names the source in the error."""
     require_torchvision(f"{where}: video processor {name!r}")
     cls = video_processor_class_from_name(name) if isinstance(name, str) else None
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, BaseVideoProcessor)):  # the lookup ends in any transformers name
         raise ValueError(f"{where}: video_processor_type {name!r} is not a video processor transformers registers")
     return cls
 
