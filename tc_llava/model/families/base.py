@@ -26,6 +26,7 @@ from transformers import CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 
 from tc_llava.model.processors import VideoPreprocessor, require_torchvision, video_processor_class
 
+
 def clip_image_processor(size: int) -> Any:
     """HF's ``CLIPImageProcessor`` (resize the short side, centre crop, CLIP mean/std) at a tower's resolution."""
     require_torchvision("CLIPImageProcessor")
@@ -111,7 +112,7 @@ class Family:
     # ----------------------------------------------------------------- files
     def processors(self, config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
         """HF's image processor and (video families) video processor that a checkpoint of ``config`` ships, as
-        llava-hf's name them (torchvision backend): here CLIP preprocessing at the tower's resolution."""
+        llava-hf checkpoints name them (torchvision backend): here CLIP preprocessing at the tower's resolution."""
         return clip_image_processor(config.vision_config.image_size), None
 
     def video_processor(self, frames: dict[str, Any]) -> VideoPreprocessor:
