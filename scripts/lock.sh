@@ -4,15 +4,16 @@
 #   requirements/lock-oldest.txt  the same, with transformers at the oldest supported release (CI's other end)
 #   requirements/lock-lmms.txt    pyproject with the lmms extra (lmms-eval plugin), beside torch 2.14.1 +
 #                                 torchvision 0.29.1 (scripts/setup_lmms.sh; its pins do not fit lock.txt)
-# Both are for CPython 3.11 on Linux x86_64 (the CI machine) and leave torch out: setup.sh pins
-# torch itself (TORCH=..., a CPU or CUDA build). The CPU build's metadata is read from
-# TORCH_WHEELS (a folder holding it) so that no CUDA-only dependency enters the lock.
+# All are for CPython 3.11 on Linux x86_64 (the CI machine) and leave torch and torchvision out:
+# setup.sh pins them itself (TORCH=..., setup.sh's default pair, CUDA builds that run on CPU; their
+# nvidia-* libraries and triton enter the lock, as that pair installs them). A CPU build of torch
+# (TORCH=torch==2.13.0, no torchvision) has its metadata read from TORCH_WHEELS (a folder holding it).
 # After a refresh, run .ci/run: the lock is what CI tested only once CI has passed on it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV_VERSION=0.13.9
 OLDEST_TRANSFORMERS=5.17.0
-TORCH="${TORCH:-torch==2.13.0}"
+TORCH="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
 TORCH_WHEELS="${TORCH_WHEELS:-/opt/wheels}"
 tools=.cache/lock-tools
 [ -x "$tools/bin/uv" ] || { python3 -m venv "$tools" && "$tools/bin/pip" install -q "uv==$UV_VERSION"; }

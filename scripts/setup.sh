@@ -2,15 +2,20 @@
 # Create .venv and install tc-llava with its dev extra from the committed lock, from nothing.
 #   LOCK=requirements/lock.txt (default): the exact versions CI tested, for CPython 3.11 on
 #        Linux x86_64 (refresh: bash scripts/lock.sh); LOCK=none: pyproject's ranges instead.
-#   TORCH=torch==2.13.0 (default, the CPU build): torch is installed apart from the lock, pinned
-#        in every pip command so that nothing pulls a different (multi-GB CUDA) build. It may name
-#        several requirements ("torch==2.14.1 torchvision==0.29.1": scripts/setup_lmms.sh).
+#   TORCH="torch==2.14.1 torchvision==0.29.1" (default): torch and torchvision are installed apart
+#        from the lock, pinned in every pip command so that nothing pulls a different build.
+#        torchvision is needed because a family's frames go through HF's own processors
+#        (LlavaOnevisionVideoProcessor, CLIPImageProcessor, ...), whose backend is torchvision; the PIL
+#        processors transformers also ships give slightly different pixel values. The pair is the
+#        package index's matching one: its torchvision for torch 2.13 (0.28.0) does not import beside
+#        the CPU build torch 2.13.0+cpu ("operator torchvision::nms does not exist"). These are CUDA 13
+#        builds (~5 GB with their nvidia-* libraries, which the lock pins); they run on CPU.
 #   VENV=.venv, PYTHON=python3.
 # DeepSpeed ships as source only and builds against the installed torch, hence torch first
 # and --no-build-isolation.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-TORCH="${TORCH:-torch==2.13.0}"
+TORCH="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 LOCK="${LOCK:-requirements/lock.txt}"
@@ -38,4 +43,4 @@ fi
 # decord's only wheel (py3-none-manylinux2010 by its name) declares cp36 inside: pip check flags it, it works.
 problems=$("$PY" -m pip check 2>&1 | grep -v '^decord 0.6.0 is not supported on this platform$' | grep -v '^No broken requirements found.$' || true)
 [ -z "$problems" ] || { echo "setup.sh: pip check: $problems" >&2; exit 1; }
-"$PY" -c "import torch, transformers, deepspeed; print('torch', torch.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"
+"$PY" -c "import torch, torchvision, transformers, deepspeed; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| transformers', transformers.__version__, '| deepspeed', deepspeed.__version__)"

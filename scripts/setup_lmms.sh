@@ -1,11 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv-lmms: tc-llava with the lmms-eval plugin (the `lmms` extra), from requirements/lock-lmms.txt.
 # A separate environment because lmms-eval 0.7.3's pins do not fit the main lock: av<16 (the lock
-# has 18), wandb==0.25.0 (0.31), filelock<4 (4.3), and it needs torchvision, whose only wheels on
-# the package index are CUDA builds that do not import beside the CPU torch 2.13.0 of .venv
-# ("operator torchvision::nms does not exist"). Here torch and torchvision are the index's own
-# matching pair, TORCH="torch==2.14.1 torchvision==0.29.1" (CUDA 13 builds, ~5 GB with their
-# libraries; they run on CPU). Same steps as setup.sh: exact lock, --no-deps, pip check.
+# has 18), wandb==0.25.0 (0.31), filelock<4 (4.3). torch and torchvision are .venv's pair,
+# TORCH="torch==2.14.1 torchvision==0.29.1" (setup.sh says why). Same steps as setup.sh: exact
+# lock, --no-deps, pip check.
 #   bash scripts/setup_lmms.sh        then  .venv-lmms/bin/lmms-eval --model tc_llava ...
 set -euo pipefail
 cd "$(dirname "$0")/.."

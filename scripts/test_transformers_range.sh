@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.cache/torch_extensions}"
 # Everything but the video-decoding and synthetic-data tests, which do not import transformers.
 TESTS=(tests --ignore=tests/test_video.py --ignore=tests/test_synthetic.py)
-normalise() { grep -E '^[A-Za-z0-9_.-]+==' | grep -vE '^(torch|pip|setuptools|wheel)==' | tr 'A-Z_' 'a-z-' | sort; }
+normalise() { grep -E '^[A-Za-z0-9_.-]+==' | grep -vE '^(torch|torchvision|pip|setuptools|wheel)==' | tr 'A-Z_' 'a-z-' | sort; }
 
 ends=("$@")
 [ ${#ends[@]} -gt 0 ] || ends=(oldest newest)

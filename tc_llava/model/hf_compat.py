@@ -9,10 +9,10 @@ to nothing cached). So every call site passes the name this release uses.
 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the
 old name warns until v6).
 
-``transformers.AutoImageProcessor`` is a torchvision-requiring placeholder in 5.17 when
-torchvision is absent (our installs have none: PyPI's torchvision does not load beside the
-CPU torch build), though the class itself picks the PIL backend; its own module works in
-every release.
+``AutoImageProcessor`` picks the torchvision backend (HF's processors as llava-hf checkpoints
+name them) when torchvision is installed, as the lock installs it. Where it is absent (a
+machine that only benchmarks models), ``transformers.AutoImageProcessor`` is a placeholder in
+5.17, so it is imported from its own module, which works in every release.
 """
 
 from __future__ import annotations

@@ -1,52 +1,67 @@
-"""A family's video preprocessing, kept as HF's ``video_preprocessor_config.json`` and applied without torchvision.
+"""A family's processors are HF's own, on their torchvision backend; this module loads and calls the video one.
 
-transformers' video processors (``AutoVideoProcessor``, e.g. ``LlavaOnevisionVideoProcessor``)
-need torchvision, which our installs lack (PyPI's build does not load beside the CPU torch).
-Their preprocessing is resize, optional centre crop, rescale and normalise; the same steps
-with the same settings run here through transformers' PIL image backend, one frame at a
-time. The file is read and written as it is, so an export carries the checkpoint's video
-processor config unchanged (``AutoVideoProcessor`` loads it where torchvision exists) and a
-reloaded export preprocesses frames identically. Frame *sampling* stays ours
-(:mod:`tc_llava.data.video`): the processor's own ``do_sample_frames`` is never used.
+The llava-hf video families preprocess frames with the video processor their checkpoints
+ship (``video_preprocessor_config.json``: ``LlavaOnevisionVideoProcessor``,
+``LlavaNextVideoVideoProcessor``). It is built from the class the file names among those
+transformers registers (never ``auto_map``, never remote code) and called as HF's own
+``...Processor`` calls it, one video at a time, with ``do_sample_frames=False``: frame
+*sampling* stays ours (:mod:`tc_llava.data.video`). :class:`VideoPreprocessor` only lets the
+data pipeline call it as it calls an image processor (``images=frames`` -> ``pixel_values``).
+
+HF's processors run on torchvision; nothing else in the package does, so it is required
+where a processor is built (:func:`require_torchvision`), not when the package is imported.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
-    from transformers import CLIPImageProcessorPil as _PilProcessor
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers import CLIPImageProcessor as _PilProcessor
+from transformers import BatchFeature
+from transformers.models.auto.video_processing_auto import video_processor_class_from_name
+from transformers.utils import is_torchvision_available
+from transformers.video_processing_utils import BaseVideoProcessor
 
 VIDEO_PREPROCESSOR_FILE = "video_preprocessor_config.json"
-# The per-frame steps of transformers' BaseVideoProcessor._preprocess and their settings.
-FRAME_STEPS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-               "do_normalize", "image_mean", "image_std", "do_convert_rgb", "default_to_square")
+
+
+def require_torchvision(what: str) -> None:
+    """Refuse to build ``what`` (an HF processor) without torchvision, its backend."""
+    if not is_torchvision_available():
+        raise ImportError(f"{what} needs torchvision (the backend of HF's image and video processors): "
+                          "install the lock's torch/torchvision pair (bash scripts/setup.sh)")
+
+
+def video_processor_class(name: str | None, where: str) -> type:
+    """The video processor class transformers registers under ``name``; ``where`` names the source in the error."""
+    require_torchvision(f"{where}: video processor {name!r}")
+    cls = video_processor_class_from_name(name) if isinstance(name, str) else None
+    if not (isinstance(cls, type) and issubclass(cls, BaseVideoProcessor)):  # the lookup ends in any transformers name
+        raise ValueError(f"{where}: video_processor_type {name!r} is not a video processor transformers registers")
+    return cls
 
 
 class VideoPreprocessor:
-    """Frames -> ``pixel_values [T, C, H, W]`` as the family's video processor computes them.
+    """Frames -> ``pixel_values [T, C, H, W]``: the family's HF video processor on one video.
 
     Called like an HF image processor (``processor(images=frames, return_tensors="pt")
     ["pixel_values"]``), so the data pipeline and the evaluator take it where they take one.
     """
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = dict(config)
-        steps = {key: self.config[key] for key in FRAME_STEPS if self.config.get(key) is not None}
-        self._frames = _PilProcessor(**{"do_center_crop": False, **steps})
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
 
     @property
-    def processor_type(self) -> str | None:
-        return self.config.get("video_processor_type")
+    def processor_type(self) -> str:
+        return type(self.processor).__name__
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "VideoPreprocessor":
+        """Load ``path``'s video processor by the class its config names (``video_processor_type``, or a
+        legacy config's ``image_processor_type`` with ``ImageProcessor`` -> ``VideoProcessor``, as HF reads it)."""
         file = Path(path) / VIDEO_PREPROCESSOR_FILE
         try:
             config = json.loads(file.read_text())
@@ -54,14 +69,21 @@ class VideoPreprocessor:
             raise ValueError(f"{file}: cannot read the video processor config ({e})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{file}: must hold a JSON object (a video processor config), got {type(config).__name__}")
-        return cls(config)
+        name = config.get("video_processor_type")
+        if name is None and isinstance(config.get("image_processor_type"), str):
+            name = config["image_processor_type"].replace("ImageProcessor", "VideoProcessor")
+        return cls(video_processor_class(name, str(file)).from_pretrained(path))
 
     def save_pretrained(self, path: str | Path) -> None:
-        Path(path, VIDEO_PREPROCESSOR_FILE).write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        self.processor.save_pretrained(path)
 
-    def __call__(self, images: Any, return_tensors: str | None = "pt", **kwargs: Any) -> Any:
-        return self._frames(images=images, return_tensors=return_tensors, **kwargs)
+    def __call__(self, images: Sequence[Any], return_tensors: str = "pt") -> BatchFeature:
+        """``images``: one video's frames (``[H, W, C]`` arrays or PIL images), stacked into the ``[T, H, W, C]``
+        video HF's decoders give its processor."""
+        video = np.stack([np.asarray(frame) for frame in images])
+        out = self.processor(videos=[video], do_sample_frames=False, return_tensors=return_tensors)
+        return BatchFeature({"pixel_values": out["pixel_values_videos"][0]})
 
     def output_size(self) -> tuple[int, int]:
-        """(H, W) of the frames it produces (from one blank frame: the steps above fix the size)."""
-        return tuple(self(images=[np.zeros((8, 8, 3), np.uint8)], return_tensors="pt")["pixel_values"].shape[-2:])
+        """(H, W) of the frames it produces (from one blank frame: the processor's settings fix the size)."""
+        return tuple(self(images=[np.zeros((8, 8, 3), np.uint8)])["pixel_values"].shape[-2:])

@@ -4,7 +4,8 @@ Nothing may be downloaded at run time, so the default model of every command is 
 here from configs and saved as an ordinary llava-hf-style checkpoint directory. The rest
 of the code then loads it with the same ``from_pretrained`` path a real checkpoint takes.
 The video families (``llava_onevision``: SigLIP tower; ``llava_next_video``: CLIP tower and
-spatial pooler) also get a ``<video>`` token and their ``video_preprocessor_config.json``.
+spatial pooler) also get a ``<video>`` token and their HF video processor
+(``video_preprocessor_config.json``).
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def build_tokenizer(vocab_size: int = 1024, video_token: bool = False,
 
 
 def build_image_processor(image_size: int) -> Any:
-    """CLIP preprocessing (resize, centre crop, CLIP mean/std) at the tiny tower's resolution."""
+    """HF's CLIP image processor (resize, centre crop, CLIP mean/std) at the tiny tower's resolution."""
     return clip_image_processor(image_size)
 
 
@@ -99,7 +100,7 @@ def tiny_family(arch: str) -> Family:
 
 
 def build_processors(config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
-    """The image processor and (video families) the video processor config a checkpoint of ``config`` ships
+    """HF's image processor and (video families) video processor a checkpoint of ``config`` ships
     (the family's :meth:`~tc_llava.model.families.Family.processors`)."""
     return family_of(config.model_type).processors(config)
 
@@ -166,7 +167,7 @@ def build_config(
 
 
 def build_tiny_checkpoint(out_dir: str | os.PathLike, seed: int = 0, **config_kwargs: Any) -> Path:
-    """Write a tiny random checkpoint (model, tokenizer, image processor, video processor config) to ``out_dir``."""
+    """Write a tiny random checkpoint (model, tokenizer, image processor, video processor) to ``out_dir``."""
     out = Path(out_dir)
     family = tiny_family(config_kwargs.get("arch", "llava"))
     tokenizer = build_tokenizer(video_token=family.placeholder_kind == "video" and not family.tiny_tokens,

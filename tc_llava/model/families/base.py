@@ -24,23 +24,15 @@ import torch
 from torch import nn
 from transformers import CLIPVisionConfig, PreTrainedConfig, PreTrainedModel
 
-from tc_llava.model.processors import VideoPreprocessor
-
-try:  # transformers >= 5 names the PIL-backed processor explicitly; torchvision is optional.
-    from transformers import CLIPImageProcessorPil as _ImageProcessor
-except ImportError:  # pragma: no cover - older 5.x
-    from transformers import CLIPImageProcessor as _ImageProcessor
-
-CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
-# The settings every llava-hf video processor config shares (frame sampling stays ours).
-VIDEO_PROCESSOR_DEFAULTS = {"do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255,
-                            "do_normalize": True, "do_convert_rgb": True, "default_to_square": False,
-                            "do_sample_frames": False}
+from tc_llava.model.processors import VideoPreprocessor, require_torchvision, video_processor_class
 
 
 def clip_image_processor(size: int) -> Any:
-    """CLIP preprocessing (resize the short side, centre crop, CLIP mean/std) at a tower's resolution."""
-    return _ImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    """HF's ``CLIPImageProcessor`` (resize the short side, centre crop, CLIP mean/std) at a tower's resolution."""
+    require_torchvision("CLIPImageProcessor")
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
 
 
 def has_class_token(vision_tower: nn.Module) -> bool:
@@ -122,14 +114,15 @@ class Family:
 
     # ----------------------------------------------------------------- files
     def processors(self, config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
-        """The image processor and (video families) the video processor config a checkpoint of ``config``
-        ships: here CLIP preprocessing (resize, centre crop, CLIP mean/std) at the tower's resolution."""
+        """HF's image processor and (video families) video processor that a checkpoint of ``config`` ships, as
+        llava-hf checkpoints name them (torchvision backend): here CLIP preprocessing at the tower's resolution."""
         return clip_image_processor(config.vision_config.image_size), None
 
     def video_processor(self, frames: dict[str, Any]) -> VideoPreprocessor:
-        """This family's video processor config: the llava-hf defaults with ``frames`` (size, crop, mean/std)."""
-        return VideoPreprocessor({"video_processor_type": self.video_processor_type, **VIDEO_PROCESSOR_DEFAULTS,
-                                  **frames})
+        """This family's HF video processor: its class's defaults (bicubic, 1/255, no frame sampling) with
+        ``frames`` (size, crop, mean/std)."""
+        cls = video_processor_class(self.video_processor_type, f"{self.model_type} family")
+        return VideoPreprocessor(cls(**frames))
 
     def tiny_vision_config(self, vision: dict[str, Any], layers: int) -> PreTrainedConfig:
         """The tiny tower: CLIP read at layer -2, so ``layers`` useful ones plus the unread last."""

@@ -8,11 +8,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration, PreTrainedConfig
-from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-from tc_llava.model.families.base import CLIP_MEAN, CLIP_STD
 from tc_llava.model.families.llava_next import LlavaNext
-from tc_llava.model.processors import VideoPreprocessor
+from tc_llava.model.processors import VideoPreprocessor, require_torchvision
 
 
 class LlavaNextVideo(LlavaNext):
@@ -33,12 +31,14 @@ class LlavaNextVideo(LlavaNext):
         return model.multi_modal_projector(model.vision_resampler(self.tower_features(hf_model, pixel_values)))
 
     def processors(self, config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
+        require_torchvision("LlavaNextImageProcessor")
+        from transformers import LlavaNextImageProcessor
+
         size = config.vision_config.image_size
         edge, crop = {"shortest_edge": size}, {"height": size, "width": size}
-        image = LlavaNextImageProcessorPil(size=edge, crop_size=crop,
-                                           image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
-        return image, self.video_processor({"size": edge, "do_center_crop": True, "crop_size": crop,
-                                            "image_mean": CLIP_MEAN, "image_std": CLIP_STD})
+        image = LlavaNextImageProcessor(size=edge, crop_size=crop,
+                                        image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
+        return image, self.video_processor({"size": edge, "crop_size": crop})  # centre crop, CLIP mean/std: defaults
 
     def tiny_config_kwargs(self, tokens: dict[str, int], grid_pinpoints: list[list[int]]) -> dict[str, Any]:
         return dict(image_token_index=tokens["image"], video_token_index=tokens["video"], vision_feature_layer=-2,

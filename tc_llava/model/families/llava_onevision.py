@@ -13,10 +13,9 @@ from torch import nn
 from transformers import (
     LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, PreTrainedConfig, SiglipVisionConfig,
 )
-from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
 from tc_llava.model.families.base import Family
-from tc_llava.model.processors import VideoPreprocessor
+from tc_llava.model.processors import VideoPreprocessor, require_torchvision
 
 
 class LlavaOnevision(Family):
@@ -40,12 +39,14 @@ class LlavaOnevision(Family):
         return hf_model.model.image_newline[None]
 
     def processors(self, config: PreTrainedConfig) -> tuple[Any, VideoPreprocessor | None]:
+        require_torchvision("LlavaOnevisionImageProcessor")
+        from transformers import LlavaOnevisionImageProcessor
+
         size = config.vision_config.image_size
         square, half = {"height": size, "width": size}, [0.5, 0.5, 0.5]
-        image = LlavaOnevisionImageProcessorPil(size=square, image_mean=half, image_std=half,
-                                                image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
-        return image, self.video_processor({"size": square, "do_center_crop": False, "crop_size": None,
-                                            "image_mean": half, "image_std": half})
+        image = LlavaOnevisionImageProcessor(size=square, image_mean=half, image_std=half,
+                                             image_grid_pinpoints=getattr(config, "image_grid_pinpoints", None))
+        return image, self.video_processor({"size": square, "image_mean": half, "image_std": half})
 
     def tiny_vision_config(self, vision: dict[str, Any], layers: int) -> PreTrainedConfig:
         return SiglipVisionConfig(**vision, num_hidden_layers=layers, vision_use_head=False)
