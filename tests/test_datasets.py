@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from tc_llava.configs import CONFIG_DIR
-from tc_llava.data.collate import MODEL_KEYS, DataReport, SFTCollator
+from tc_llava.data.collate import GRID_KEYS, MODEL_KEYS, DataReport, SFTCollator
 from tc_llava.data.datasets import RecordError, SampleError, SFTDataset
 from tc_llava.data.synthetic import generate
 from tc_llava.data.templates import IGNORE_INDEX
@@ -285,7 +285,7 @@ def test_collator_shapes_and_padding(tmp_path, media, tok, proc, side):
         assert (batch["attention_mask"][i, real] == 1).all() and (batch["attention_mask"][i, pad] == 0).all()
         assert (batch["input_ids"][i, pad] == tok.pad_token_id).all()
         assert (batch["labels"][i, pad] == IGNORE_INDEX).all()
-    assert set(MODEL_KEYS) - {"sample_ids"} <= set(batch)  # sample_ids: packed batches only
+    assert set(MODEL_KEYS) - {"sample_ids", *GRID_KEYS} <= set(batch)  # packed batches only; Qwen-VL's only
     assert batch["skips"] == {} and batch["num_truncated"] == 0
     with pytest.raises(ValueError, match="padding_side"):
         SFTCollator(tok.pad_token_id, padding_side="middle")
