@@ -53,7 +53,7 @@ from lmms_eval.api.model import lmms
 
 from tc_llava.data.collate import GRID_KEYS
 from tc_llava.data.inputs import Clip, ClipEncoder, model_inputs
-from tc_llava.data.templates import build_prompt, image_token_of
+from tc_llava.data.templates import build_prompt, get_template, image_token_of
 from tc_llava.data.video import read_frames, sample_frames
 from tc_llava.eval.runner import SAMPLING, GenerationSettings, Item, generate_predictions
 from tc_llava.model.pooling import VideoPooling
@@ -163,12 +163,15 @@ class TCLlavaLMM(lmms):
             raise ValueError(f"{pretrained}: the checkpoint records no chat template; pass model_args template=NAME "
                              "(vicuna_v1, llama_2, mistral_instruct, chatml, plain)")
         trained = self.model.frame_sampling or {}
-        if system_prompt is None and "system" not in trained:
+        # A checkpoint's own chat template (Qwen-VL) brings its own default system turn; a LLaVA recipe's none
+        own_system = get_template(self.model.template).checkpoint_template
+        if system_prompt is None and "system" not in trained and not own_system:
             log.warning("tc_llava: %s records no training system text (exported before tc-llava recorded it): "
                         "prompting with none, as the data.system of the PLLaVA recipes; model_args system_prompt=... "
                         "sets one", pretrained)
         self.pretrained = str(pretrained)
-        self.system_prompt = trained.get("system", "") if system_prompt is None else system_prompt
+        self.system_prompt = trained.get("system", None if own_system else "") if system_prompt is None \
+            else system_prompt
         self.num_frames = int(num_frames) if num_frames is not None else trained.get("num_frames", DEFAULT_FRAMES)
         self.frames_source = ("model_args num_frames" if num_frames is not None else
                               "the export's training" if "num_frames" in trained else "the default")
@@ -178,8 +181,9 @@ class TCLlavaLMM(lmms):
         self.image_token = image_token_of(self.model.tokenizer)
         self._logged: set[tuple[str, int, str]] = set()
         # a warning, as the per-task frames: lmms-eval leaves plugins' loggers at WARNING, and this is what was asked
-        log.warning("tc_llava: %s with rules %s, template %s, system text %r, batch size %d", pretrained,
-                 self.model.tc_settings(), self.model.template, self.system_prompt[:80], self.batch_size_per_gpu)
+        system = "the template's own" if self.system_prompt is None else repr(self.system_prompt[:80])
+        log.warning("tc_llava: %s with rules %s, template %s, system text %s, batch size %d", pretrained,
+                    self.model.tc_settings(), self.model.template, system, self.batch_size_per_gpu)
 
     @property
     def batch_size(self) -> int:
