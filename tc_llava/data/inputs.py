@@ -25,8 +25,8 @@ from typing import Any, Protocol, Union, runtime_checkable
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from tc_llava.data.templates import (IGNORE_INDEX, Encoded, Template, get_template, tokenize_conversation,
-                                     tokenize_prompt)
+from tc_llava.data.templates import (IGNORE_INDEX, Encoded, Expansion, Template, get_template,
+                                     tokenize_conversation, tokenize_prompt)
 
 # A rendered generation prompt, or a training conversation's (user, answer) turns.
 Prompt = Union[str, Sequence[tuple[str, str]]]
@@ -48,14 +48,14 @@ class ClipEncoder(Protocol):
     def frame_indices(self, total_frames: int, video_fps: float) -> list[int]: ...
 
     def encode(self, frames: Any, frame_indices: Sequence[int], video_fps: float,
-               total_frames: int) -> tuple[dict[str, torch.Tensor], list[int]]: ...
+               total_frames: int) -> tuple[dict[str, torch.Tensor], Expansion]: ...
 
 
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     prompt: Prompt,
-    num_visual_tokens: int | Sequence[int],
+    num_visual_tokens: int | Sequence[int] | Expansion,
     system: str | None = None,
     max_txt_len: int | None = None,
 ) -> Encoded:
@@ -113,6 +113,6 @@ def model_inputs(
         "labels": encoded.labels,
         **pixels,
         "num_frames": count,
-        "num_visual_tokens": visual if isinstance(visual, int) else len(visual),
+        "num_visual_tokens": visual if isinstance(visual, int) else len(visual.ids),
         "truncated": encoded.truncated,
     }

@@ -18,7 +18,7 @@ HF-processor style; the model checks that count.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 import torch
@@ -285,6 +285,15 @@ def stop_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | Template)
     return sorted(stops)
 
 
+class Expansion(Protocol):
+    """The ids that replace a prompt's video placeholder; with ``wrapper`` (the ids of the tokens around it, e.g.
+    Qwen-VL's ``<|vision_start|>``/``<|vision_end|>``) they replace those too where the prompt has them.
+    A model's frame processor gives one (Qwen-VL's ``PlaceholderIds``)."""
+
+    ids: Sequence[int]
+    wrapper: tuple[int, int] | None
+
+
 @dataclass
 class Encoded:
     input_ids: torch.Tensor  # [L] long, the placeholder expanded
@@ -305,7 +314,7 @@ def image_token_of(tokenizer: PreTrainedTokenizerBase) -> str:
 def encode_segments(
     tokenizer: PreTrainedTokenizerBase,
     segments: Sequence[Segment],
-    num_visual_tokens: int | Sequence[int],
+    num_visual_tokens: int | Sequence[int] | Expansion,
     add_bos: bool = True,
     max_txt_len: int | None = None,
 ) -> Encoded:
@@ -313,7 +322,7 @@ def encode_segments(
 
     ``num_visual_tokens`` is how many copies of the placeholder id replace it, or the ids that replace it
     (a Qwen3-VL video's timestamps and vision spans: text that special tokens separate from the rest, so it
-    tokenizes alone as it would in place).
+    tokenizes alone as it would in place), or an :class:`Expansion` that may replace the tokens around it too.
 
     ``max_txt_len`` caps the text tokens (BOS included, visual tokens excluded): tokens past
     it are dropped from the end, the placeholder is always kept.
@@ -341,11 +350,17 @@ def encode_segments(
         text_positions = [i for i in range(len(ids)) if i != places[0]]
         keep = sorted(text_positions[:max_txt_len] + places)
         ids, learned = [ids[i] for i in keep], [learned[i] for i in keep]
-    p = ids.index(image_id)
-    visual = [image_id] * num_visual_tokens if isinstance(num_visual_tokens, int) else list(num_visual_tokens)
-    input_ids = ids[:p] + visual + ids[p + 1 :]
+    p = q = ids.index(image_id)
+    expansion = num_visual_tokens if hasattr(num_visual_tokens, "ids") else None
+    if isinstance(num_visual_tokens, int):
+        visual = [image_id] * num_visual_tokens
+    else:
+        visual = list(expansion.ids if expansion else num_visual_tokens)
+    if expansion and expansion.wrapper and 0 < p < len(ids) - 1 and (ids[p - 1], ids[p + 1]) == expansion.wrapper:
+        p, q = p - 1, p + 1
+    input_ids = ids[:p] + visual + ids[q + 1 :]
     labels = [t if lrn else IGNORE_INDEX for t, lrn in zip(ids, learned)]
-    labels = labels[:p] + [IGNORE_INDEX] * len(visual) + labels[p + 1 :]
+    labels = labels[:p] + [IGNORE_INDEX] * len(visual) + labels[q + 1 :]
     return Encoded(torch.tensor(input_ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), truncated)
 
 
@@ -353,7 +368,7 @@ def tokenize_conversation(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     turns: Sequence[tuple[str, str]],
-    num_visual_tokens: int | Sequence[int],
+    num_visual_tokens: int | Sequence[int] | Expansion,
     system: str | None = None,
     max_txt_len: int | None = None,
 ) -> Encoded:
@@ -367,7 +382,7 @@ def tokenize_prompt(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,
     prompt: str,
-    num_visual_tokens: int | Sequence[int],
+    num_visual_tokens: int | Sequence[int] | Expansion,
 ) -> torch.Tensor:
     """``input_ids`` [L] of a ``build_prompt`` text, the placeholder expanded (never truncated)."""
     template = get_template(template)

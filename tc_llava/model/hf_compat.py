@@ -9,6 +9,10 @@ to nothing cached). So every call site passes the name this release uses.
 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` (the
 old name warns until v6).
 
+5.25's ``Qwen3VLProcessor`` replaces a video's whole ``<|vision_start|><|video_pad|><|vision_end|>`` by its
+per-temporal-patch spans; earlier releases keep that outer pair around them
+(:func:`qwen3_vl_drops_video_wrapper`). Prompts follow the installed release, as its model was called.
+
 ``AutoImageProcessor`` picks the torchvision backend (HF's processors as llava-hf checkpoints
 name them) when torchvision is installed, as the lock installs it. Where it is absent (a
 machine that only benchmarks models), ``transformers.AutoImageProcessor`` is a placeholder in
@@ -27,7 +31,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
 __all__ = ["AutoImageProcessor", "CACHE_ARG", "cache_kwargs", "declare_special_token", "enable_activation_checkpointing",
-           "output_cache", "whole_models"]
+           "output_cache", "qwen3_vl_drops_video_wrapper", "whole_models"]
 
 CACHE_ARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
@@ -49,6 +53,14 @@ def enable_activation_checkpointing(model: Any) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def qwen3_vl_drops_video_wrapper() -> bool:
+    """Whether the installed ``Qwen3VLProcessor`` replaces the chat template's ``<|vision_start|><|video_pad|>
+    <|vision_end|>`` as a whole (5.25 on), rather than only the ``<|video_pad|>`` inside it."""
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+
+    return "get_text_with_replacements" in vars(Qwen3VLProcessor)
 
 
 def declare_special_token(tokenizer: Any, name: str, token: str) -> None:

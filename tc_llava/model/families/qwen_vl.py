@@ -168,6 +168,15 @@ class QwenVL(Family):
                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section})
 
 
+@dataclass(frozen=True)
+class PlaceholderIds:
+    """The ids that replace a prompt's ``<|video_pad|>``, and (``wrapper``) the ids of the ``<|vision_start|>``/
+    ``<|vision_end|>`` around it that they replace too (Qwen3-VL from transformers 5.25 on)."""
+
+    ids: list[int]
+    wrapper: tuple[int, int] | None = None
+
+
 class QwenFrames:
     """A Qwen-VL model's frame processor: which frames of a video to decode under the frame budget, and decoded
     frames -> the model's video inputs and the ids that replace the prompt's ``<|video_pad|>``, all by HF's own
@@ -191,7 +200,7 @@ class QwenFrames:
         return select_frames(self.preprocessing, total_frames, video_fps)
 
     def encode(self, frames: Any, frame_indices: Sequence[int], video_fps: float,
-               total_frames: int) -> tuple[dict[str, torch.Tensor], list[int]]:
+               total_frames: int) -> tuple[dict[str, torch.Tensor], PlaceholderIds]:
         """The video's model inputs (``pixel_values_videos``, ``video_grid_thw``, Qwen2.5-VL's
         ``second_per_grid_ts``) and the ids of what HF's processor writes in place of its ``<|video_pad|>``.
 
@@ -199,4 +208,7 @@ class QwenFrames:
         prompt, so tokenized alone it gives the ids it gets in place."""
         video = video_inputs(self.preprocessing, frames, frame_indices, video_fps, total_frames)
         ids = self.tokenizer(video.placeholder(self.tokens), add_special_tokens=False)["input_ids"]
-        return vision_kwargs([video]), list(ids)
+        wrapper = None
+        if video.drops_wrapper:
+            wrapper = tuple(self.tokenizer.convert_tokens_to_ids([self.tokens.vision_start, self.tokens.vision_end]))
+        return vision_kwargs([video]), PlaceholderIds(list(ids), wrapper)

@@ -32,6 +32,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from tc_llava.model.hf_compat import qwen3_vl_drops_video_wrapper
+
 MODEL_TYPES = ("qwen2_5_vl", "qwen3_vl")
 # HF's video processor class of each family (its checkpoints' ``video_processor_type``).
 VIDEO_PROCESSOR_TYPES = {"qwen2_5_vl": "Qwen2VLVideoProcessor", "qwen3_vl": "Qwen3VLVideoProcessor"}
@@ -310,10 +312,17 @@ class VideoInputs:
         """``<|video_pad|>`` tokens the video takes in the prompt."""
         return int(self.video_grid_thw[0, 0]) * self.tokens_per_patch
 
+    @property
+    def drops_wrapper(self) -> bool:
+        """Whether the placeholder replaces the prompt's ``<|vision_start|><|video_pad|><|vision_end|>`` as a whole
+        (``qwen3_vl`` from transformers 5.25 on), not only the ``<|video_pad|>``."""
+        return self.timestamps is not None and qwen3_vl_drops_video_wrapper()
+
     def placeholder(self, tokens: QwenTokens = QwenTokens()) -> str:
         """What replaces the video's ``<|video_pad|>``: the pads (``qwen2_5_vl``), or per temporal patch
         ``<{t:.1f} seconds>`` + ``<|vision_start|>`` + pads + ``<|vision_end|>`` (``qwen3_vl``; the prompt's own
-        ``<|vision_start|>``/``<|vision_end|>`` around the placeholder stay, as in HF's processor)."""
+        ``<|vision_start|>``/``<|vision_end|>`` around the placeholder stay before transformers 5.25 and go with
+        it from 5.25 on, :attr:`drops_wrapper`, as in the installed release's processor)."""
         if self.timestamps is None:
             return tokens.video * self.num_tokens
         patch = tokens.vision_start + tokens.video * self.tokens_per_patch + tokens.vision_end
@@ -372,6 +381,8 @@ def expand_placeholders(text: str, videos: Sequence[VideoInputs] = (), images: S
         found = text.count(token)
         if found != len(given):
             raise ValueError(f"the prompt has {found} {token} placeholder(s) but {len(given)} {kind} were given")
+    if any(video.drops_wrapper for video in videos):  # 5.25's Qwen3VLProcessor: the wrapper goes with the pad
+        text = text.replace(tokens.vision_start + tokens.video + tokens.vision_end, tokens.video)
     queues = {tokens.video: iter(videos), tokens.image: iter(images)}
     pattern = "|".join(re.escape(token) for token in queues)
     return re.sub(pattern, lambda m: next(queues[m.group()]).placeholder(tokens), text)
