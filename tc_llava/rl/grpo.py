@@ -1,0 +1,175 @@
+"""GRPO's objective as pure tensor functions: group advantages, the clipped per-token loss, k3 KL.
+
+Definitions follow TRL's ``GRPOTrainer`` (huggingface/trl, ``trl/trainer/grpo_trainer.py`` at
+commit f2cd57710ae345ea6428ae95363267fcf38a3dc8: advantages in ``_generate_and_score_completions``,
+the loss in ``_compute_loss``; ``nanstd`` in ``trl/trainer/utils.py``), token-level importance
+sampling, so a run here and a TRL run with the same settings optimise the same number. The
+formulas, and the paper each setting comes from, are written out in ``docs/rl.md``.
+
+Layout: a rollout batch holds ``num_prompts x G`` completions, the G completions of a prompt
+next to each other (TRL's ``repeat_interleave`` order). Per-token tensors are ``[B, T]``
+over completion tokens only, ``mask`` 1 on real tokens and 0 on padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOSS_TYPES = ("grpo", "dapo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+STD_EPS = 1e-4  # TRL's: advantages = (r - mean) / (std + 1e-4)
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """The algorithm's settings, checked on construction (before any model is loaded).
+
+    ``num_generations`` is G; ``num_iterations`` the optimiser passes over one rollout batch
+    (mu in DeepSeekMath; ratios differ from 1 from the second on); ``epsilon_high`` defaults
+    to ``epsilon`` (DAPO's clip-higher sets it apart); ``max_completion_length`` is also
+    the ``dr_grpo`` normaliser.
+    """
+
+    num_generations: int = 8
+    loss_type: str = "grpo"
+    scale_rewards: str = "group"
+    epsilon: float = 0.2
+    epsilon_high: float | None = None
+    beta: float = 0.04
+    num_iterations: int = 1
+    max_completion_length: int = 256
+
+    def __post_init__(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"rl.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ValueError(f"rl.scale_rewards: {self.scale_rewards!r} is not one of {SCALE_REWARDS}")
+        if self.num_generations < 2:
+            raise ValueError(f"rl.num_generations: {self.num_generations}; a group needs at least 2 completions")
+        for name in ("num_iterations", "max_completion_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name}: {getattr(self, name)}; expected an integer >= 1")
+        if not 0 < self.epsilon < 1 or not 0 < self.clip_high:
+            raise ValueError(f"rl.epsilon/epsilon_high: {self.epsilon}/{self.epsilon_high}; expected 0 < epsilon < 1 "
+                             "and epsilon_high > 0")
+        if self.beta < 0:
+            raise ValueError(f"rl.beta: {self.beta}; expected >= 0")
+
+    @property
+    def clip_high(self) -> float:
+        return self.epsilon if self.epsilon_high is None else self.epsilon_high
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale_rewards: str = "group") -> Tensor:
+    """``A_i = (r_i - mean(group)) / (std + 1e-4)``, one advantage per completion.
+
+    ``std`` is Bessel-corrected (TRL's ``nanstd``) over the completion's group (``"group"``,
+    DeepSeekMath) or over the whole batch (``"batch"``); ``"none"`` leaves the centred reward
+    unscaled (Dr. GRPO: the std divides away the difficulty signal of nearly solved groups).
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards: {scale_rewards!r} is not one of {SCALE_REWARDS}")
+    if rewards.dim() != 1 or group_size < 2 or rewards.numel() % group_size:
+        raise ValueError(f"rewards: shape {tuple(rewards.shape)} is not a flat batch of groups of {group_size} (>= 2)")
+    grouped = rewards.view(-1, group_size)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)).view(-1)
+    if scale_rewards == "none":
+        return centred
+    std = grouped.std(dim=1).repeat_interleave(group_size) if scale_rewards == "group" else rewards.std()
+    return centred / (std + STD_EPS)
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token ``exp(ref - logp) - (ref - logp) - 1``: Schulman's k3, unbiased for KL(pi || ref)
+    on tokens sampled from pi, never negative (DeepSeekMath eq. 4)."""
+    delta = ref_logps - logps
+    return torch.exp(delta) - delta - 1
+
+
+@dataclass(frozen=True)
+class PolicyLoss:
+    """The loss to back-propagate and detached statistics of this batch (masked means over tokens,
+    TRL's metric names)."""
+
+    loss: Tensor
+    stats: dict[str, Tensor]
+
+
+def _masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def policy_loss(
+    logps: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str,
+    old_logps: Tensor | None = None,
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    ref_logps: Tensor | None = None,
+    max_completion_length: int | None = None,
+    num_items: float | Tensor | None = None,
+) -> PolicyLoss:
+    """The clipped per-token policy-gradient loss, plus ``beta`` x k3 KL, normalised by ``loss_type``.
+
+    Per token: ``-min(rho A, clip(rho, 1 - epsilon, 1 + epsilon_high) A) + beta KL`` with
+    ``rho = exp(logps - old_logps)``. ``old_logps`` are the rollout policy's (detached by
+    the caller, recorded once per rollout batch); ``None`` means the first pass, where
+    ``rho = 1`` in value but still carries the gradient. ``loss_type``:
+
+    - ``grpo``: each sequence's tokens averaged, then the sequences (DeepSeekMath);
+    - ``dapo``: summed over every token, divided by ``num_items``, the number of completion
+      tokens of the whole rollout batch (default: this batch's; pass the total when the
+      batch is split into micro-batches so their gradients add up to the batch's) (DAPO);
+    - ``dr_grpo``: summed, divided by sequences x ``max_completion_length`` (Dr. GRPO).
+
+    Like TRL, ``grpo`` and ``dr_grpo`` are per-batch means: a caller splitting a batch into
+    k micro-batches divides each loss by k.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type: {loss_type!r} is not one of {LOSS_TYPES}")
+    if logps.dim() != 2 or mask.shape != logps.shape or advantages.shape != logps.shape[:1]:
+        raise ValueError(f"policy_loss: logps {tuple(logps.shape)} and mask {tuple(mask.shape)} must be [B, T] and "
+                         f"advantages {tuple(advantages.shape)} [B]")
+    if beta and ref_logps is None:
+        raise ValueError(f"policy_loss: beta={beta} needs ref_logps (the reference policy's token log-probs)")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < logps.shape[1]):
+        raise ValueError(f"policy_loss: dr_grpo needs max_completion_length >= the completion width {logps.shape[1]}, "
+                         f"got {max_completion_length}")
+    mask = mask.to(logps.dtype)
+    old_logps = logps.detach() if old_logps is None else old_logps
+    high = epsilon if epsilon_high is None else epsilon_high
+    ratio = torch.exp(logps - old_logps)
+    adv = advantages.unsqueeze(1)
+    per_token = -torch.min(ratio * adv, torch.clamp(ratio, 1 - epsilon, 1 + high) * adv)
+    kl = kl_k3(logps, ref_logps) if ref_logps is not None else None
+    if beta:
+        per_token = per_token + beta * kl
+    masked = per_token * mask
+    if loss_type == "grpo":
+        loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "dapo":
+        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype)
+        loss = masked.sum() / total.clamp(min=1.0)
+    else:
+        loss = masked.sum() / (logps.shape[0] * max_completion_length)
+    with torch.no_grad():
+        ratio = ratio.detach()
+        low_clip = ((ratio < 1 - epsilon) & (adv < 0)).to(logps.dtype)
+        high_clip = ((ratio > 1 + high) & (adv > 0)).to(logps.dtype)
+        stats = {
+            "clip_ratio/low_mean": _masked_mean(low_clip, mask),
+            "clip_ratio/high_mean": _masked_mean(high_clip, mask),
+            "clip_ratio/region_mean": _masked_mean(low_clip + high_clip, mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+            "completion_length": mask.sum(-1).mean(),
+        }
+        if kl is not None:
+            stats["kl"] = _masked_mean(kl.detach(), mask)
+    return PolicyLoss(loss, stats)
