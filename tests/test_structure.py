@@ -18,6 +18,7 @@ FORBIDDEN = {
     "data": {"model", "train", "eval", "ablation", "lmms"},
     "train": {"eval", "ablation", "lmms"},
     "eval": {"train", "ablation", "lmms"},
+    "rl": {"train", "ablation", "lmms"},  # may use eval's answer checks (rewards), not the SFT app
     "ablation": {"lmms"},  # the lmms-eval plugin sits above everything; nothing imports it
 }
 
