@@ -15,7 +15,11 @@ import statistics
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
+from tc_llava.configs import CONFIG_DIR
 from tc_llava.rl.grpo import LOSS_TYPES, GRPOSettings, group_advantages, kl_k3, policy_loss
 
 B, T, V, G, L_MAX = 6, 5, 7, 3, 8
@@ -159,3 +163,15 @@ def test_loss_refuses_inconsistent_inputs():
         policy_loss(logps, adv, mask, loss_type="grpo", beta=0.04)
     with pytest.raises(ValueError, match="groups of 4"):
         group_advantages(torch.zeros(6), 4)
+
+
+@pytest.mark.parametrize("preset", ["grpo", "dapo", "dr_grpo"])
+def test_shipped_algorithm_presets_are_valid_settings(preset):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(str(CONFIG_DIR), version_base=None):
+        cfg = compose(overrides=[f"+algorithm={preset}"])
+    settings = GRPOSettings(**OmegaConf.to_container(cfg.algorithm))
+    assert (settings.loss_type, settings.num_generations) == (preset, 8)
+    assert (settings.scale_rewards, settings.beta) == {"grpo": ("group", 0.04), "dapo": ("group", 0.0),
+                                                      "dr_grpo": ("none", 0.0)}[preset]
+    assert settings.clip_high == (0.28 if preset == "dapo" else 0.2)
