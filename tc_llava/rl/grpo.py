@@ -155,7 +155,7 @@ def policy_loss(
     if loss_type == "grpo":
         loss = (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     elif loss_type == "dapo":
-        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype)
+        total = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=logps.dtype, device=logps.device)
         loss = masked.sum() / total.clamp(min=1.0)
     else:
         loss = masked.sum() / (logps.shape[0] * max_completion_length)

@@ -68,7 +68,8 @@ def register(name: str, answer_type: str | None = None) -> Callable[[RewardFn], 
 
     def add(fn: RewardFn) -> RewardFn:
         if name in REWARDS:
-            raise ValueError(f"reward {name!r} is registered twice ({REWARDS[name].fn.__qualname__}, {fn.__qualname__})")
+            raise ValueError(f"reward {name!r} is registered twice "
+                             f"({REWARDS[name].fn.__qualname__}, {fn.__qualname__})")
         REWARDS[name] = Reward(name, fn, answer_type)
         return fn
 
