@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import defaultdict
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -175,3 +177,50 @@ def test_shipped_algorithm_presets_are_valid_settings(preset):
     assert (settings.scale_rewards, settings.beta) == {"grpo": ("group", 0.04), "dapo": ("group", 0.0),
                                                       "dr_grpo": ("none", 0.0)}[preset]
     assert settings.clip_high == (0.28 if preset == "dapo" else 0.2)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.04])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_loss_equals_trl_grpo_trainer(loss_type, beta):
+    """TRL's own ``GRPOTrainer._compute_loss`` (run with TRL installed, e.g. trl==1.16.0) on the same
+    rollout: same loss and gradient, first pass and a later one with ratios away from 1."""
+    trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
+    tokens, mask, rewards, logits0, ref_logits = _rollout()
+    adv = group_advantages(rewards, G)
+    old, ref = _logps(logits0, tokens), _logps(ref_logits, tokens)
+    for logits, old_logps in [(logits0, None), (logits0 + 0.4 * torch.randn_like(logits0), old)]:
+        logits = logits.clone().requires_grad_()
+        logps = _logps(logits, tokens)
+        trainer = SimpleNamespace(
+            _get_per_token_logps_and_entropies=lambda *a, **k: (logps, torch.zeros_like(logps), None),
+            top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level="token",
+            beta=beta, loss_type=loss_type, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, use_vllm=False,
+            max_completion_length=L_MAX, current_gradient_accumulation_steps=1, aux_loss_enabled=False,
+            _entropy_bonus_enabled=False, _metrics={"train": defaultdict(list)},
+            model=SimpleNamespace(training=True),
+            args=SimpleNamespace(use_bias_correction_kl=False, delta=None, steps_per_generation=1),
+            accelerator=SimpleNamespace(num_processes=1, gather=_one_process, reduce=_one_process, sync_gradients=True),
+        )
+        inputs = {"prompt_ids": tokens[:, :1], "prompt_mask": torch.ones(B, 1), "completion_ids": tokens,
+                  "completion_mask": mask, "advantages": adv, "ref_per_token_logps": ref,
+                  "num_items_in_batch": mask.sum()}
+        if old_logps is not None:
+            inputs["old_per_token_logps"] = old_logps
+        expected = trl_grpo.GRPOTrainer._compute_loss(trainer, None, inputs)
+        (expected_grad,) = torch.autograd.grad(expected, logits)
+        out = policy_loss(_logps(logits, tokens), adv, mask, loss_type=loss_type, old_logps=old_logps,
+                          epsilon=EPS_LOW, epsilon_high=EPS_HIGH, beta=beta, ref_logps=ref,
+                          max_completion_length=L_MAX)
+        (grad,) = torch.autograd.grad(out.loss, logits)
+        torch.testing.assert_close(out.loss, expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-13)
+        metrics = trainer._metrics["train"]
+        assert float(out.stats["clip_ratio/region_mean"]) == pytest.approx(metrics["clip_ratio/region_mean"][0])
+        assert (old_logps is None) == (metrics["clip_ratio/region_mean"][0] == 0)  # the later pass clips
+        if beta:
+            assert float(out.stats["kl"]) == pytest.approx(metrics["kl"][0])
+
+
+def _one_process(x, **_):
+    """``accelerator.gather``/``reduce`` on one process."""
+    return x

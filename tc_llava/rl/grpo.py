@@ -1,9 +1,11 @@
 """GRPO's objective as pure tensor functions: group advantages, the clipped per-token loss, k3 KL.
 
 Definitions follow TRL's ``GRPOTrainer`` (huggingface/trl, ``trl/trainer/grpo_trainer.py`` at
-commit f2cd57710ae345ea6428ae95363267fcf38a3dc8: advantages in ``_generate_and_score_completions``,
-the loss in ``_compute_loss``; ``nanstd`` in ``trl/trainer/utils.py``), token-level importance
-sampling, so a run here and a TRL run with the same settings optimise the same number. The
+commit f2cd57710ae345ea6428ae95363267fcf38a3dc8 and in release 1.16.0: advantages in
+``_generate_and_score_completions``, the loss in ``_compute_loss``; ``nanstd`` in
+``trl/trainer/utils.py``), token-level importance sampling, so a run here and a TRL run with
+the same settings optimise the same number (``tests/test_grpo.py`` runs TRL's ``_compute_loss``
+itself when TRL is installed). The
 formulas, and the paper each setting comes from, are written out in ``docs/rl.md``.
 
 Layout: a rollout batch holds ``num_prompts x G`` completions, the G completions of a prompt
@@ -124,9 +126,10 @@ def policy_loss(
     ``rho = 1`` in value but still carries the gradient. ``loss_type``:
 
     - ``grpo``: each sequence's tokens averaged, then the sequences (DeepSeekMath);
-    - ``dapo``: summed over every token, divided by ``num_items``, the number of completion
-      tokens of the whole rollout batch (default: this batch's; pass the total when the
-      batch is split into micro-batches so their gradients add up to the batch's) (DAPO);
+    - ``dapo``: summed over every token, divided by ``num_items``, the completion tokens that
+      one optimiser step averages over (default: this batch's; when a step accumulates
+      micro-batches, pass the step's total so their gradients add up to the step's; TRL 1.16
+      passes the rollout batch's count scaled to one accumulation window) (DAPO);
     - ``dr_grpo``: summed, divided by sequences x ``max_completion_length`` (Dr. GRPO).
 
     Like TRL, ``grpo`` and ``dr_grpo`` are per-batch means: a caller splitting a batch into
