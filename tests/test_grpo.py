@@ -144,12 +144,13 @@ def test_kl_k3_is_the_estimator():
 
 
 @pytest.mark.parametrize("bad, message", [
-    ({"loss_type": "bnpo"}, "rl.loss_type"),
-    ({"scale_rewards": "yes"}, "rl.scale_rewards"),
-    ({"num_generations": 1}, "rl.num_generations"),
-    ({"num_iterations": 0}, "rl.num_iterations"),
-    ({"epsilon": 1.5}, "rl.epsilon"),
-    ({"beta": -0.1}, "rl.beta"),
+    ({"loss_type": "bnpo"}, "algorithm.loss_type"),
+    ({"scale_rewards": "yes"}, "algorithm.scale_rewards"),
+    ({"num_generations": 1}, "algorithm.num_generations"),
+    ({"num_generations": "8"}, "algorithm.num_generations: '8'"),
+    ({"num_iterations": 0}, "algorithm.num_iterations"),
+    ({"epsilon": 1.5}, "algorithm.epsilon"),
+    ({"beta": -0.1}, "algorithm.beta"),
 ])
 def test_settings_refuse_what_the_loss_cannot_mean(bad, message):
     with pytest.raises(ValueError, match=message):

@@ -32,7 +32,8 @@ class GRPOSettings:
     ``num_generations`` is G; ``num_iterations`` the optimiser passes over one rollout batch
     (mu in DeepSeekMath; ratios differ from 1 from the second on); ``epsilon_high`` defaults
     to ``epsilon`` (DAPO's clip-higher sets it apart); ``max_completion_length`` is also
-    the ``dr_grpo`` normaliser.
+    the ``dr_grpo`` normaliser. Defaults are DeepSeekMath's (TRL 1.16 defaults to ``dapo``
+    with ``beta`` 0); ``configs/algorithm/`` holds each paper's.
     """
 
     num_generations: int = 8
@@ -45,20 +46,26 @@ class GRPOSettings:
     max_completion_length: int = 256
 
     def __post_init__(self) -> None:
+        for name, kind in (("num_generations", int), ("num_iterations", int), ("max_completion_length", int),
+                           ("epsilon", (int, float)), ("epsilon_high", (int, float, type(None))),
+                           ("beta", (int, float))):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kind):
+                raise ValueError(f"algorithm.{name}: {value!r} is not a number of the expected kind")
         if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"rl.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
+            raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
         if self.scale_rewards not in SCALE_REWARDS:
-            raise ValueError(f"rl.scale_rewards: {self.scale_rewards!r} is not one of {SCALE_REWARDS}")
+            raise ValueError(f"algorithm.scale_rewards: {self.scale_rewards!r} is not one of {SCALE_REWARDS}")
         if self.num_generations < 2:
-            raise ValueError(f"rl.num_generations: {self.num_generations}; a group needs at least 2 completions")
+            raise ValueError(f"algorithm.num_generations: {self.num_generations}; a group needs at least 2 completions")
         for name in ("num_iterations", "max_completion_length"):
             if getattr(self, name) < 1:
-                raise ValueError(f"rl.{name}: {getattr(self, name)}; expected an integer >= 1")
+                raise ValueError(f"algorithm.{name}: {getattr(self, name)}; expected an integer >= 1")
         if not 0 < self.epsilon < 1 or not 0 < self.clip_high:
-            raise ValueError(f"rl.epsilon/epsilon_high: {self.epsilon}/{self.epsilon_high}; expected 0 < epsilon < 1 "
-                             "and epsilon_high > 0")
+            raise ValueError(f"algorithm.epsilon/epsilon_high: {self.epsilon}/{self.epsilon_high}; "
+                             "expected 0 < epsilon < 1 and epsilon_high > 0")
         if self.beta < 0:
-            raise ValueError(f"rl.beta: {self.beta}; expected >= 0")
+            raise ValueError(f"algorithm.beta: {self.beta}; expected >= 0")
 
     @property
     def clip_high(self) -> float:
