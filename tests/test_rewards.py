@@ -47,6 +47,7 @@ def test_mean_relative_accuracy_is_vsibench():
     for gt in [0.7, 3.0, 10.0, 250.0]:
         for pred in [gt, *(gt * gen.uniform(0, 2.2, 40)), 1.5 * gt, 0.5 * gt, 1.05 * gt, 0.95 * gt]:
             assert mean_relative_accuracy(pred, gt) == pytest.approx(_vsibench_mra(pred, gt), abs=1e-12)
+    assert type(mean_relative_accuracy(15.0, 10.0)) is float
     assert mean_relative_accuracy(15.0, 10.0) == pytest.approx(0.1)  # error 0.5 counts at theta = 0.5 (<=)
     assert mean_relative_accuracy(10.6, 10.0) == pytest.approx(0.9)  # error 0.06 misses only theta = 0.95
     assert mean_relative_accuracy(-3.0, -3.0) == 1.0 and mean_relative_accuracy(3.0, -3.0) == 0.0

@@ -44,7 +44,7 @@ _SPAN = (
 )
 # VSI-Bench's MRA thresholds and comparison, as its lmms-eval task computes them
 # (``mean_relative_accuracy(pred, target, .5, .95, .05)``: ``abs_dist_norm <= 1 - linspace(.5, .95, 10)``).
-_MRA_TOLERANCES = tuple(1 - np.linspace(0.5, 0.95, 10))
+_MRA_TOLERANCES = tuple((1 - np.linspace(0.5, 0.95, 10)).tolist())
 
 RewardFn = Callable[[str, str], "float | None"]
 
