@@ -56,6 +56,7 @@ from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_tok
 from tc_llava.model.settings import (
     BUDGET_KEY, FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
+from tc_llava.model.tiling import Tiling, tile_mlps, tiled_loss
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ class TCLlava(nn.Module):
     ``frame_sampling`` records how the model was trained to see videos (an export's
     ``tc_llava_frames``: ``num_frames``, ``image_frames``, ``sampling``). A Qwen-VL family's
     ``preprocessing`` holds HF's processors under its frame budget instead (``tc_llava_frame_budget``).
+    ``tiling`` (:mod:`tc_llava.model.tiling`) runs the loss, the vision tower and the MLPs in tiles at long lengths.
     """
 
     def __init__(
@@ -146,6 +148,7 @@ class TCLlava(nn.Module):
         video_preprocessor: VideoPreprocessor | None = None,
         frame_sampling: dict[str, Any] | None = None,
         preprocessing: QwenVLPreprocessing | None = None,
+        tiling: Tiling | None = None,
     ) -> None:
         super().__init__()
         self.family = family_of(hf_model.config.model_type)
@@ -158,6 +161,9 @@ class TCLlava(nn.Module):
         self.template = template  # the chat template's name (data.templates): how prompts are written for it
         self.frame_sampling = frame_sampling
         self.preprocessing = preprocessing  # a Qwen-VL family's processors under its frame budget
+        self.tiling = tiling or Tiling()  # long sequences: loss, vision tower and MLPs in tiles (model.tiling)
+        if self.tiling.mlp_tokens is not None:
+            tile_mlps(self.language_model.layers, self.tiling.mlp_tokens)
         # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
         self.weights_report: dict[str, Any] = {"allow_missing_weights": False}
         lm = self.language_model
@@ -278,7 +284,8 @@ class TCLlava(nn.Module):
         size = self.config.vision_config.image_size
         if frames.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values frames are {tuple(frames.shape[-2:])}, the vision tower takes {size}x{size}")
-        features = self.family.frame_features(self.hf, frames)
+        chunks = frames.split(self.tiling.vision_frames or len(frames))  # frames are independent in the tower
+        features = torch.cat([self.family.frame_features(self.hf, chunk) for chunk in chunks])
         tokens = [self.pooling.pool(sample, self.grid) for sample in features.split(list(num_frames))]
         after = self.family.after_video(self.hf)
         if after is not None:
@@ -360,7 +367,8 @@ class TCLlava(nn.Module):
         lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs()}
         if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
             if not qwen_visual.empty and layout.frame_ids is not None:
-                embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual)
+                embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual,
+                                                         self.tiling.vision_frames)
                 lm_kwargs.update(extra, inputs_embeds=embeds)
             out = lm(**{**lm_kwargs, "position_ids": layout.rope_positions})
         else:
@@ -435,10 +443,11 @@ class TCLlava(nn.Module):
         return frame_ids, positions, nxt
 
     def _loss(self, hidden: torch.Tensor, layout: BatchLayout, num_items_in_batch) -> torch.Tensor:
+        """Mean cross-entropy of the layout's loss positions (``num_items_in_batch``: over that many), the LM head
+        run a tile of them at a time (``tiling.loss_tokens``)."""
         index = layout.loss_index
-        logits = self.hf.lm_head(hidden.flatten(0, 1)[index])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays)
-        total = nn.functional.cross_entropy(logits, layout.targets.flatten()[index], reduction="sum")
+        total = tiled_loss(self.hf.lm_head, hidden.flatten(0, 1)[index], layout.targets.flatten()[index],
+                           self.tiling.loss_tokens)
         denom = num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1)
         return total / torch.as_tensor(denom, device=total.device, dtype=total.dtype)
 
@@ -487,6 +496,7 @@ class TCLlava(nn.Module):
         template: str | None = None,
         allow_missing_weights: bool = False,
         frame_budget: dict[str, Any] | None = None,
+        tiling: Tiling | None = None,
         **hf_kwargs: Any,
     ) -> "TCLlava":
         """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
@@ -494,7 +504,8 @@ class TCLlava(nn.Module):
 
         A Qwen-VL family loads its image and video processors under ``frame_budget`` (the fields of
         :class:`~tc_llava.model.families.qwen_vl_inputs.FrameBudget`; None: the export's recorded budget, else the
-        checkpoint processors' own), refused here where the processor would override it.
+        checkpoint processors' own), refused here where the processor would override it. ``tiling`` (None: the
+        defaults of :class:`~tc_llava.model.tiling.Tiling`) is how long sequences run, never saved.
 
         ``dtype`` None is the checkpoint's (:func:`~tc_llava.model.settings.checkpoint_dtype`). Weights the
         checkpoint lacks, or holds beyond the model's, are a :class:`WeightsError` naming them unless
@@ -565,6 +576,7 @@ class TCLlava(nn.Module):
             video_preprocessor=VideoPreprocessor.from_pretrained(path) if wants_video else None,
             frame_sampling=frame_sampling,
             preprocessing=preprocessing,
+            tiling=tiling,
         )
         model.weights_report = {"allow_missing_weights": allow_missing_weights,
                                 **{key: names for key, names in found.items() if names}}
