@@ -63,3 +63,38 @@ def test_a_share_that_does_not_divide_is_refused(tiny_llama):
     world = next(n for n in range(2, 9) if layout.length % n)
     with pytest.raises(ValueError, match=f"does not split into {world} equal shares: pad rows"):
         layout.shard(0, world)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("ckpt", ["tiny_llama", "tiny_qwen2_5_vl"])
+def test_the_layout_costs_one_host_synchronisation(ckpt, request):
+    """A packed LLaVA batch (frame counts as a tensor) and a Qwen-VL batch (grids on the GPU): the whole layout,
+    block spans and loss positions included, waits for the GPU once (torch's sync debug mode counts the waits)."""
+    import warnings
+
+    from tc_llava.model.families.qwen_vl import QwenVisual
+
+    import test_qwen_families as qwen
+
+    model = load(request.getfixturevalue(ckpt), TADRoPE(), FrameBlockCausalMask()).cuda()
+    if ckpt == "tiny_llama":
+        batch = {k: v.cuda() for k, v in packed_batch(samples(model), ROWS, model.tokenizer.pad_token_id).items()}
+        args = (batch["input_ids"], batch["attention_mask"], batch["sample_ids"], batch["labels"],
+                batch["pixel_values"], batch["num_frames"])
+    else:
+        ids, mask, visual, _ = qwen.batch(model)
+        visual = {k: v.cuda() for k, v in visual.items()}
+        args = (ids.cuda(), mask.cuda(), None, ids.cuda(), None, None,
+                QwenVisual.of(**visual))
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            layout, _ = model.batch_layout(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert layout.rope_positions.is_cuda and layout.loss_index.is_cuda
+    assert ckpt != "tiny_llama" or layout.block_spans.starts.is_cuda

@@ -127,3 +127,41 @@ def test_mlp_tiles_equal_the_whole_mlp(tiny_llama, checkpointing):
 def test_a_tile_size_must_be_a_positive_integer():
     with pytest.raises(ValueError, match=r"model.tiling.loss_tokens must be an integer >= 1, got 0"):
         Tiling(loss_tokens=0)
+
+
+def test_offloaded_checkpoints_equal_the_kept_ones(tiny_llama, monkeypatch):
+    """trainer.offload_checkpoints: every checkpointed layer's input hidden states go through the host-offload hooks,
+    and the loss and gradients are those kept on the device."""
+    from torch.autograd.graph import save_on_cpu
+
+    from tc_llava.model import tc_llava
+
+    packed = []
+
+    class Recorded(save_on_cpu):
+        def __init__(self, pin_memory: bool = False) -> None:
+            super().__init__(pin_memory)
+            pack = self.pack_hook
+            self.pack_hook = lambda t: packed.append(tuple(t.shape)) or pack(t)
+
+    monkeypatch.setattr(tc_llava, "save_on_cpu", Recorded)
+    runs = []
+    for offload in (False, True):
+        model = load(tiny_llama, UNTILED)
+        enable_activation_checkpointing(model.hf)
+        model.offload_checkpoints = offload
+        batch = llava_batch(model)
+        runs.append(loss_and_grads(model, batch, {}, {}))
+    assert_same(runs[1], runs[0])
+    hidden = (*batch["input_ids"].shape, model.config.text_config.hidden_size)
+    assert packed.count(hidden) >= model.config.text_config.num_hidden_layers
+
+
+def test_offload_needs_checkpointing():
+    from omegaconf import OmegaConf
+
+    from tc_llava.train.settings import SettingsError, check_trainer
+
+    trainer = OmegaConf.create({"name": "cpu", "offload_checkpoints": True, "gradient_checkpointing": False})
+    with pytest.raises(SettingsError, match="trainer.offload_checkpoints=true .* needs trainer.gradient_checkpointing"):
+        check_trainer(trainer)

@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
@@ -162,6 +164,9 @@ class TCLlava(nn.Module):
         self.frame_sampling = frame_sampling
         self.preprocessing = preprocessing  # a Qwen-VL family's processors under its frame budget
         self.tiling = tiling or Tiling()  # long sequences: loss, vision tower and MLPs in tiles (model.tiling)
+        # trainer.offload_checkpoints: what the LLM saves for the backward (with activation checkpointing: each
+        # layer's input hidden states) waits in host memory
+        self.offload_checkpoints = False
         if self.tiling.mlp_tokens is not None:
             tile_mlps(self.language_model.layers, self.tiling.mlp_tokens)
         # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
@@ -364,13 +369,16 @@ class TCLlava(nn.Module):
             layout, counts = self.batch_layout(input_ids, attention_mask, sample_ids, labels, pixel_values,
                                                num_frames, qwen_visual)
         attention = llm_attention(lm.config, layout, embeds, cache)
+        offload = save_on_cpu(pin_memory=embeds.is_cuda) if self.offload_checkpoints and torch.is_grad_enabled() \
+            else nullcontext()
         lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs()}
         if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
             if not qwen_visual.empty and layout.frame_ids is not None:
                 embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual,
                                                          self.tiling.vision_frames)
                 lm_kwargs.update(extra, inputs_embeds=embeds)
-            out = lm(**{**lm_kwargs, "position_ids": layout.rope_positions})
+            with offload:
+                out = lm(**{**lm_kwargs, "position_ids": layout.rope_positions})
         else:
             if counts is not None:
                 frames = pixel_values.flatten(0, 1) if pixel_values.ndim == 5 else pixel_values
@@ -379,7 +387,7 @@ class TCLlava(nn.Module):
                     (input_ids == self.placeholder_token_id)[..., None], visual_tokens)
             positions = layout.rope_positions
             pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if positions.ndim == 3 else None
-            with lm.rotary_emb.use(positions, pair_axes):
+            with lm.rotary_emb.use(positions, pair_axes), offload:
                 out = lm(**lm_kwargs)
         hidden = out.last_hidden_state
         loss = logits = None
