@@ -44,12 +44,13 @@ def qwen_batch(model: TCLlava) -> dict:
     return dict(input_ids=ids, attention_mask=mask, labels=torch.where(mask.bool(), ids, -100), **visual)
 
 
-def loss_and_grads(model: TCLlava, batch: dict, calls: dict[str, list[int]], watch: dict[str, torch.nn.Module]):
-    """The loss and every gradient, and the tokens (rows) each watched module saw per call, forward and backward."""
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: calls[name].append(args[0].shape[-2]
-                                                                                          if name == "mlp"
-                                                                                          else args[0].shape[0]))
-             for name, module in watch.items()]
+def loss_and_grads(model: TCLlava, batch: dict, watch: dict[str, tuple[torch.nn.Module, int]] | None = None):
+    """The loss, every gradient, and the length along ``axis`` of each watched module's input per call (forward and
+    recompute): ``watch`` maps a name to ``(module, axis)``."""
+    seen = {name: [] for name in watch or {}}
+    hooks = [module.register_forward_pre_hook(lambda m, args, calls=seen[name], axis=axis:
+                                              calls.append(args[0].shape[axis]))
+             for name, (module, axis) in (watch or {}).items()]
     try:
         model.zero_grad()
         loss = model(**batch).loss
@@ -57,7 +58,7 @@ def loss_and_grads(model: TCLlava, batch: dict, calls: dict[str, list[int]], wat
     finally:
         for hook in hooks:
             hook.remove()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}), seen
 
 
 def assert_same(tiled, whole) -> None:
@@ -69,16 +70,16 @@ def assert_same(tiled, whole) -> None:
 
 
 def run(path, tiling: Tiling, make_batch, watch, checkpointing: bool = False):
+    """:func:`loss_and_grads` of a fresh model with ``tiling``; ``watch`` maps a name to ``(getter, axis)``."""
     model = load(path, tiling)
     if checkpointing:
         enable_activation_checkpointing(model.hf)
-    calls = {name: [] for name in watch}
-    return loss_and_grads(model, make_batch(model), calls, {n: get(model) for n, get in watch.items()}), calls
+    return loss_and_grads(model, make_batch(model), {n: (get(model), axis) for n, (get, axis) in watch.items()})
 
 
 def test_loss_tiles_equal_the_whole_loss(tiny_llama):
     """The LM head never sees more than a tile of labelled tokens, forward or backward (its recompute)."""
-    watch = {"lm_head": lambda m: m.hf.lm_head}
+    watch = {"lm_head": (lambda m: m.hf.lm_head, 0)}
     whole, seen_whole = run(tiny_llama, UNTILED, llava_batch, watch)
     tiled, seen = run(tiny_llama, Tiling(loss_tokens=7, vision_frames=None), llava_batch, watch)
     assert_same(tiled, whole)
@@ -89,7 +90,7 @@ def test_loss_tiles_equal_the_whole_loss(tiny_llama):
 @pytest.mark.parametrize("ckpt", ["tiny_llama", "tiny_onevision"])
 def test_vision_chunks_equal_the_whole_tower(ckpt, request):
     path = request.getfixturevalue(ckpt)
-    watch = {"tower": lambda m: m.hf.model.vision_tower}
+    watch = {"tower": (lambda m: m.hf.model.vision_tower, 0)}
     whole, seen_whole = run(path, UNTILED, llava_batch, watch)
     tiled, seen = run(path, Tiling(loss_tokens=None, vision_frames=3), llava_batch, watch)
     assert_same(tiled, whole)
@@ -105,18 +106,18 @@ def test_qwen_vision_chunks_take_whole_videos(ckpt, request):
     grids = []
     model.hf.model.get_video_features = lambda pixels, grid, **kw: grids.append(grid.tolist()) or get(pixels, grid,
                                                                                                          **kw)
-    whole = loss_and_grads(model, qwen_batch(model), {}, {})
+    whole, _ = loss_and_grads(model, qwen_batch(model))
     assert grids == [[[2, 4, 6], [3, 6, 4]]]
     grids.clear()
     model.tiling = Tiling(loss_tokens=None, vision_frames=3)
-    assert_same(loss_and_grads(model, qwen_batch(model), {}, {}), whole)
+    assert_same(loss_and_grads(model, qwen_batch(model))[0], whole)
     assert grids == [[[2, 4, 6]], [[3, 6, 4]]]
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointed_layers"])
 def test_mlp_tiles_equal_the_whole_mlp(tiny_llama, checkpointing):
     """Every MLP call sees at most a tile of positions, with and without the layers' own checkpointing."""
-    watch = {"mlp": lambda m: m.language_model.layers[0].mlp.down_proj}
+    watch = {"mlp": (lambda m: m.language_model.layers[0].mlp.down_proj, -2)}
     whole, seen_whole = run(tiny_llama, UNTILED, llava_batch, watch, checkpointing)
     tiled, seen = run(tiny_llama, Tiling(loss_tokens=None, vision_frames=None, mlp_tokens=16), llava_batch, watch,
                       checkpointing)
@@ -151,7 +152,7 @@ def test_offloaded_checkpoints_equal_the_kept_ones(tiny_llama, monkeypatch):
         enable_activation_checkpointing(model.hf)
         model.offload_checkpoints = offload
         batch = llava_batch(model)
-        runs.append(loss_and_grads(model, batch, {}, {}))
+        runs.append(loss_and_grads(model, batch)[0])
     assert_same(runs[1], runs[0])
     hidden = (*batch["input_ids"].shape, model.config.text_config.hidden_size)
     assert packed.count(hidden) >= model.config.text_config.num_hidden_layers
