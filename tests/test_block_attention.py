@@ -390,14 +390,13 @@ def test_unequal_blocks_get_the_decomposition_not_a_mask(case, backend):
     from transformers import LlamaConfig
 
     from tc_llava.model.attention import llm_attention
+    from tc_llava.model.layout import BatchLayout
 
     config = LlamaConfig(hidden_size=16, num_attention_heads=2, num_hidden_layers=1, vocab_size=16)
     config._attn_implementation = backend
     frame_ids, mask, samples = unequal_layout(case)
     embeds = torch.zeros(*frame_ids.shape, 16, dtype=torch.float64)
-    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-    chosen = llm_attention(config, FrameBlockCausalMask(), frame_ids, mask, position_ids, embeds,
-                           sample_ids=samples)
+    chosen = llm_attention(config, BatchLayout.of(FrameBlockCausalMask(), frame_ids, mask, samples), embeds)
     assert chosen.attention_mask is None and chosen.position_ids is None
     spans = chosen.layer_kwargs["block_spans"]
     assert spans.sizes is not None and len(set(spans.sizes.flatten().tolist())) > 1

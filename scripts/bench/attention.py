@@ -28,8 +28,9 @@ from transformers import LlamaConfig, LlamaModel
 from timing import cuda_times_ms
 
 from tc_llava.model.attention import BLOCK_MERGE, llm_attention
+from tc_llava.model.layout import BatchLayout
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
-from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE, real_token_index
+from tc_llava.model.rope import RotaryPositions, TADRoPE, VanillaRoPE
 
 PEAK_TFLOPS = 989.5
 
@@ -53,8 +54,8 @@ def layout_fn(lm: LlamaModel, rule_rope, rule_mask, frame_ids: torch.Tensor, emb
     def build() -> tuple[torch.Tensor, dict]:
         attention_mask = torch.ones_like(frame_ids)
         positions = rule_rope.positions(frame_ids, attention_mask)
-        position_ids = real_token_index(frame_ids, attention_mask)
-        return positions, llm_attention(lm.config, rule_mask, frame_ids, attention_mask, position_ids, embeds).kwargs()
+        layout = BatchLayout.of(rule_mask, frame_ids, attention_mask)
+        return positions, llm_attention(lm.config, layout, embeds).kwargs()
 
     return build
 

@@ -16,9 +16,10 @@ from transformers import (
 )
 
 from tc_llava.model.attention import llm_attention
+from tc_llava.model.layout import BatchLayout
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.pooling import VideoPooling
-from tc_llava.model.rope import TADRoPE, VanillaRoPE, real_token_index
+from tc_llava.model.rope import TADRoPE, VanillaRoPE
 from tc_llava.model.tc_llava import TCLlava
 
 IMAGE_TOKEN_ID = 32000
@@ -73,8 +74,8 @@ def attention_path(model: TCLlava, frame_ids: torch.Tensor, mask: torch.Tensor,
     """What the LLM attends with for this layout (under the caller's grad mode: block_auto's fallback differs):
     the block decomposition, with variable-length segments or not, or the kind of mask it gets instead."""
     embeds = torch.empty(*mask.shape, model.config.text_config.hidden_size, device=mask.device, dtype=model.hf.dtype)
-    chosen = llm_attention(model.language_model.config, model.mask, frame_ids, mask,
-                           real_token_index(frame_ids, mask), embeds, sample_ids=sample_ids)
+    chosen = llm_attention(model.language_model.config, BatchLayout.of(model.mask, frame_ids, mask, sample_ids),
+                           embeds)
     spans = chosen.layer_kwargs.get("block_spans")
     if spans is None:
         return type(chosen.attention_mask).__name__

@@ -9,7 +9,7 @@ Two backends are registered in transformers' ``AttentionInterface`` and
 
 - ``block_merge``: the decomposition of :mod:`tc_llava.model.block_attention` wherever it
   applies, with :func:`~tc_llava.model.block_attention.block_spans` handed to the layers as
-  a keyword argument and no mask built. It takes packed rows, left-padded evaluation
+  a keyword argument (from the batch's :class:`~tc_llava.model.layout.BatchLayout`) and no mask built. It takes packed rows, left-padded evaluation
   prefills and mixed frame counts through its variable-length segments, and blocks of
   different sizes (an image then a video, samples of different resolutions) with each
   block's size. Where it does not apply (a filled KV cache, fp32 on CUDA, a block id that
@@ -40,9 +40,10 @@ from transformers.masking_utils import (
     packed_sequence_mask_function, sdpa_mask,
 )
 
-from tc_llava.model.block_attention import BlockSpans, block_merge_attention, block_spans, flash_available
+from tc_llava.model.block_attention import BlockSpans, block_merge_attention, flash_available
 from tc_llava.model.hf_compat import cache_kwargs
-from tc_llava.model.masks import MaskRule, sample_block_ids
+from tc_llava.model.layout import BatchLayout
+from tc_llava.model.masks import MaskRule
 
 BLOCK_MERGE = "block_merge"
 BLOCK_AUTO = "block_auto"
@@ -90,49 +91,41 @@ class LLMAttention:
         return {"attention_mask": self.attention_mask, "position_ids": self.position_ids, **self.layer_kwargs}
 
 
-def llm_attention(
-    config: PreTrainedConfig, mask_rule: MaskRule, frame_ids: torch.Tensor | None, attention_mask: torch.Tensor,
-    position_ids: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None = None,
-    sample_ids: torch.Tensor | None = None,
-) -> LLMAttention:
+def llm_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: torch.Tensor,
+                  cache: Cache | None = None) -> LLMAttention:
     """The mask, position ids and layer arguments of one call of the LLM configured by ``config``.
 
-    ``frame_ids`` is the call's layout (-1 text, ``f`` frame ``f`` of its sample), or None for
-    a decode step: its new tokens are text and see every earlier key, so decoding is plain
-    causal. ``attention_mask`` is the 2D padding mask, ``position_ids`` the real-token index
-    HF's mask code reads (the rotary positions go to the rotary module only),
-    ``inputs_embeds`` gives the batch, length, device and dtype. ``sample_ids`` marks packed
-    rows (-1 padding, ``k`` the row's k-th sample): every rule, causal included, then keeps
-    each sample to its own keys.
+    ``layout`` is the call's :class:`~tc_llava.model.layout.BatchLayout`: its block ids (None: a
+    causal rule, or a decode step, whose new tokens are text and see every earlier key), the 2D
+    padding mask, the real-token index HF's mask code reads as ``position_ids`` (the rotary
+    positions go to the rotary module only) and, for packed rows, the sample ids, with which
+    every rule, causal included, keeps each sample to its own keys. ``inputs_embeds`` gives the
+    batch, length, device and dtype.
 
     Causal rules and decode steps of unpacked rows get the 2D padding mask (HF builds the
-    rest). Otherwise the layers get the block layout for the ``block_merge``/``block_auto``
-    decomposition where it applies: no mask is built, and no ``position_ids`` either (the
-    rotary positions are ours; with no mask HF would read a non-arange ``position_ids`` as
-    packed sequences and build a mask for nothing). Elsewhere they get the backend's own mask
-    from transformers' ``create_causal_mask``, with ``block_sequence_ids`` for the blocks and
-    transformers' packed-sequence mask function for the samples.
+    rest). Otherwise the layers get the layout's block spans for the ``block_merge``/``block_auto``
+    decomposition where it applies: no mask is built, and no ``position_ids`` either (with no
+    mask HF would read a non-arange ``position_ids`` as packed sequences and build a mask for
+    nothing). Elsewhere they get the backend's own mask from transformers' ``create_causal_mask``,
+    with ``block_sequence_ids`` for the blocks and transformers' packed-sequence mask function for
+    the samples.
     """
     check_device(config._attn_implementation, inputs_embeds.device)
-    block_ids = None if frame_ids is None else mask_rule.block_ids(frame_ids)
-    if sample_ids is not None:
-        block_ids = sample_block_ids(block_ids, sample_ids)
-    if block_ids is None:
-        return LLMAttention(attention_mask, position_ids)
+    if layout.block_ids is None:
+        return LLMAttention(layout.attention_mask, layout.position_ids)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     device = inputs_embeds.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
-    if (config._attn_implementation in (BLOCK_MERGE, BLOCK_AUTO)
+    if (config._attn_implementation in (BLOCK_MERGE, BLOCK_AUTO) and layout.block_spans is not None
             and flash_available(inputs_embeds.device, dtype, head_dim)):
-        spans = block_spans(block_ids, attention_mask, sample_ids)
-        if spans is not None:
-            return LLMAttention(None, None, {"block_spans": spans})
+        return LLMAttention(None, None, {"block_spans": layout.block_spans})
+    sample_ids = layout.sample_ids
     mask = create_causal_mask(
-        config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-        position_ids=position_ids, block_sequence_ids=block_ids, **cache_kwargs(cache),
+        config=config, inputs_embeds=inputs_embeds, attention_mask=layout.attention_mask,
+        position_ids=layout.position_ids, block_sequence_ids=layout.block_ids, **cache_kwargs(cache),
         and_mask_function=None if sample_ids is None else packed_sequence_mask_function(sample_ids),
     )
-    return LLMAttention(mask, position_ids)
+    return LLMAttention(mask, layout.position_ids)
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:

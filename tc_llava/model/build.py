@@ -16,6 +16,7 @@ from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule
 from tc_llava.model.settings import FLOAT_DTYPES
 from tc_llava.model.tc_llava import TCLlava
+from tc_llava.model.tiling import Tiling
 from tc_llava.model.tiny import tiny_checkpoint
 
 
@@ -70,6 +71,7 @@ def build_model(
     template: str | None = None,
     allow_missing_weights: bool = False,
     frame_budget: dict[str, Any] | None = None,
+    tiling: dict[str, Any] | None = None,
 ) -> TCLlava:
     """Load ``checkpoint`` (a llava-hf directory), or build/cache the tiny random model from ``tiny``.
 
@@ -79,16 +81,18 @@ def build_model(
     ``rope``, ``mask``, ``projector`` (a ``projector`` group's factory, completed with the
     model's ``pllava_pooling_shape``) or ``template`` (the chat template) left as None come
     from the checkpoint's saved TC-LLaVA settings (vanilla / causal / mlp / none for a plain
-    llava-hf checkpoint). ``frame_budget`` is a Qwen-VL family's (None: the checkpoint's).
+    llava-hf checkpoint). ``frame_budget`` is a Qwen-VL family's (None: the checkpoint's). ``tiling`` holds
+    the fields of :class:`~tc_llava.model.tiling.Tiling` (long sequences; None: its defaults).
     """
     if (checkpoint is None and tiny is None) or (checkpoint is not None and not str(checkpoint).strip()):
         raise ModelSettingsError(f"model.checkpoint={checkpoint!r} names no model: give the llava-hf directory to load")
     pooling = None if projector is None else projector(model_pooling_shape=pllava_pooling_shape)
+    tiles = Tiling(**dict(tiling or {}))  # before the model loads: a bad tile size is one line, at once
     path = checkpoint if checkpoint is not None else tiny_checkpoint(cache_dir, **dict(tiny))
     return TCLlava.from_pretrained(
         path, rope=rope, mask=mask, pooling=pooling, attn_implementation=attn_implementation, dtype=dtype,
         template=template, allow_missing_weights=allow_missing_weights,
-        frame_budget=None if frame_budget is None else dict(frame_budget),
+        frame_budget=None if frame_budget is None else dict(frame_budget), tiling=tiles,
     )
 
 

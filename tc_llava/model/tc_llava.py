@@ -23,9 +23,11 @@ would get alone, and no token attends across samples.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
+from torch.autograd.graph import save_on_cpu
 from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
@@ -45,7 +48,9 @@ from tc_llava.model.families.qwen_vl_inputs import (
 )
 from tc_llava.model.generation import GenerationOutput, generate
 from tc_llava.model.hf_compat import AutoImageProcessor, cache_kwargs, declare_special_token, output_cache
-from tc_llava.model.layout import PackedSamples, check_visual_token_count, frame_ids_from_tokens
+from tc_llava.model.layout import (
+    BatchLayout, PackedSamples, check_visual_token_count, frame_ids_from_tokens, to_host,
+)
 from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
@@ -53,6 +58,7 @@ from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_tok
 from tc_llava.model.settings import (
     BUDGET_KEY, FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
+from tc_llava.model.tiling import Tiling, tile_mlps, tiled_loss
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +100,20 @@ class TCLlavaOutput(ModelOutput):
 
 
 def frames_per_sample(pixel_values: torch.Tensor, num_frames: torch.Tensor | Sequence[int] | None,
-                      batch: int) -> tuple[torch.Tensor, list[int]]:
-    """``pixel_values`` as one ``[N, C, H, W]`` tensor of frames, and each sample's frame count."""
+                      batch: int) -> list[int]:
+    """Each sample's frame count of ``pixel_values`` (``num_frames`` on the host)."""
     if isinstance(num_frames, torch.Tensor):
-        num_frames = num_frames.tolist()  # one host copy (the layout needs the counts on the host anyway)
+        num_frames = num_frames.tolist()
     if pixel_values.ndim == 5:
         counts = [pixel_values.shape[1]] * pixel_values.shape[0]
-        frames = pixel_values.flatten(0, 1)
         given = None if num_frames is None else [int(n) for n in num_frames]
         if given is not None and given != counts:
             raise ValueError(f"num_frames {given} disagrees with pixel_values {tuple(pixel_values.shape)}: "
                              f"[B, T, C, H, W] gives every sample T={pixel_values.shape[1]} frames")
     elif pixel_values.ndim == 4 and num_frames is not None:
-        frames, counts = pixel_values, [int(n) for n in num_frames]
-        if sum(counts) != frames.shape[0] or min(counts, default=0) < 1:
-            raise ValueError(f"num_frames {counts} must be positive counts summing to the {frames.shape[0]} frames "
+        counts = [int(n) for n in num_frames]
+        if sum(counts) != pixel_values.shape[0] or min(counts, default=0) < 1:
+            raise ValueError(f"num_frames {counts} must be positive counts summing to the {pixel_values.shape[0]} frames "
                              f"of pixel_values {tuple(pixel_values.shape)}")
     else:
         raise ValueError(
@@ -118,7 +123,7 @@ def frames_per_sample(pixel_values: torch.Tensor, num_frames: torch.Tensor | Seq
         )
     if len(counts) != batch:
         raise ValueError(f"pixel_values hold {len(counts)} samples' frames (num_frames {counts}); input_ids has {batch}")
-    return frames, counts
+    return counts
 
 
 class TCLlava(nn.Module):
@@ -130,6 +135,7 @@ class TCLlava(nn.Module):
     ``frame_sampling`` records how the model was trained to see videos (an export's
     ``tc_llava_frames``: ``num_frames``, ``image_frames``, ``sampling``). A Qwen-VL family's
     ``preprocessing`` holds HF's processors under its frame budget instead (``tc_llava_frame_budget``).
+    ``tiling`` (:mod:`tc_llava.model.tiling`) runs the loss, the vision tower and the MLPs in tiles at long lengths.
     """
 
     def __init__(
@@ -144,6 +150,7 @@ class TCLlava(nn.Module):
         video_preprocessor: VideoPreprocessor | None = None,
         frame_sampling: dict[str, Any] | None = None,
         preprocessing: QwenVLPreprocessing | None = None,
+        tiling: Tiling | None = None,
     ) -> None:
         super().__init__()
         self.family = family_of(hf_model.config.model_type)
@@ -156,6 +163,12 @@ class TCLlava(nn.Module):
         self.template = template  # the chat template's name (data.templates): how prompts are written for it
         self.frame_sampling = frame_sampling
         self.preprocessing = preprocessing  # a Qwen-VL family's processors under its frame budget
+        self.tiling = tiling or Tiling()  # long sequences: loss, vision tower and MLPs in tiles (model.tiling)
+        # trainer.offload_checkpoints: what the LLM saves for the backward (with activation checkpointing: each
+        # layer's input hidden states) waits in host memory
+        self.offload_checkpoints = False
+        if self.tiling.mlp_tokens is not None:
+            tile_mlps(self.language_model.layers, self.tiling.mlp_tokens)
         # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
         self.weights_report: dict[str, Any] = {"allow_missing_weights": False}
         lm = self.language_model
@@ -276,7 +289,8 @@ class TCLlava(nn.Module):
         size = self.config.vision_config.image_size
         if frames.shape[-2:] != (size, size):
             raise ValueError(f"pixel_values frames are {tuple(frames.shape[-2:])}, the vision tower takes {size}x{size}")
-        features = self.family.frame_features(self.hf, frames)
+        chunks = frames.split(self.tiling.vision_frames or len(frames))  # frames are independent in the tower
+        features = torch.cat([self.family.frame_features(self.hf, chunk) for chunk in chunks])
         tokens = [self.pooling.pool(sample, self.grid) for sample in features.split(list(num_frames))]
         after = self.family.after_video(self.hf)
         if after is not None:
@@ -334,104 +348,115 @@ class TCLlava(nn.Module):
         videos, as its processor gives them (:class:`~tc_llava.model.families.qwen_vl.QwenVisual`).
         """
         lm = self.language_model
-        if sample_ids is not None:
-            if use_cache or cache is not None:
-                raise ValueError("packed rows (sample_ids) are for training forwards; generate from left-padded "
-                                 "batches instead")
-            attention_mask = (sample_ids >= 0).long() if attention_mask is None else attention_mask
-            if not torch.equal(attention_mask.bool(), sample_ids >= 0):
-                raise ValueError("attention_mask must be sample_ids >= 0 for packed rows (padding is sample id -1)")
+        if sample_ids is not None and (use_cache or cache is not None):
+            raise ValueError("packed rows (sample_ids) are for training forwards; generate from left-padded "
+                             "batches instead")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones_like(input_ids) if sample_ids is None else (sample_ids >= 0).long()
         embeds = lm.get_input_embeddings()(input_ids)
         multimodal_rope = self.family.multimodal_rope
         if visual and not multimodal_rope:
             raise ValueError(f"{self.family.model_type} takes pixel_values and num_frames; got {sorted(visual)}")
         qwen_visual = QwenVisual.of(pixel_values=pixel_values, **visual) if multimodal_rope else None
-        frame_ids = counts = next_positions = None  # a decode step: its new tokens are text
-        if cache is not None and cache.get_seq_length() > 0:
+        counts = None
+        if cache is not None and cache.get_seq_length() > 0:  # a decode step: its new tokens are text
             if rope_positions is None:
                 raise ValueError("a decode step (a filled cache) needs rope_positions")
+            layout = BatchLayout.build(self.mask, attention_mask, None, rope_positions, position_ids)
         else:
-            packed = None if sample_ids is None else PackedSamples(sample_ids)
-            if multimodal_rope:
-                layout = self._model_positions_layout(input_ids, attention_mask, qwen_visual, packed)
-            else:
-                if pixel_values is not None:
-                    samples = input_ids.shape[0] if packed is None else len(packed)
-                    frames, counts = frames_per_sample(pixel_values, num_frames, samples)
-                layout = self._layout(input_ids, attention_mask, counts, packed)
-            frame_ids, rope_positions, position_ids, next_positions = layout
-        # Positions and mask before the vision tower: the layout's host sync then waits for
-        # little, and the tower's kernels keep the GPU busy while the host goes on.
-        attention = llm_attention(lm.config, self.mask, frame_ids, attention_mask, position_ids, embeds, cache,
-                                  sample_ids)
+            # Positions and mask before the vision tower: the layout's host sync then waits for
+            # little, and the tower's kernels keep the GPU busy while the host goes on.
+            layout, counts = self.batch_layout(input_ids, attention_mask, sample_ids, labels, pixel_values,
+                                               num_frames, qwen_visual)
+        attention = llm_attention(lm.config, layout, embeds, cache)
+        offload = save_on_cpu(pin_memory=embeds.is_cuda) if self.offload_checkpoints and torch.is_grad_enabled() \
+            else nullcontext()
         lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs()}
         if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
-            if not qwen_visual.empty and frame_ids is not None:
-                embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual)
+            if not qwen_visual.empty and layout.frame_ids is not None:
+                embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual,
+                                                         self.tiling.vision_frames)
                 lm_kwargs.update(extra, inputs_embeds=embeds)
-            out = lm(**{**lm_kwargs, "position_ids": rope_positions})
+            with offload:
+                out = lm(**{**lm_kwargs, "position_ids": layout.rope_positions})
         else:
             if counts is not None:
+                frames = pixel_values.flatten(0, 1) if pixel_values.ndim == 5 else pixel_values
                 visual_tokens = self.visual_tokens(frames, counts).to(embeds.dtype)
                 lm_kwargs["inputs_embeds"] = embeds.masked_scatter(
                     (input_ids == self.placeholder_token_id)[..., None], visual_tokens)
-            pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if rope_positions.ndim == 3 else None
-            with lm.rotary_emb.use(rope_positions, pair_axes):
+            positions = layout.rope_positions
+            pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if positions.ndim == 3 else None
+            with lm.rotary_emb.use(positions, pair_axes), offload:
                 out = lm(**lm_kwargs)
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None:
-            loss = self._loss(hidden, labels, num_items_in_batch, sample_ids)
+            loss = self._loss(hidden, layout, num_items_in_batch)
         else:
             logits = self.hf.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TCLlavaOutput(
-            loss=loss, logits=logits, cache=output_cache(out),
-            rope_positions=rope_positions, frame_ids=frame_ids, next_rope_positions=next_positions,
+            loss=loss, logits=logits, cache=output_cache(out), rope_positions=layout.rope_positions,
+            frame_ids=layout.frame_ids, next_rope_positions=layout.next_positions,
         )
 
-    def _layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, counts: list[int] | None,
-                packed: PackedSamples | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Frame ids, rotary positions, real-token index and the next token's positions of a prefill; packed rows
-        get each sample's own, computed on the samples unpacked and packed back."""
-        grid = self.token_grid(None if counts is None else counts[0])
-        if packed is None:
-            frame_ids = self.frame_ids(input_ids, counts)
-            positions = self.rope.positions(frame_ids, attention_mask, grid)
-            return (frame_ids, positions, real_token_index(frame_ids, attention_mask),
-                    self.rope.next_positions(positions[..., -1:]))
-        frame_ids = self.frame_ids(packed.unpack(input_ids, fill=-1), counts)
-        positions = self.rope.positions(frame_ids, packed.valid, grid)
-        return (packed.pack(frame_ids, fill=-1), packed.pack(positions),
-                packed.pack(real_token_index(frame_ids, packed.valid)), None)
+    def batch_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, sample_ids: torch.Tensor | None,
+                     labels: torch.Tensor | None, pixel_values: torch.Tensor | None,
+                     num_frames: torch.Tensor | Sequence[int] | None, visual: QwenVisual | None = None
+                     ) -> tuple[BatchLayout, list[int] | None]:
+        """A prefill's :class:`~tc_llava.model.layout.BatchLayout` on the inputs' device, and each sample's frame count
+        (LLaVA families with frames; None otherwise). Built on the host after one synchronisation; packed rows get
+        each sample's own positions, computed on the samples unpacked and packed back."""
+        device = input_ids.device
+        grids = () if visual is None else (visual.image_grid_thw, visual.video_grid_thw, visual.second_per_grid_ts)
+        given = num_frames if isinstance(num_frames, torch.Tensor) else None
+        input_ids, attention_mask, sample_ids, labels, given, *grids = to_host(
+            input_ids, attention_mask, sample_ids, labels, given, *grids)
+        if given is not None:
+            num_frames = given
+        if sample_ids is not None and not torch.equal(attention_mask.bool(), sample_ids >= 0):
+            raise ValueError("attention_mask must be sample_ids >= 0 for packed rows (padding is sample id -1)")
+        packed = None if sample_ids is None else PackedSamples(sample_ids)
+        rows, real = (input_ids, attention_mask.bool()) if packed is None else (
+            packed.unpack(input_ids, fill=-1), packed.valid)
+        counts = None
+        if visual is not None:
+            visual = dataclasses.replace(visual, image_grid_thw=grids[0], video_grid_thw=grids[1],
+                                         second_per_grid_ts=grids[2])
+            frame_ids, positions, nxt = self._model_positions(rows, real, visual)
+        else:
+            if pixel_values is not None:
+                counts = frames_per_sample(pixel_values, num_frames, rows.shape[0])
+            frame_ids = self.frame_ids(rows, counts)
+            positions = self.rope.positions(frame_ids, real, self.token_grid(None if counts is None else counts[0]))
+            nxt = self.rope.next_positions(positions[..., -1:])
+        index = real_token_index(frame_ids, real)
+        if packed is not None:
+            frame_ids, positions, index, nxt = packed.pack(frame_ids, fill=-1), packed.pack(positions), \
+                packed.pack(index), None
+        layout = BatchLayout.build(self.mask, attention_mask, frame_ids, positions, index, nxt, sample_ids, labels)
+        return layout.to(device), counts
 
-    def _model_positions_layout(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, visual: QwenVisual,
-                                packed: PackedSamples | None
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """:meth:`_layout` of a family with its own positions: frames are its temporal patches, the positions its
-        own (``get_rope_index``) under the rope rule, the next token's one past the largest (as HF decodes)."""
-        rows, real = (input_ids, attention_mask) if packed is None else (packed.unpack(input_ids, fill=-1), packed.valid)
+    def _model_positions(self, rows: torch.Tensor, real: torch.Tensor, visual: QwenVisual
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Frame ids, rotary positions and the next token's of a family with its own positions: frames are its
+        temporal patches, the positions its own (``get_rope_index``) under the rope rule, the next token's one past
+        the largest (as HF decodes)."""
         frame_ids = self.family.frame_ids(self.config, rows, visual)
         native = self.family.rope_index(self.hf, rows, real.long(), visual)
         tau = temporal_index(frame_ids, real)
         positions = self.rope.on_model_positions(native, tau) * real
-        index = real_token_index(frame_ids, real)
-        if packed is not None:
-            return (packed.pack(frame_ids, fill=-1), packed.pack(positions), packed.pack(index), None)
         following = native.amax(dim=(0, 2))[None, :, None] + 1
         nxt = self.rope.on_model_positions(following.expand(3, -1, 1), tau.amax(-1, keepdim=True) + 1)
-        return frame_ids, positions, index, nxt
+        return frame_ids, positions, nxt
 
-    def _loss(self, hidden: torch.Tensor, labels: torch.Tensor, num_items_in_batch,
-              sample_ids: torch.Tensor | None = None) -> torch.Tensor:
-        targets = labels[:, 1:]
-        keep = targets != -100
-        if sample_ids is not None:  # a sample's last token never predicts the next sample's first
-            keep = keep & (sample_ids[:, 1:] == sample_ids[:, :-1])
-        logits = self.hf.lm_head(hidden[:, :-1][keep]).float()
-        total = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
-        denom = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    def _loss(self, hidden: torch.Tensor, layout: BatchLayout, num_items_in_batch) -> torch.Tensor:
+        """Mean cross-entropy of the layout's loss positions (``num_items_in_batch``: over that many), the LM head
+        run a tile of them at a time (``tiling.loss_tokens``)."""
+        index = layout.loss_index
+        total = tiled_loss(self.hf.lm_head, hidden.flatten(0, 1)[index], layout.targets.flatten()[index],
+                           self.tiling.loss_tokens)
+        denom = num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1)
         return total / torch.as_tensor(denom, device=total.device, dtype=total.dtype)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -479,6 +504,7 @@ class TCLlava(nn.Module):
         template: str | None = None,
         allow_missing_weights: bool = False,
         frame_budget: dict[str, Any] | None = None,
+        tiling: Tiling | None = None,
         **hf_kwargs: Any,
     ) -> "TCLlava":
         """Load a llava-hf checkpoint; rules and chat template not given come from the checkpoint, else
@@ -486,7 +512,8 @@ class TCLlava(nn.Module):
 
         A Qwen-VL family loads its image and video processors under ``frame_budget`` (the fields of
         :class:`~tc_llava.model.families.qwen_vl_inputs.FrameBudget`; None: the export's recorded budget, else the
-        checkpoint processors' own), refused here where the processor would override it.
+        checkpoint processors' own), refused here where the processor would override it. ``tiling`` (None: the
+        defaults of :class:`~tc_llava.model.tiling.Tiling`) is how long sequences run, never saved.
 
         ``dtype`` None is the checkpoint's (:func:`~tc_llava.model.settings.checkpoint_dtype`). Weights the
         checkpoint lacks, or holds beyond the model's, are a :class:`WeightsError` naming them unless
@@ -557,6 +584,7 @@ class TCLlava(nn.Module):
             video_preprocessor=VideoPreprocessor.from_pretrained(path) if wants_video else None,
             frame_sampling=frame_sampling,
             preprocessing=preprocessing,
+            tiling=tiling,
         )
         model.weights_report = {"allow_missing_weights": allow_missing_weights,
                                 **{key: names for key, names in found.items() if names}}

@@ -240,6 +240,7 @@ def setup(cfg: DictConfig) -> Run:
         cast_trainable_to_bf16(model)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(model.hf)
+    model.offload_checkpoints = t.offload_checkpoints
     if t.compile:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))

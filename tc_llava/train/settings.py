@@ -138,6 +138,7 @@ class TrainerSettings:
     min_lr_ratio: float = 0.0
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    offload_checkpoints: bool = False
     compile: bool = False
     save_every: int = 50
     keep_last: int = 2
@@ -178,6 +179,9 @@ def check_trainer(trainer: DictConfig) -> None:
         _require(getattr(t, key) >= 1, f"trainer.{key}", getattr(t, key), "an integer >= 1")
     _require(t.max_steps is None or t.max_steps >= 1, "trainer.max_steps", t.max_steps, "null or an integer >= 1")
     _require(t.keep_last >= 0, "trainer.keep_last", t.keep_last, "an integer >= 0 (0 keeps every checkpoint)")
+    if t.offload_checkpoints and not t.gradient_checkpointing:
+        raise SettingsError("trainer.offload_checkpoints=true offloads the checkpointed hidden states: it needs "
+                            "trainer.gradient_checkpointing=true (without it every activation would go to the host)")
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     if launched and not t.deepspeed:
         raise SettingsError(f"launched with a DeepSpeed accelerate config but trainer={t.name} runs no DeepSpeed; "

@@ -15,11 +15,6 @@ from tc_llava.model.families.qwen_vl import QwenVisual, QwenVL
 from tc_llava.model.families.qwen_vl_inputs import CHAT_TEMPLATES
 
 
-def _joined(features: Any) -> torch.Tensor:
-    """One deepstack layer's features as one tensor (transformers >= 5.24 splits them per image or video)."""
-    return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
-
-
 class Qwen3VL(QwenVL):
     model_type = "qwen3_vl"
     template = "qwen3_vl"
@@ -28,9 +23,9 @@ class Qwen3VL(QwenVL):
     config_class = Qwen3VLConfig
 
     def embed_visual(self, hf_model: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor,
-                     visual: QwenVisual) -> tuple[torch.Tensor, dict[str, Any]]:
+                     visual: QwenVisual, chunk_frames: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
         """As HF's ``Qwen3VLModel.forward``: images' and videos' deepstack features joined in the order of the
-        visual positions, handed to the LLM with those positions."""
+        visual positions, handed to the LLM with those positions (the tower in chunks: :meth:`features`)."""
         config = hf_model.config
         visual_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         parts = []
@@ -39,11 +34,11 @@ class Qwen3VL(QwenVL):
                                                config.video_token_id, True)):
             if pixels is None:
                 continue
-            out = self.features(hf_model, pixels, grid, video)
+            pooled, deep = self.features(hf_model, pixels, grid, video, chunk_frames)
             mask = input_ids == token_id
-            embeds = embeds.masked_scatter(mask[..., None], torch.cat(out.pooler_output).to(embeds.dtype))
+            embeds = embeds.masked_scatter(mask[..., None], torch.cat(pooled).to(embeds.dtype))
             visual_mask |= mask
-            parts.append((mask, [_joined(f) for f in out.deepstack_features]))
+            parts.append((mask, deep))
         if not parts:
             return embeds, {}
         stacked = []

@@ -25,6 +25,12 @@ from tc_llava.model.families.base import Family
 from tc_llava.model.families.qwen_vl_inputs import (
     FrameBudget, QwenTokens, QwenVLPreprocessing, select_frames, tiny_preprocessing, video_inputs, vision_kwargs,
 )
+from tc_llava.model.tiling import item_chunks
+
+def _joined(features: Any) -> torch.Tensor:
+    """One deepstack layer's features as one tensor (transformers >= 5.24 splits them per image or video)."""
+    return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+
 
 IMAGE, VIDEO = 1, 2  # HF's mm_token_type_ids: 0 text, 1 image, 2 video
 VISUAL_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
@@ -130,21 +136,35 @@ class QwenVL(Family):
             second_per_grid_ts=visual.second_per_grid_ts, attention_mask=attention_mask)
         return positions * attention_mask.bool()
 
-    def features(self, hf_model: nn.Module, pixels: torch.Tensor, grid: torch.Tensor, video: bool) -> Any:
-        """HF's vision output of images or videos (``pooler_output``: one tensor per image or video)."""
+    def features(self, hf_model: nn.Module, pixels: torch.Tensor, grid: torch.Tensor, video: bool,
+                 chunk_frames: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """HF's vision output of images or videos: their LLM tokens (one tensor per image or video) and each deepstack
+        layer's features of them all (Qwen3-VL; none otherwise). Whole images or videos go through the tower at
+        once, up to ``chunk_frames`` temporal patches (an item larger than that alone; None: all)."""
         get = hf_model.model.get_video_features if video else hf_model.model.get_image_features
-        return get(pixels, grid, return_dict=True)
+        counts = item_chunks(grid[:, 0].tolist(), chunk_frames)  # HF's own features code reads the grid on the host too
+        rows = grid.prod(-1).tolist()  # patches of each item: its rows of ``pixels``
+        pooled, deep, item, row = [], [], 0, 0
+        for count in counts:
+            size = sum(rows[item:item + count])
+            out = get(pixels[row:row + size], grid[item:item + count], return_dict=True)
+            pooled.extend(out.pooler_output)
+            if getattr(out, "deepstack_features", None) is not None:
+                deep.append([_joined(f) for f in out.deepstack_features])
+            item, row = item + count, row + size
+        return pooled, [torch.cat(layer) for layer in zip(*deep)]
 
     def embed_visual(self, hf_model: nn.Module, input_ids: torch.Tensor, embeds: torch.Tensor,
-                     visual: QwenVisual) -> tuple[torch.Tensor, dict[str, Any]]:
-        """``embeds`` with the visual tokens scattered into their placeholders, and what else the LLM call takes."""
+                     visual: QwenVisual, chunk_frames: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``embeds`` with the visual tokens scattered into their placeholders, and what else the LLM call takes;
+        the tower runs ``chunk_frames`` temporal patches at a time (:meth:`features`)."""
         config = hf_model.config
         for pixels, grid, token_id, video in ((visual.pixel_values, visual.image_grid_thw, config.image_token_id, False),
                                               (visual.pixel_values_videos, visual.video_grid_thw,
                                                config.video_token_id, True)):
             if pixels is None:
                 continue
-            tokens = torch.cat(self.features(hf_model, pixels, grid, video).pooler_output).to(embeds.dtype)
+            tokens = torch.cat(self.features(hf_model, pixels, grid, video, chunk_frames)[0]).to(embeds.dtype)
             embeds = embeds.masked_scatter((input_ids == token_id)[..., None], tokens)
         return embeds, {}
 
