@@ -17,7 +17,7 @@ HF-processor style; the model checks that count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -114,19 +114,6 @@ TEMPLATES: dict[str, Template] = {
             placeholder_format="<|vision_start|>{token}<|vision_end|>",
             checkpoint_template=True,
         ),
-        Template(  # Qwen3-VL-Instruct's: the same turns without a default system turn
-            name="qwen3_vl",
-            system="",
-            system_format="<|im_start|>system\n{system}<|im_end|>\n",
-            system_in_first_user=False,
-            user_format="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            answer_format="{content}<|im_end|>",
-            answer_suffix="\n",
-            add_bos=False,
-            placeholder_format="<|vision_start|>{token}<|vision_end|>",
-            checkpoint_template=True,
-        ),
         Template(  # LLaVA-NeXT-Video's chat_template.json: vicuna roles, no system prompt of its own
             name="next_video",
             system="",
@@ -148,6 +135,8 @@ TEMPLATES: dict[str, Template] = {
         ),
     )
 }
+# Qwen3-VL-Instruct's: Qwen2-VL's turns without a default system turn
+TEMPLATES["qwen3_vl"] = replace(TEMPLATES["qwen2_vl"], name="qwen3_vl", system="")
 
 
 def get_template(template: str | Template | None) -> Template:

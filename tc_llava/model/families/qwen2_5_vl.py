@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import (
-    PreTrainedConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration,
 )
 
 from tc_llava.model.families.qwen_vl import QwenVL
@@ -27,11 +27,3 @@ class Qwen2_5_VL(QwenVL):
                     num_heads=vision["num_attention_heads"], patch_size=vision["patch_size"], spatial_merge_size=2,
                     temporal_patch_size=2, window_size=4 * vision["patch_size"],
                     fullatt_block_indexes=[layers - 1], tokens_per_second=2)
-
-    def tiny_config(self, vision: dict[str, Any], text: PreTrainedConfig, tokens: dict[str, int],
-                    grid_pinpoints: list[list[int]]) -> PreTrainedConfig:
-        return self.config_class(
-            vision_config={**vision, "out_hidden_size": text.hidden_size},
-            text_config=self.tiny_text_config(text), image_token_id=tokens["image"], video_token_id=tokens["video"],
-            vision_start_token_id=tokens["vision_start"], vision_end_token_id=tokens["vision_end"],
-            tie_word_embeddings=False)

@@ -58,11 +58,3 @@ class Qwen3VL(QwenVL):
         fields = super().tiny_text_config(text)
         fields["rope_parameters"] = {**fields["rope_parameters"], "mrope_interleaved": True}
         return {**fields, "head_dim": text.hidden_size // text.num_attention_heads}
-
-    def tiny_config(self, vision: dict[str, Any], text: PreTrainedConfig, tokens: dict[str, int],
-                    grid_pinpoints: list[list[int]]) -> PreTrainedConfig:
-        return self.config_class(
-            vision_config={**vision, "out_hidden_size": text.hidden_size},
-            text_config=self.tiny_text_config(text), image_token_id=tokens["image"], video_token_id=tokens["video"],
-            vision_start_token_id=tokens["vision_start"], vision_end_token_id=tokens["vision_end"],
-            tie_word_embeddings=False)

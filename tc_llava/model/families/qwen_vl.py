@@ -13,8 +13,8 @@ the definitions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +26,7 @@ from tc_llava.model.families.qwen_vl_inputs import (
     FrameBudget, QwenTokens, QwenVLPreprocessing, select_frames, tiny_preprocessing, video_inputs, vision_kwargs,
 )
 from tc_llava.model.tiling import item_chunks
+
 
 def _joined(features: Any) -> torch.Tensor:
     """One deepstack layer's features as one tensor (transformers >= 5.24 splits them per image or video)."""
@@ -174,6 +175,15 @@ class QwenVL(Family):
         pixel and frame budgets (:func:`~tc_llava.model.families.qwen_vl_inputs.tiny_preprocessing`)."""
         prep = tiny_preprocessing(self.model_type, config.vision_config)
         return prep.image_processor, prep.video_processor
+
+    def tiny_config(self, vision: dict[str, Any], text: PreTrainedConfig, tokens: dict[str, int],
+                    grid_pinpoints: list[list[int]]) -> PreTrainedConfig:
+        """The tiny model: the tower projecting to the LLM's width, the family's own token ids."""
+        return self.config_class(
+            vision_config={**vision, "out_hidden_size": text.hidden_size},
+            text_config=self.tiny_text_config(text), image_token_id=tokens["image"], video_token_id=tokens["video"],
+            vision_start_token_id=tokens["vision_start"], vision_end_token_id=tokens["vision_end"],
+            tie_word_embeddings=False)
 
     def tiny_text_config(self, text: PreTrainedConfig) -> dict[str, Any]:
         """The tiny LLM's fields in this family's text config: the Qwen2 LLM's sizes, M-RoPE over its head dims."""
