@@ -101,19 +101,6 @@ TEMPLATES: dict[str, Template] = {
             answer_suffix="\n",
             add_bos=False,
         ),
-        Template(  # Qwen2-VL's and Qwen2.5-VL's chat template: ChatML, a default system turn, the video item
-            name="qwen2_vl",  # rendered as its vision span right before the question
-            system="You are a helpful assistant.",
-            system_format="<|im_start|>system\n{system}<|im_end|>\n",
-            system_in_first_user=False,
-            user_format="<|im_start|>user\n{content}<|im_end|>\n",
-            assistant_prefix="<|im_start|>assistant\n",
-            answer_format="{content}<|im_end|>",
-            answer_suffix="\n",
-            add_bos=False,
-            placeholder_format="<|vision_start|>{token}<|vision_end|>",
-            checkpoint_template=True,
-        ),
         Template(  # LLaVA-NeXT-Video's chat_template.json: vicuna roles, no system prompt of its own
             name="next_video",
             system="",
@@ -135,7 +122,10 @@ TEMPLATES: dict[str, Template] = {
         ),
     )
 }
-# Qwen3-VL-Instruct's: Qwen2-VL's turns without a default system turn
+# The Qwen-VL checkpoints' own chat templates: Qwen2-VL's and Qwen2.5-VL's is ChatML with its video item rendered as
+# a vision span right before the question; Qwen3-VL-Instruct's the same without a default system turn.
+TEMPLATES["qwen2_vl"] = replace(TEMPLATES["chatml"], name="qwen2_vl", checkpoint_template=True,
+                                placeholder_format="<|vision_start|>{token}<|vision_end|>")
 TEMPLATES["qwen3_vl"] = replace(TEMPLATES["qwen2_vl"], name="qwen3_vl", system="")
 
 
