@@ -11,6 +11,9 @@
 #        the CPU build torch 2.13.0+cpu ("operator torchvision::nms does not exist"). These are CUDA 13
 #        builds (~5 GB with their nvidia-* libraries, which the lock pins); they run on CPU.
 #   VENV=.venv, PYTHON=python3.
+#   TORCH_FROM=.venv (default): for any other VENV, hard-link that venv's torch and torchvision (with
+#        their nvidia-*/triton libraries) instead of installing a second ~5.5 GB copy
+#        (scripts/link_torch.py; it installs as usual when the versions differ). TORCH_FROM= turns it off.
 # DeepSpeed ships as source only and builds against the installed torch, hence torch first
 # and --no-build-isolation.
 set -euo pipefail
@@ -19,6 +22,7 @@ TORCH="${TORCH:-torch==2.14.1 torchvision==0.29.1}"
 PYTHON="${PYTHON:-python3}"
 VENV="${VENV:-.venv}"
 LOCK="${LOCK:-requirements/lock.txt}"
+TORCH_FROM="${TORCH_FROM-.venv}"
 PY="$VENV/bin/python"
 if [ "$LOCK" != none ]; then
     [ -f "$LOCK" ] || { echo "setup.sh: LOCK=$LOCK not found" >&2; exit 2; }
@@ -29,6 +33,9 @@ if [ "$LOCK" != none ]; then
     fi
 fi
 [ -x "$PY" ] || "$PYTHON" -m venv "$VENV"
+if [ -n "$TORCH_FROM" ] && [ -x "$TORCH_FROM/bin/python" ] && [ "$(realpath "$TORCH_FROM")" != "$(realpath "$VENV")" ]; then
+    "$PYTHON" scripts/link_torch.py "$TORCH_FROM" "$VENV" "$TORCH"
+fi
 if [ "$LOCK" = none ]; then
     "$PY" -m pip install -q --upgrade pip setuptools wheel
     "$PY" -m pip install -q $TORCH
