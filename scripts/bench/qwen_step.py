@@ -16,6 +16,7 @@ its timestamp's text. Variants, each timed in a fresh process so that its peak m
 
     python scripts/bench/qwen_step.py                                   # Qwen2.5-VL-7B, 64 and 128 frames
     python scripts/bench/qwen_step.py --family qwen3_vl --out scripts/bench/results/qwen3_vl_step.json
+    python scripts/bench/qwen_step.py --device cpu --smoke --frames 4 --reps 1 --out /tmp/q.json   # a CPU check
 
 Writes scripts/bench/results/qwen2_5_vl_step.json (by default): per frame count and variant the median step
 time, tokens/s, peak memory (allocated and reserved), and both relative to ``hf`` (``tc``) or ``hf_ckpt``
@@ -36,7 +37,7 @@ import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from shapes import attention_path
-from timing import cuda_times_ms
+from timing import memory_gb, times_ms
 from tc_llava.model.attention import BLOCK_AUTO
 from tc_llava.model.families.qwen_vl import QwenVisual
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -50,8 +51,24 @@ SIZE = 448
 VISION_START, VISION_END, VIDEO_PAD = 151652, 151653, 151656
 
 
-def config(family: str, layers: int | None) -> Qwen2_5_VLConfig | Qwen3VLConfig:
-    """Qwen/Qwen2.5-VL-7B-Instruct's and Qwen/Qwen3-VL-8B-Instruct's shapes (their config.json)."""
+def config(family: str, layers: int | None, smoke: bool = False) -> Qwen2_5_VLConfig | Qwen3VLConfig:
+    """Qwen/Qwen2.5-VL-7B-Instruct's and Qwen/Qwen3-VL-8B-Instruct's shapes (their config.json); ``smoke``: the
+    same structure at toy widths, for a CPU check of this script."""
+    if smoke:
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64)
+        text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=layers or 2, num_attention_heads=4,
+                    num_key_value_heads=2)
+        if family == "qwen2_5_vl":
+            cfg = config(family, layers)
+            cfg.vision_config.update({**vision, "fullatt_block_indexes": [0]})
+            cfg.text_config.update(text)
+            cfg.text_config.rope_parameters["mrope_section"] = [2, 3, 3]
+            return cfg
+        cfg = config(family, layers)
+        cfg.vision_config.update({**vision, "deepstack_visual_indexes": [0]})
+        cfg.text_config.update({**text, "head_dim": 16})
+        cfg.text_config.rope_parameters["mrope_section"] = [4, 2, 2]
+        return cfg
     if family == "qwen2_5_vl":
         return Qwen2_5_VLConfig(
             vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
@@ -73,7 +90,7 @@ def config(family: str, layers: int | None) -> Qwen2_5_VLConfig | Qwen3VLConfig:
         tie_word_embeddings=False)
 
 
-def inputs(family: str, cfg, frames: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def inputs(family: str, cfg, frames: int, device: str, seed: int = 0) -> dict[str, torch.Tensor]:
     """Text around one video as the family's processor lays it out, labels on the text, random patches."""
     g = torch.Generator().manual_seed(seed)
     vision = cfg.vision_config
@@ -92,22 +109,23 @@ def inputs(family: str, cfg, frames: int, seed: int = 0) -> dict[str, torch.Tens
     if family == "qwen2_5_vl":
         visual["second_per_grid_ts"] = torch.tensor([1.0])  # 2 fps sampling
     labels = ids.masked_fill((ids == VIDEO_PAD) | (ids == VISION_START) | (ids == VISION_END), -100)
-    return {"input_ids": ids.cuda(), "labels": labels.cuda(), **{k: v.cuda() for k, v in visual.items()}}
+    return {k: v.to(device) for k, v in {"input_ids": ids, "labels": labels, **visual}.items()}
 
 
-def measure(family: str, variant: str, frames: int, layers: int | None, reps: int) -> dict:
+def measure(family: str, variant: str, frames: int, layers: int | None, reps: int, device: str = "cuda",
+            smoke: bool = False) -> dict:
     """One variant at one frame count, in this process: median step time and peak memory."""
-    cfg = config(family, layers)
+    cfg = config(family, layers, smoke)
     cfg.text_config._attn_implementation = "sdpa" if variant.startswith("hf") else BLOCK_AUTO
     cfg.vision_config._attn_implementation = "sdpa"
     cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else Qwen3VLForConditionalGeneration
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         hf = cls._from_config(cfg, dtype=torch.bfloat16).train()
     hf.model.visual.requires_grad_(False)
     if variant.endswith("ckpt"):
         enable_activation_checkpointing(hf)
-    batch = inputs(family, cfg, frames)
+    batch = inputs(family, cfg, frames, device)
     ids, labels = batch.pop("input_ids"), batch.pop("labels")
     if variant.startswith("hf"):
         types = (ids == VIDEO_PAD).int() * 2
@@ -124,16 +142,16 @@ def measure(family: str, variant: str, frames: int, layers: int | None, reps: in
         def step():
             model(ids, None, labels=labels, **batch).loss.backward()
             model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     try:
-        step_s = statistics.median(cuda_times_ms(step, reps, warmup=2)) / 1e3
+        step_s = statistics.median(times_ms(step, reps, warmup=2, device=device)) / 1e3
     except torch.cuda.OutOfMemoryError:
-        return {"oom": True, "tokens": ids.shape[1], "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30}
+        return {"oom": True, "tokens": ids.shape[1], **memory_gb(device)}
     tokens = ids.shape[1]
     return {"tokens": tokens, "visual_tokens": int((ids == VIDEO_PAD).sum()), "attention": path, "step_s": step_s,
-            "tokens_per_s": tokens / step_s, "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30,
-            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 2**30}
+            "tokens_per_s": tokens / step_s, **memory_gb(device)}
 
 
 def main() -> None:
@@ -143,19 +161,22 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--layers", type=int, help="LLM layers (default: the real model's)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--smoke", action="store_true", help="toy widths of the same structure (CPU check)")
     parser.add_argument("--out", help="default: scripts/bench/results/<family>_step.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure VARIANT:FRAMES, print JSON
     args = parser.parse_args()
     if args.one:
         variant, frames = args.one.split(":")
-        print(json.dumps(measure(args.family, variant, int(frames), args.layers, args.reps)))
+        print(json.dumps(measure(args.family, variant, int(frames), args.layers, args.reps, args.device, args.smoke)))
         return
     runs: dict[str, dict[str, dict]] = {}
     for frames in args.frames:
         rows = runs.setdefault(str(frames), {})
         for variant in args.variants:
             command = [sys.executable, __file__, "--family", args.family, "--one", f"{variant}:{frames}",
-                       "--reps", str(args.reps)] + (["--layers", str(args.layers)] if args.layers else [])
+                       "--reps", str(args.reps), "--device", args.device] + (["--smoke"] if args.smoke else []) \
+                + (["--layers", str(args.layers)] if args.layers else [])
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode != 0:
                 rows[variant] = {"error": child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "failed"}
@@ -166,8 +187,10 @@ def main() -> None:
             row, ref = rows.get(variant, {}), rows.get(base, {})
             if "step_s" in row and "step_s" in ref:
                 row["step_ratio_to_hf"] = row["step_s"] / ref["step_s"]
-                row["memory_ratio_to_hf"] = row["peak_mem_gb"] / ref["peak_mem_gb"]
-    result = {"family": args.family, "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                if row["peak_mem_gb"] is not None:
+                    row["memory_ratio_to_hf"] = row["peak_mem_gb"] / ref["peak_mem_gb"]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    result = {"family": args.family, "device": name, "smoke": args.smoke, "torch": torch.__version__,
               "transformers": transformers.__version__, "layers": args.layers or "real", "statistic": "median",
               "reps": args.reps, "frame_size": SIZE, "runs": runs}
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.family}_step.json")
