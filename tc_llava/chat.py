@@ -118,19 +118,41 @@ class Chat:
         return stream.text
 
 
-def frame_count(args: argparse.Namespace, model: TCLlava) -> tuple[int, str]:
+def frame_count(video: str, frames: int | None, model: TCLlava) -> tuple[int, str]:
     """The frames to sample and where the count comes from (the flag, the model's training, the default)."""
     recorded = model.frame_sampling or {}
-    if Path(args.video).suffix.lower() in IMAGE_SUFFIXES and recorded.get("image_frames", 1) is not None:
+    if Path(video).suffix.lower() in IMAGE_SUFFIXES and recorded.get("image_frames", 1) is not None:
         return recorded.get("image_frames", 1), "an image"
-    if args.frames is not None:
-        if args.frames < 1:
-            raise ValueError(f"--frames must be a positive integer, got {args.frames}")
-        return args.frames, "--frames"
+    if frames is not None:
+        if frames < 1:
+            raise ValueError(f"--frames must be a positive integer, got {frames}")
+        return frames, "--frames"
     if "num_frames" in recorded:
         return recorded["num_frames"], f"the model was trained with {recorded['num_frames']} " \
                                        f"({recorded.get('sampling', 'random')})"
     return DEFAULT_FRAMES, "default"
+
+
+def decode_video(model: TCLlava, video: str, frames: int | None = None, sampling: str = "middle",
+                 fps: float | None = None, backend: str = "pyav") -> tuple[Any, Clip | None, str]:
+    """The frames of ``video`` the model is asked about, once per conversation: a Qwen-VL model's chosen by its
+    frame budget (with their :class:`~tc_llava.data.inputs.Clip`), a LLaVA model's by ``sampling`` (``frames``: the
+    count, else the model's training count, else the default). Returns them, the clip (or None) and one line
+    saying which frames were taken and why."""
+    encoder = model.frame_processor
+    if isinstance(encoder, ClipEncoder):
+        given = [flag for flag, value in (("--frames", frames), ("--fps", fps)) if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} do not apply to {model.family.model_type}: its frame budget "
+                             f"chooses the frames ({encoder.budget.to_json()}); the export records it")
+        decoded, indices, rate, total = read_frames(video, encoder.frame_indices, backend=backend)
+        return decoded, Clip(indices, rate, total), (
+            f"{video}: {len(decoded)} of {total} frames at {rate:g} fps, chosen by the model's frame budget "
+            f"{encoder.budget.to_json()}, indices {indices}")
+    count, why = frame_count(video, frames, model)
+    decoded, indices = sample_frames(video, count, sampling, backend=backend, sample_fps=fps)
+    rate = f" at {fps:g} per second" if sampling == "fps" else ""
+    return decoded, None, f"{video}: {len(decoded)} frames, {sampling} sampling{rate} ({why}), indices {indices}"
 
 
 def questions(args: argparse.Namespace, read: Callable[[], str]) -> Iterable[str]:
@@ -159,21 +181,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
     if template is None:
         raise ValueError(f"{args.model} records no chat template: pass --template ({model.family.model_type} "
                          f"checkpoints use {model.family.template}; e.g. vicuna_v1, chatml, next_video)")
-    encoder, clip = model.frame_processor, None
-    if isinstance(encoder, ClipEncoder):  # a Qwen-VL model: the frames its budget chooses
-        given = [flag for flag, value in (("--frames", args.frames), ("--fps", args.fps)) if value is not None]
-        if given:
-            raise ValueError(f"{' and '.join(given)} do not apply to {model.family.model_type}: its frame budget "
-                             f"chooses the frames ({encoder.budget.to_json()}); the export records it")
-        frames, indices, fps, total = read_frames(args.video, encoder.frame_indices, backend=args.backend)
-        clip = Clip(indices, fps, total)
-        out.write(f"{args.video}: {len(frames)} of {total} frames at {fps:g} fps, chosen by the model's frame budget "
-                  f"{encoder.budget.to_json()}, indices {indices}\n")
-    else:
-        count, why = frame_count(args, model)
-        frames, indices = sample_frames(args.video, count, args.sampling, backend=args.backend, sample_fps=args.fps)
-        rate = f" at {args.fps:g} per second" if args.sampling == "fps" else ""
-        out.write(f"{args.video}: {len(frames)} frames, {args.sampling} sampling{rate} ({why}), indices {indices}\n")
+    frames, clip, line = decode_video(model, args.video, args.frames, args.sampling, args.fps, args.backend)
+    out.write(line + "\n")
     sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "generator": torch.Generator(args.device).manual_seed(args.seed)}
     chat = Chat(model, frames, template, args.system, sampling, clip)
