@@ -4,6 +4,8 @@
 #   requirements/lock-oldest.txt  the same, with transformers at the oldest supported release (CI's other end)
 #   requirements/lock-lmms.txt    pyproject with the lmms extra (lmms-eval plugin), beside torch 2.14.1 +
 #                                 torchvision 0.29.1 (scripts/setup_lmms.sh; its pins do not fit lock.txt)
+#   requirements/lock-demo.txt    pyproject with the demo extra (gradio, selenium; scripts/setup_demo.sh):
+#                                 gradio 6 needs pillow<13, which lock.txt's pillow is not
 # All are for CPython 3.11 on Linux x86_64 (the CI machine) and leave torch and torchvision out:
 # setup.sh pins them itself (TORCH=..., setup.sh's default pair, CUDA builds that run on CPU; their
 # nvidia-* libraries and triton enter the lock, as that pair installs them). A CPU build of torch
@@ -29,4 +31,6 @@ compile() {  # compile OUT TORCH_PINS EXTRAS [extra constraint]
 compile requirements/lock.txt "$TORCH" "--extra dev"
 compile requirements/lock-oldest.txt "$TORCH" "--extra dev" "transformers==$OLDEST_TRANSFORMERS"
 compile requirements/lock-lmms.txt "torch==2.14.1 torchvision==0.29.1" "--extra dev --extra lmms"
+# The demo's venv is lock.txt's versions plus gradio's stack, pillow excepted.
+compile requirements/lock-demo.txt "$TORCH" "--extra dev --extra demo" $(grep -E '^[A-Za-z0-9_.-]+==' requirements/lock.txt | grep -v '^pillow==')
 git diff --stat -- requirements/

@@ -92,6 +92,7 @@ class Chat:
         self.generate_kwargs = generate_kwargs or {}
         self.frames, self.clip = frames, clip  # clip: where the frames came from (a Qwen-VL model's budget)
         self.history: list[tuple[str, str]] = []
+        self.last_tokens = 0  # tokens of the last answer, stop token excluded
 
     def inputs(self, question: str) -> dict[str, Any]:
         """The model inputs of the next turn (:func:`~tc_llava.data.inputs.model_inputs`): the conversation so far,
@@ -114,6 +115,7 @@ class Chat:
         stream = TokenStream(tokenizer, stops, out)
         self.model.generate(ids, None, eos_token_id=stops, streamer=stream, **visual, **self.generate_kwargs)
         out.write("\n")
+        self.last_tokens = len(stream.ids)
         self.history.append((question, stream.text))
         return stream.text
 
@@ -134,7 +136,7 @@ def frame_count(video: str, frames: int | None, model: TCLlava) -> tuple[int, st
 
 
 def decode_video(model: TCLlava, video: str, frames: int | None = None, sampling: str = "middle",
-                 fps: float | None = None, backend: str = "pyav") -> tuple[Any, Clip | None, str]:
+                 fps: float | None = None, backend: str = "pyav") -> tuple[Any, list[int], Clip | None, str]:
     """The frames of ``video`` the model is asked about, once per conversation: a Qwen-VL model's chosen by its
     frame budget (with their :class:`~tc_llava.data.inputs.Clip`), a LLaVA model's by ``sampling`` (``frames``: the
     count, else the model's training count, else the default). Returns them, the clip (or None) and one line
@@ -146,13 +148,13 @@ def decode_video(model: TCLlava, video: str, frames: int | None = None, sampling
             raise ValueError(f"{' and '.join(given)} do not apply to {model.family.model_type}: its frame budget "
                              f"chooses the frames ({encoder.budget.to_json()}); the export records it")
         decoded, indices, rate, total = read_frames(video, encoder.frame_indices, backend=backend)
-        return decoded, Clip(indices, rate, total), (
+        return decoded, indices, Clip(indices, rate, total), (
             f"{video}: {len(decoded)} of {total} frames at {rate:g} fps, chosen by the model's frame budget "
             f"{encoder.budget.to_json()}, indices {indices}")
     count, why = frame_count(video, frames, model)
     decoded, indices = sample_frames(video, count, sampling, backend=backend, sample_fps=fps)
     rate = f" at {fps:g} per second" if sampling == "fps" else ""
-    return decoded, None, f"{video}: {len(decoded)} frames, {sampling} sampling{rate} ({why}), indices {indices}"
+    return decoded, indices, None, f"{video}: {len(decoded)} frames, {sampling} sampling{rate} ({why}), indices {indices}"
 
 
 def questions(args: argparse.Namespace, read: Callable[[], str]) -> Iterable[str]:
@@ -181,7 +183,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> list[str]:
     if template is None:
         raise ValueError(f"{args.model} records no chat template: pass --template ({model.family.model_type} "
                          f"checkpoints use {model.family.template}; e.g. vicuna_v1, chatml, next_video)")
-    frames, clip, line = decode_video(model, args.video, args.frames, args.sampling, args.fps, args.backend)
+    frames, _, clip, line = decode_video(model, args.video, args.frames, args.sampling, args.fps, args.backend)
     out.write(line + "\n")
     sampling = {"do_sample": args.temperature > 0, "temperature": args.temperature, "top_p": args.top_p,
                 "max_new_tokens": args.max_new_tokens, "generator": torch.Generator(args.device).manual_seed(args.seed)}

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace) -> Inspection:
     if model.template is None:
         raise ValueError(f"{args.model} records no chat template: pass --template (e.g. {model.family.template})")
     if args.video is not None:
-        frames, clip, line = decode_video(model, args.video, backend=args.backend)
+        frames, _, clip, line = decode_video(model, args.video, backend=args.backend)
         print(line)
     else:
         frames, clip = blank_video(model, args.frames)
