@@ -3,6 +3,7 @@
     python -m tc_llava.inspect outputs/train/demo/export --frames 8 --out layout.png
     python -m tc_llava.inspect outputs/train/demo/export --video clip.mp4 -q "Which colour comes first?" --out layout.png
     python -m tc_llava.inspect /ckpts/Qwen2.5-VL-7B-Instruct --video clip.mp4 --rope tad --mask frame_block_causal
+    python -m tc_llava.inspect outputs/train/demo/export --frames 4 8 --pack --out packed.png   # one packed row
 
 Three panels from the model's own layout code (``TCLlava.batch_layout``, the object its forward builds):
 
@@ -13,12 +14,15 @@ Three panels from the model's own layout code (``TCLlava.batch_layout``, the obj
 
 Besides ``--out`` it writes ``STEM.mask.png`` (the mask alone, one pixel per query/key pair) and ``STEM.spans.md``
 (the whole span table). ``--frames N`` lays out N frames of a blank video; ``--video`` decodes one as
-``tc-llava-chat`` does, with the question (default: a short one) as the first turn.
+``tc-llava-chat`` does, with the question (default: a short one) as the first turn. Several counts or videos make
+a batch through the real collators: left-padded rows as evaluation batches them, or one packed row (``--pack``)
+as training packs them; ``--row`` picks the row drawn.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -30,8 +34,10 @@ import torch
 
 from tc_llava.chat import Chat, decode_video
 from tc_llava.cli import one_line_errors
+from tc_llava.data.collate import PackingCollator, SFTCollator
 from tc_llava.data.inputs import Clip, ClipEncoder
 from tc_llava.model.families.qwen_vl import VISUAL_KEYS, QwenVisual
+from tc_llava.model.layout import PackedSamples
 from tc_llava.model.masks import block_causal_mask
 from tc_llava.model.rope import temporal_index
 from tc_llava.model.settings import build_rule, rule_parameters
@@ -52,10 +58,12 @@ class Span:
     end: int  # exclusive
     frame: int = -1
     text: str = ""
+    sample: int = -1  # a packed row's k-th sample (-1: the row is one sample)
 
     @property
     def label(self) -> str:
-        return f"frame {self.frame}" if self.kind == "frame" else self.kind
+        name = f"frame {self.frame}" if self.kind == "frame" else self.kind
+        return name if self.sample < 0 else f"s{self.sample} {name}"
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,11 @@ class Inspection:
 
     def table(self) -> str:
         """The spans as a markdown table."""
-        rows = ["| span | tokens | positions m | tau | text |", "|---|---:|---|---|---|"]
+        rows = ["| span | tokens | sequence | positions m | tau | text |", "|---|---:|---|---|---|---|"]
         m, tau = self.positions["m"], self.positions["tau"]
         for s in self.spans:
             text = s.text.replace("|", "\\|").replace("\n", "\\n")
-            rows.append(f"| {s.label} | {s.end - s.start} | {m[s.start]}-{m[s.end - 1]} | "
+            rows.append(f"| {s.label} | {s.end - s.start} | {s.start}-{s.end - 1} | {m[s.start]}-{m[s.end - 1]} | "
                         f"{tau[s.start]}-{tau[s.end - 1]} | {text[:40]} |")
         return "\n".join(rows) + "\n"
 
@@ -101,46 +109,69 @@ def _text_spans(tokenizer: Any, input_ids: np.ndarray, start: int, end: int) -> 
 
 
 def spans_of(tokenizer: Any, input_ids: np.ndarray, frame_ids: np.ndarray, attention_mask: np.ndarray,
-             placeholder_id: int) -> list[Span]:
+             placeholder_id: int, sample_ids: np.ndarray | None = None) -> list[Span]:
     """The runs of one kind along a row: padding, each frame, placeholder tokens outside frames (a family's
-    newline), text, and timestamps inside text."""
+    newline), text, and timestamps inside text; in a packed row (``sample_ids``) each run within one sample."""
     kinds = np.where(attention_mask == 0, "padding",
                      np.where(frame_ids >= 0, "frame", np.where(input_ids == placeholder_id, "newline", "text")))
+    samples = np.full(len(kinds), -1) if sample_ids is None else sample_ids
     spans, start = [], 0
     for i in range(1, len(kinds) + 1):
-        if i < len(kinds) and kinds[i] == kinds[start] and frame_ids[i] == frame_ids[start]:
+        if i < len(kinds) and kinds[i] == kinds[start] and frame_ids[i] == frame_ids[start] \
+                and samples[i] == samples[start]:
             continue
-        kind = str(kinds[start])
+        kind, sample = str(kinds[start]), int(samples[start]) if kinds[start] != "padding" else -1
         if kind == "text":
-            spans.extend(_text_spans(tokenizer, input_ids, start, i))
+            spans.extend(dataclasses.replace(span, sample=sample) for span in _text_spans(tokenizer, input_ids, start, i))
         else:
-            spans.append(Span(kind, start, i, int(frame_ids[start]) if kind == "frame" else -1))
+            spans.append(Span(kind, start, i, int(frame_ids[start]) if kind == "frame" else -1, sample=sample))
         start = i
     return spans
 
 
-def inspect_inputs(model: TCLlava, inputs: dict[str, Any]) -> Inspection:
-    """The layout ``model`` builds for one sample's inputs (:func:`~tc_llava.data.inputs.model_inputs`), read
-    back from :meth:`TCLlava.batch_layout`; the mask is the rule's on that layout's blocks."""
-    ids = inputs["input_ids"][None]
-    attention = inputs["attention_mask"][None]
-    visual = QwenVisual.of(**{k: inputs[k] for k in VISUAL_KEYS if k in inputs}) \
-        if model.family.multimodal_rope else None
-    pixels = inputs["pixel_values"][None] if "pixel_values" in inputs and visual is None else None
+def inspect_batch(model: TCLlava, batch: dict[str, Any], row: int = 0) -> Inspection:
+    """Row ``row`` of the layout ``model`` builds for a collated batch (left-padded, or packed with ``sample_ids``),
+    read back from :meth:`TCLlava.batch_layout`, the object its forward builds; the mask is the rule's on that
+    layout's blocks (and samples), the dense form of what the attention computes."""
+    ids, attention, sample_ids = batch["input_ids"], batch["attention_mask"], batch.get("sample_ids")
+    if not 0 <= row < ids.shape[0]:
+        raise ValueError(f"row {row}: the batch has {ids.shape[0]} row(s)")
+    visual = QwenVisual.of(**{k: batch[k] for k in VISUAL_KEYS if k in batch}) if model.family.multimodal_rope \
+        else None
+    pixels = batch.get("pixel_values") if visual is None else None
     with torch.no_grad():
-        layout, _ = model.batch_layout(ids, attention, None, None, pixels, None, visual)
+        layout, _ = model.batch_layout(ids, attention, sample_ids, None, pixels, batch.get("num_frames"), visual)
     block_ids = layout.block_ids if layout.block_ids is not None else torch.full_like(ids, -1)
-    mask = block_causal_mask(block_ids, layout.attention_mask)[0, 0].numpy()
+    mask = block_causal_mask(block_ids, layout.attention_mask, sample_ids)[row, 0].numpy()
+    tau = temporal_index(layout.frame_ids, attention) if sample_ids is None else _packed_tau(layout, sample_ids)
+    positions = {"m": layout.position_ids[row].numpy(), "tau": tau[row].numpy()}
     rotary = layout.rope_positions
-    positions = {"m": layout.position_ids[0].numpy(), "tau": temporal_index(layout.frame_ids, attention)[0].numpy()}
     if rotary.ndim == 3:
-        positions.update({axis: rotary[i, 0].float().numpy() for i, axis in enumerate("thw")})
+        positions.update({axis: rotary[i, row].float().numpy() for i, axis in enumerate("thw")})
     else:
-        positions["p"] = rotary[0].float().numpy()
-    frame_ids, real = layout.frame_ids[0].numpy(), attention[0].numpy()
-    spans = spans_of(model.tokenizer, ids[0].numpy(), frame_ids, real, model.placeholder_token_id)
+        positions["p"] = rotary[row].float().numpy()
+    frame_ids, real = layout.frame_ids[row].numpy(), attention[row].numpy()
+    spans = spans_of(model.tokenizer, ids[row].numpy(), frame_ids, real, model.placeholder_token_id,
+                     None if sample_ids is None else sample_ids[row].numpy())
     rules = f"rope={model.rope.name} mask={model.mask.name}"
     return Inspection(mask, frame_ids, real, positions, spans, rules)
+
+
+def _packed_tau(layout: Any, sample_ids: torch.Tensor) -> torch.Tensor:
+    """``tau`` restarting at each packed sample, as the model's positions do."""
+    packed = PackedSamples(sample_ids)
+    return packed.pack(temporal_index(packed.unpack(layout.frame_ids, fill=-1), packed.valid))
+
+
+def inspect_inputs(model: TCLlava, inputs: dict[str, Any]) -> Inspection:
+    """:func:`inspect_batch` of one sample's inputs (:func:`~tc_llava.data.inputs.model_inputs`)."""
+    return inspect_batch(model, SFTCollator(pad_id(model), "left")([inputs]))
+
+
+def pad_id(model: TCLlava) -> int:
+    """The pad id batches are padded with (the tokenizer's, else its end-of-sequence id), as evaluation pads."""
+    tokenizer = model.tokenizer
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def draw(inspection: Inspection, title: str = "") -> Any:
@@ -205,9 +236,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tc_llava.inspect", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="an export or a llava-hf checkpoint directory")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--frames", type=int, help="lay out this many frames of a blank video")
-    source.add_argument("--video", help="a video file, gif, folder of 00001.jpg frames, or image")
-    parser.add_argument("-q", "--question", default=DEFAULT_QUESTION)
+    source.add_argument("--frames", type=int, nargs="+", help="lay out this many frames of a blank video (several "
+                        "counts: a batch of one sample each)")
+    source.add_argument("--video", nargs="+", help="a video file, gif, folder of 00001.jpg frames, or image (several: "
+                        "a batch)")
+    parser.add_argument("-q", "--question", default=DEFAULT_QUESTION, help="every sample's question")
+    parser.add_argument("--pack", action="store_true", help="pack the samples into one row, as data.packing does "
+                        "(default: left-padded rows, as evaluation batches them)")
+    parser.add_argument("--row", type=int, default=0, help="the batch row to draw")
     parser.add_argument("--rope", help="a rope rule to inspect instead of the model's (e.g. tad, vanilla)")
     parser.add_argument("--mask", help="a mask rule instead of the model's (causal, frame_block_causal, ...)")
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
@@ -239,20 +275,24 @@ def rules_of(args: argparse.Namespace) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> Inspection:
     """Load, lay out the prompt, save the picture; returns the inspection."""
-    if args.frames is not None and args.frames < 1:
-        raise ValueError(f"--frames must be a positive integer, got {args.frames}")
+    if args.frames is not None and min(args.frames) < 1:
+        raise ValueError(f"--frames must be positive integers, got {args.frames}")
     rules = rules_of(args)
     model = TCLlava.from_pretrained(args.model, template=args.template, **rules).eval()
     if model.tokenizer is None:
         raise ValueError(f"{args.model} has no tokenizer: the layout is a prompt's, so the checkpoint must include it")
     if model.template is None:
         raise ValueError(f"{args.model} records no chat template: pass --template (e.g. {model.family.template})")
-    if args.video is not None:
-        frames, _, clip, line = decode_video(model, args.video, backend=args.backend)
-        print(line)
-    else:
-        frames, clip = blank_video(model, args.frames)
-    inspection = inspect_inputs(model, Chat(model, frames, model.template, clip=clip).inputs(args.question))
+    samples = []
+    for source in args.video or args.frames:
+        if args.video is not None:
+            frames, _, clip, line = decode_video(model, source, backend=args.backend)
+            print(line)
+        else:
+            frames, clip = blank_video(model, source)
+        samples.append(Chat(model, frames, model.template, clip=clip).inputs(args.question))
+    collate = PackingCollator(pad_id(model)) if args.pack else SFTCollator(pad_id(model), "left")
+    inspection = inspect_batch(model, collate(samples), args.row)
     written = save(inspection, Path(args.out), title=Path(args.model).name)
     print(inspection.table())
     print("wrote " + ", ".join(map(str, written)))
