@@ -214,7 +214,8 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
         shuffled_seed = derived_seed(cfg.seed, run.state.step, rank, "shuffled")
         other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seed=shuffled_seed, **sampling)
         many = algo.num_shuffled
-        other_scored = score([prefix + text for text in other.texts], [p.solution for p in prompts for _ in range(many)],
+        other_scored = score([prefix + text for text in other.texts],
+                             [p.solution for p in prompts for _ in range(many)],
                              [p.answer_type for p in prompts for _ in range(many)], run.weights)
         other_accuracy = accuracy_of(other_scored.per_function, len(prompts) * many)
         bonus = temporal_bonus(torch.tensor(accuracy).view(len(prompts), -1),
@@ -244,15 +245,18 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     group, completions = out["group"], out["completions"]
     rewards = accelerator.gather(out["rewards"].to(device))  # every process's, in rank order
     advantages = group_advantages(rewards, algo.num_generations, algo.scale_rewards)
+    def logps_of(net: nn.Module, inputs: Mapping[str, Any], part: Completions) -> Tensor:
+        return token_logps(net, inputs, part, algo.temperature, run.policy.placeholder_token_id)
+
     local = advantages.view(world, -1)[rank].to(torch.promote_types(dtype, torch.float32))
     with torch.no_grad():
         model.eval()
-        old = token_logps(model, group, completions, algo.temperature) if algo.num_iterations > 1 else None
+        old = logps_of(model, group, completions) if algo.num_iterations > 1 else None
         ref = None
         if algo.beta:
             ref_net = run.ref_model if run.ref_model is not None else model
             with reference(run.adapters if run.ref_model is None else None):
-                ref = token_logps(ref_net, group, completions, algo.temperature)
+                ref = logps_of(ref_net, group, completions)
     rollout_s = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -266,7 +270,7 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         for rows in parts:
             with accelerator.accumulate(model):
                 part = Completions(completions.ids[rows], completions.mask[rows], [])
-                logps = token_logps(model, rows_of(group, rows), part, algo.temperature)
+                logps = logps_of(model, rows_of(group, rows), part)
                 result = policy_loss(
                     logps, local[rows.to(device)], part.mask, loss_type=algo.loss_type,
                     old_logps=None if old is None else old[rows], epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,

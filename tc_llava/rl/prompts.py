@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data.collate import SFTCollator
 from tc_llava.data.inputs import encode_prompt, preprocess_frames
@@ -41,8 +41,9 @@ class Prompt:
 
 
 def check_prompts(cfg: DictConfig) -> None:
-    """The prompt set's files and settings, before the model loads (the evaluator's own layout check)."""
-    check_layout(cfg)
+    """The prompt set's files and settings, before the model loads (the evaluator's own layout check; a null
+    ``num_frames``, the export's count, is checked once the policy has loaded)."""
+    check_layout(OmegaConf.merge(cfg, {"num_frames": cfg.num_frames or 1}))
 
 
 def load_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:

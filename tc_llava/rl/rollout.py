@@ -9,7 +9,9 @@ positions only (``logits_to_keep``). Generation and training forward agree token
 (tests/test_rl.py), so the importance ratio of the first pass is 1 up to float rounding.
 
 Like TRL, the log-probabilities are those of ``logits / temperature`` (the distribution the
-tokens were drawn from, before top-p's cut).
+tokens were drawn from, before top-p's cut). The video placeholder is never sampled (a
+completion holding it would be read as visual tokens by the training forward): its logit is
+-inf in generation and in the log-probabilities alike.
 """
 
 from __future__ import annotations
@@ -73,7 +75,8 @@ def shuffle_frames(batch: Mapping[str, Any], seeds: Sequence[int]) -> tuple[dict
 @torch.no_grad()
 def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, temperature: float, top_p: float,
            seed: int, stops: Sequence[int], pad_token_id: int) -> Completions:
-    """Sampled completions of the (already repeated) left-padded ``batch``, drawn from a generator seeded by ``seed``.
+    """Sampled completions of the (already repeated) left-padded ``batch``, drawn from a generator seeded by ``seed``,
+    the video placeholder suppressed.
 
     ``model`` is the unwrapped :class:`~tc_llava.model.tc_llava.TCLlava`; it is put in eval mode (no dropout)
     for the rollout and back in the mode it was in."""
@@ -84,7 +87,8 @@ def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, t
         out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              num_frames=batch["num_frames"], max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_p=top_p, eos_token_id=list(stops),
-                             pad_token_id=pad_token_id, generator=torch.Generator(device).manual_seed(seed))
+                             pad_token_id=pad_token_id, generator=torch.Generator(device).manual_seed(seed),
+                             suppress_tokens=[model.placeholder_token_id])
     finally:
         model.train(was_training)
     mask = completion_mask(out.sequences, stops)
@@ -93,9 +97,11 @@ def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, t
     return Completions(out.sequences, mask, texts)
 
 
-def token_logps(model: nn.Module, batch: Mapping[str, Any], completions: Completions, temperature: float) -> Tensor:
+def token_logps(model: nn.Module, batch: Mapping[str, Any], completions: Completions, temperature: float,
+                suppressed: int) -> Tensor:
     """``[B, T]`` log-probabilities of the completion tokens under ``model`` (the training forward: prompt and
-    completion in one prefill with the rules' positions and mask), of ``logits / temperature``; 0 on padding.
+    completion in one prefill with the rules' positions and mask), of ``logits / temperature`` with token
+    ``suppressed`` (the placeholder) left out as generation leaves it out; 0 on padding.
 
     ``model`` may be the accelerate-prepared wrapper (gradients flow when they are enabled)."""
     width = completions.ids.shape[1]
@@ -104,6 +110,7 @@ def token_logps(model: nn.Module, batch: Mapping[str, Any], completions: Complet
     logits = model(ids, mask, batch["pixel_values"], num_frames=batch["num_frames"],
                    logits_to_keep=width + 1).logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    logits = logits.index_fill(-1, torch.tensor([suppressed], device=logits.device), float("-inf"))
     picked = torch.log_softmax(logits, -1).gather(-1, completions.ids[..., None]).squeeze(-1)
     return picked * completions.mask
 

@@ -72,7 +72,8 @@ def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings,
     _require(OmegaConf.is_list(allowed) and all(isinstance(key, str) for key in allowed), "resume_allow_changes",
              allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
     check_trainer(cfg.trainer)
-    _require(cfg.trainer.max_steps is not None, "trainer.max_steps", None, "an integer >= 1 (steps are rollout batches)")
+    _require(cfg.trainer.max_steps is not None, "trainer.max_steps", None,
+             "an integer >= 1 (steps are rollout batches)")
     p = cfg.prompts
     _require(_is_int(p.batch_size, 1) and p.batch_size % world_size == 0, "prompts.batch_size", p.batch_size,
              f"an integer >= 1 that divides among the {world_size} process(es)")
