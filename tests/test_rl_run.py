@@ -54,3 +54,40 @@ def rl_cfg(start, run_dir: Path, *extra: str):
 
 def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# LoRA with the reference its adapters disabled (beta > 0), two optimiser steps per rollout batch (ratios != 1)
+RESUME = ("tuning=lora", "tuning.lora.r=4", "algorithm.beta=0.04", "algorithm.num_iterations=2",
+          "algorithm.num_generations=4", "algorithm.max_completion_length=3", "prompts.batch_size=2",
+          "trainer.lr=1e-3", "trainer.max_steps=4", "trainer.save_every=1", "trainer.keep_last=0",
+          "export.enabled=false")
+
+
+def without_timings(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k not in TIMINGS}
+
+
+def test_a_killed_run_resumes_with_the_same_rollouts_and_losses(start, tmp_path):
+    """A real ``python -m tc_llava.rl`` killed (SIGKILL, its process group) once checkpoint step_2 exists, resumed
+    with resume=latest: metrics.jsonl (losses, rewards, KL, clip fractions, seeds) and rollouts.jsonl (every
+    completion) equal an uninterrupted run's."""
+    reference = train(rl_cfg(start, tmp_path / "reference", *RESUME))
+    run = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tc_llava.rl", *rl_overrides(start, run, *RESUME)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not any(p.name == "step_2" for p in checkpoint_dirs(run)) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, 9)
+    proc.wait(timeout=60)
+    assert proc.returncode == -9  # killed, not finished
+    stopped_at = checkpoint_dirs(run)[-1].name
+    assert stopped_at in ("step_2", "step_3")
+    resumed = train(rl_cfg(start, run, *RESUME, "resume=latest"))
+    assert resumed["losses"] == reference["losses"]
+    assert [without_timings(r) for r in rows(run / "metrics.jsonl")] == \
+        [without_timings(r) for r in rows(tmp_path / "reference" / "metrics.jsonl")]
+    assert rows(run / "rollouts.jsonl") == rows(tmp_path / "reference" / "rollouts.jsonl")
+    assert rows(run / "metrics.jsonl")[-1]["kl"] > 0  # not vacuous: the policy has left its reference
