@@ -56,6 +56,19 @@ def rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def test_a_short_run_raises_the_mean_reward(start, tmp_path):
+    """40 GRPO steps of 4 prompts x 8 one-token completions (the answer letter after ``Best option:(``; full
+    fine-tuning, lr 3e-3, no KL) from the 80-step SFT start: the benchmark's letter check rewards the answer.
+
+    Measured (CPU, threads=1, torch 2.14): mean reward 0.025 over the first 10 steps, 0.316 over the last 10 (the
+    start rarely answers with a letter at all; the policy learns to answer with one, B most often, the most
+    frequent right one of this set). lr 1e-3 rose only to 0.17 in 40 steps, 3e-4 not measurably."""
+    train(rl_cfg(start, tmp_path / "run", "trainer.lr=3e-3", "trainer.max_steps=40", "export.enabled=false"))
+    rewards = [r["reward"] for r in rows(tmp_path / "run" / "metrics.jsonl")]
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    assert first < 0.05 and last > 0.25
+
+
 # LoRA with the reference its adapters disabled (beta > 0), two optimiser steps per rollout batch (ratios != 1)
 RESUME = ("tuning=lora", "tuning.lora.r=4", "algorithm.beta=0.04", "algorithm.num_iterations=2",
           "algorithm.num_generations=4", "algorithm.max_completion_length=3", "prompts.batch_size=2",
@@ -91,3 +104,26 @@ def test_a_killed_run_resumes_with_the_same_rollouts_and_losses(start, tmp_path)
         [without_timings(r) for r in rows(tmp_path / "reference" / "metrics.jsonl")]
     assert rows(run / "rollouts.jsonl") == rows(tmp_path / "reference" / "rollouts.jsonl")
     assert rows(run / "metrics.jsonl")[-1]["kl"] > 0  # not vacuous: the policy has left its reference
+
+
+def test_t_grpo_records_its_frame_orders_and_exports_a_loadable_model(start, tmp_path):
+    """Two T-GRPO steps: each prompt's shuffled group saw a recorded permutation of its 4 frames drawn from a
+    recorded seed (not the identity for every prompt), the bonus follows the rule on the recorded accuracies,
+    and the export loads as the evaluator loads it, recording the frames it was trained with."""
+    result = train(rl_cfg(start, tmp_path / "run", "algorithm=t_grpo", "algorithm.beta=0.04",
+                          "algorithm.num_generations=4", "prompts.batch_size=2", "trainer.max_steps=2",
+                          "algorithm.max_completion_length=2"))
+    records = rows(tmp_path / "run" / "rollouts.jsonl")
+    assert len(records) == 4 and all(sorted(r["shuffled"]["frame_order"]) == [0, 1, 2, 3] for r in records)
+    assert any(r["shuffled"]["frame_order"] != [0, 1, 2, 3] for r in records)
+    assert len({r["shuffled"]["frame_seed"] for r in records}) == 4
+    assert all(len(r["shuffled"]["completions"]) == 2 for r in records)  # G // 2
+    for r in records:
+        p, shuffled = sum(r["accuracy"]) / 4, sum(r["shuffled"]["accuracy"]) / 2
+        assert r["bonus"] == [0.3 if p >= 0.8 * shuffled and a > 0.1 else 0.0 for a in r["accuracy"]]
+        assert [round(t - b, 6) for t, b in zip(r["rewards"], r["bonus"])] == r["accuracy"]
+    metrics = rows(tmp_path / "run" / "metrics.jsonl")
+    assert {"shuffled_accuracy", "temporal_bonus", "rollout_s", "train_s", "accuracy", "rewards/mcq_letter",
+            "clip_ratio/region_mean", "completion_length", "kl"} <= set(metrics[0])
+    exported = TCLlava.from_pretrained(result["export"])
+    assert exported.frame_sampling["num_frames"] == 4 and exported.frame_sampling["sampling"] == "middle"

@@ -186,6 +186,10 @@ def rows_of(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
             "pixel_values": pixels, "num_frames": counts[rows]}
 
 
+def part_of(completions: Completions, rows: Tensor) -> Completions:
+    return Completions(completions.ids[rows], completions.mask[rows], [completions.texts[i] for i in rows.tolist()])
+
+
 def accuracy_of(per_function: Mapping[str, Sequence[float | None]], size: int) -> list[float]:
     """Each completion's accuracy: the unweighted sum of the answer checks that apply to it (not ``format``)."""
     checks = [name for name in per_function if REWARDS[name].answer_type is not None]
@@ -218,20 +222,23 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
                              [p.solution for p in prompts for _ in range(many)],
                              [p.answer_type for p in prompts for _ in range(many)], run.weights)
         other_accuracy = accuracy_of(other_scored.per_function, len(prompts) * many)
-        bonus = temporal_bonus(torch.tensor(accuracy).view(len(prompts), -1),
-                               torch.tensor(other_accuracy).view(len(prompts), -1),
+        bonus = temporal_bonus(torch.tensor(accuracy, dtype=torch.float64).view(len(prompts), -1),
+                               torch.tensor(other_accuracy, dtype=torch.float64).view(len(prompts), -1),
                                algo.temporal_alpha, algo.temporal_mu, algo.temporal_threshold).flatten()
-        total = total + bonus.double()
+        total = total + bonus
         out.update(shuffled={"seed": shuffled_seed, "frame_seeds": shuffle_seeds, "orders": orders,
                              "texts": other.texts, "accuracy": other_accuracy}, bonus=bonus.tolist())
     out["rewards"] = total
     return out
 
 
-def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """One rollout batch and its ``num_iterations`` optimiser steps; returns the metrics row and the rollout records.
+def logps_of(run: Run, net: nn.Module, inputs: Mapping[str, Any], part: Completions) -> Tensor:
+    """The completion tokens' log-probabilities under ``net`` by the training forward (:func:`token_logps`)."""
+    return token_logps(net, inputs, part, run.algo.temperature, run.policy.placeholder_token_id)
 
-    A NaN/inf loss or gradient norm stops the run before the optimiser moves a weight (:class:`NonFiniteError`)."""
+
+def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One rollout batch and its ``num_iterations`` optimiser steps; returns the metrics row and the rollout records."""
     cfg, algo, accelerator, model = run.cfg, run.algo, run.accelerator, run.model
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
     tic = time.perf_counter()
@@ -245,36 +252,50 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     group, completions = out["group"], out["completions"]
     rewards = accelerator.gather(out["rewards"].to(device))  # every process's, in rank order
     advantages = group_advantages(rewards, algo.num_generations, algo.scale_rewards)
-    def logps_of(net: nn.Module, inputs: Mapping[str, Any], part: Completions) -> Tensor:
-        return token_logps(net, inputs, part, algo.temperature, run.policy.placeholder_token_id)
-
     local = advantages.view(world, -1)[rank].to(torch.promote_types(dtype, torch.float32))
-    with torch.no_grad():
-        model.eval()
-        old = logps_of(model, group, completions) if algo.num_iterations > 1 else None
-        ref = None
-        if algo.beta:
-            ref_net = run.ref_model if run.ref_model is not None else model
-            with reference(run.adapters if run.ref_model is None else None):
-                ref = logps_of(ref_net, group, completions)
-    rollout_s = time.perf_counter() - tic
+    parts = torch.tensor_split(torch.arange(len(completions.texts)), cfg.trainer.grad_accum)  # micro-batches
 
+    def no_grad_logps(net: nn.Module) -> Tensor:  # part by part, as the training forward will see them
+        with torch.no_grad():
+            return torch.cat([logps_of(run, net, rows_of(group, rows), part_of(completions, rows)) for rows in parts])
+
+    model.eval()
+    old = no_grad_logps(model) if algo.num_iterations > 1 else None
+    ref = None
+    if algo.beta:
+        with reference(run.adapters if run.ref_model is None else None):
+            ref = no_grad_logps(run.ref_model if run.ref_model is not None else model)
+    rollout_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    losses, stats, norms = [], [], []
+    losses, norms, stats = optimise(run, group, completions, parts, local, old, ref)
+    run.state.step += 1
+    run.state.losses.append(sum(losses) / len(losses))
+    train_s = time.perf_counter() - tic
+    return metrics_row(run, out, rewards, losses, norms, stats, rollout_s, train_s), records(run, prompts, out)
+
+
+def optimise(run: Run, group: Mapping[str, Any], completions: Completions, parts: Sequence[Tensor], advantages: Tensor,
+             old: Tensor | None, ref: Tensor | None) -> tuple[list[float], list[float | None], list[dict[str, float]]]:
+    """``num_iterations`` optimiser steps over the rollout batch, each over ``parts`` (``trainer.grad_accum``
+    micro-batches); returns each step's loss and gradient norm and each micro-batch's statistics.
+
+    A NaN/inf loss or gradient norm stops the run before the optimiser moves a weight (:class:`NonFiniteError`)."""
+    cfg, algo, accelerator, model = run.cfg, run.algo, run.accelerator, run.model
+    world, device = accelerator.num_processes, accelerator.device
+    where = f"The last good checkpoint is untouched under {run.run_dir / 'checkpoints'}"
     model.train()
     n_items = accelerator.reduce(completions.mask.sum().to(device), "sum")
-    size = completions.mask.shape[0]
-    parts = torch.tensor_split(torch.arange(size), cfg.trainer.grad_accum)
+    size = len(completions.texts)
+    losses, norms, stats = [], [], []
     for iteration in range(algo.num_iterations):
         loss_sum = torch.zeros((), device=device)
         for rows in parts:
             with accelerator.accumulate(model):
-                part = Completions(completions.ids[rows], completions.mask[rows], [])
-                logps = logps_of(model, rows_of(group, rows), part)
+                part = part_of(completions, rows)
                 result = policy_loss(
-                    logps, local[rows.to(device)], part.mask, loss_type=algo.loss_type,
-                    old_logps=None if old is None else old[rows], epsilon=algo.epsilon, epsilon_high=algo.epsilon_high,
-                    beta=algo.beta, ref_logps=None if ref is None else ref[rows],
+                    logps_of(run, model, rows_of(group, rows), part), advantages[rows.to(device)], part.mask,
+                    loss_type=algo.loss_type, old_logps=None if old is None else old[rows], epsilon=algo.epsilon,
+                    epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logps=None if ref is None else ref[rows],
                     max_completion_length=algo.max_completion_length, num_items=n_items)
                 # grpo / dr_grpo are means over this part's sequences: weighted by its share of all processes'
                 # sequences; dapo is normalised by all processes' tokens already. DDP averages over processes and
@@ -283,25 +304,20 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
                 loss = result.loss * share * world
                 if not bool(accelerator.gather(torch.isfinite(loss.detach())[None]).all()):
                     raise NonFiniteError(f"non-finite loss at step {run.state.step + 1} (iteration {iteration + 1}); "
-                                         f"stopping. The last good checkpoint is untouched under "
-                                         f"{run.run_dir / 'checkpoints'}")
+                                         f"stopping. {where}")
                 accelerator.backward(loss * cfg.trainer.grad_accum)
                 loss_sum += loss.detach() / world
                 stats.append({k: float(v) for k, v in result.stats.items()})
         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.trainer.max_grad_norm)
         if grad_norm is not None and not math.isfinite(float(grad_norm)):
             raise NonFiniteError(f"non-finite gradient norm ({float(grad_norm)}) at step {run.state.step + 1} "
-                                 f"(iteration {iteration + 1}); stopping before the optimiser step. The last good "
-                                 f"checkpoint is untouched under {run.run_dir / 'checkpoints'}")
+                                 f"(iteration {iteration + 1}); stopping before the optimiser step. {where}")
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad()
         losses.append(accelerator.reduce(loss_sum, "sum").item())
         norms.append(None if grad_norm is None else float(grad_norm))
-    run.state.step += 1
-    run.state.losses.append(sum(losses) / len(losses))
-    train_s = time.perf_counter() - tic
-    return metrics_row(run, out, rewards, losses, norms, stats, rollout_s, train_s), records(run, prompts, out)
+    return losses, norms, stats
 
 
 def _mean(values: Sequence[float]) -> float | None:
