@@ -161,3 +161,22 @@ def test_the_command_says_a_bad_setting_in_one_line(tmp_path):
     assert errors[0].endswith("SettingsError: rewards: unknown reward(s) ['typo']; registered: ['format', "
                               "'mcq_letter', 'numeric_mra', 'temporal_iou']")
     assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.parametrize("group", ["algorithm", "rewards", "prompts"])
+def test_every_shipped_option_of_the_rl_app_is_valid(tmp_path, group):
+    """Each option of rl.yaml's own groups composes into settings the app accepts (run-dir names differ)."""
+    from tc_llava.rl.rewards import check_weights
+    from tc_llava.rl.settings import grpo_settings
+
+    options = sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+    names = set()
+    for option in options:
+        cfg = _rl_cfg(f"paths.outputs={tmp_path}", f"{group}={option}")
+        settings = grpo_settings(cfg)
+        assert check_weights(dict(cfg.rewards)) and cfg.prompts.batch_size >= 1
+        names.add(cfg.run_dir)
+        if option == "t_grpo":
+            assert settings.temporal_contrast and settings.num_shuffled == 4
+            assert cfg.run_dir.endswith("t_grpo-saved-saved")
+    assert len(names) == (len(options) if group == "algorithm" else 1)
