@@ -127,3 +127,21 @@ def test_t_grpo_records_its_frame_orders_and_exports_a_loadable_model(start, tmp
             "clip_ratio/region_mean", "completion_length", "kl"} <= set(metrics[0])
     exported = TCLlava.from_pretrained(result["export"])
     assert exported.frame_sampling["num_frames"] == 4 and exported.frame_sampling["sampling"] == "middle"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_micro_batches_give_the_update_of_the_whole_rollout_batch(start, tmp_path, loss_type):
+    """trainer.grad_accum=3 splits each optimiser step's 8 completions into parts of 3, 3 and 2: per-sequence
+    (grpo) and per-token (dapo) normalisation are weighted so the update is the whole batch's. Two steps of two
+    optimiser steps each (ratios != 1 on the second): the same losses, rewards and KL to float rounding."""
+    args = ("tuning=full", f"algorithm.loss_type={loss_type}", "algorithm.beta=0.04", "algorithm.num_iterations=2",
+            "algorithm.num_generations=4", "algorithm.max_completion_length=3", "prompts.batch_size=2",
+            "trainer.lr=1e-3", "trainer.max_steps=2", "export.enabled=false")
+    whole = train(rl_cfg(start, tmp_path / "whole", *args))
+    parts = train(rl_cfg(start, tmp_path / "parts", *args, "trainer.grad_accum=3"))
+    a, b = rows(tmp_path / "whole" / "metrics.jsonl"), rows(tmp_path / "parts" / "metrics.jsonl")
+    assert [r["reward"] for r in a] == [r["reward"] for r in b]
+    assert rows(tmp_path / "whole" / "rollouts.jsonl") == rows(tmp_path / "parts" / "rollouts.jsonl")
+    assert whole["losses"] == pytest.approx(parts["losses"], abs=1e-6)
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
+    assert a[-1]["grad_norm"] > 0 and a[-1]["kl"] > 0
