@@ -130,6 +130,7 @@ def _rl_cfg(*overrides: str):
     ("prompts.batch_size=0", "prompts.batch_size=0: expected an integer >= 1"),
     ("algorithm.temperature=0", "algorithm.temperature/top_p: 0/1.0; expected temperature > 0"),
     ("trainer.max_steps=null", "trainer.max_steps=None: expected an integer >= 1"),
+    ("model=tiny_qwen2_5_vl", "model: qwen2_5_vl policies are not built for RL rollouts yet"),
 ])
 def test_bad_settings_are_refused_naming_the_key(tmp_path, override, message):
     """Checked before anything loads: the prompt set is missing here too, and is named only after these."""

@@ -12,12 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
+from accelerate.state import AcceleratorState
 from hydra import compose, initialize_config_dir
 
+import tc_llava.rl.loop as loop
 from tc_llava.data.synthetic import generate
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.rl.loop import train
-from tc_llava.train.checkpoint import checkpoint_dirs
+from tc_llava.train.checkpoint import NonFiniteError, checkpoint_dirs
 from tc_llava.train.loop import train as sft
 
 from conftest import CONFIGS, REPO, TINY
@@ -145,3 +147,29 @@ def test_micro_batches_give_the_update_of_the_whole_rollout_batch(start, tmp_pat
     assert whole["losses"] == pytest.approx(parts["losses"], abs=1e-6)
     assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
     assert a[-1]["grad_norm"] > 0 and a[-1]["kl"] > 0
+
+
+def test_a_nan_loss_stops_the_run_before_the_optimiser_moves(start, tmp_path, monkeypatch):
+    """A NaN loss at step 2: NonFiniteError naming the step, the optimiser never stepped on it (checkpoint step_1
+    is the last, unchanged), and resume=latest replays steps 2-3 as an uninterrupted run does."""
+    args = ("tuning=full", "algorithm.num_generations=4", "algorithm.max_completion_length=2", "prompts.batch_size=2",
+            "trainer.lr=1e-3", "trainer.max_steps=3", "trainer.save_every=1", "trainer.keep_last=0",
+            "export.enabled=false")
+    reference = train(rl_cfg(start, tmp_path / "reference", *args))
+    original, calls = loop.policy_loss, {"n": 0}
+
+    def poisoned(*a, **kw):
+        result = original(*a, **kw)
+        calls["n"] += 1
+        return result if calls["n"] != 2 else type(result)(result.loss * float("nan"), result.stats)
+
+    monkeypatch.setattr(loop, "policy_loss", poisoned)
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteError, match=r"^non-finite loss at step 2 \(iteration 1\); stopping. The last good "
+                                             "checkpoint is untouched under"):
+        train(rl_cfg(start, run, *args))
+    assert [p.name for p in checkpoint_dirs(run)] == ["step_1"]
+    monkeypatch.setattr(loop, "policy_loss", original)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    resumed = train(rl_cfg(start, run, *args, "resume=latest"))
+    assert resumed["losses"] == reference["losses"]

@@ -134,9 +134,6 @@ def setup(cfg: DictConfig) -> Run:
 
     t = cfg.trainer
     policy = model_from_config(cfg)
-    if policy.family.multimodal_rope:
-        raise CheckpointError(f"{policy.family.model_type}: RL rollouts of the Qwen-VL families (their own frame "
-                              "inputs) are not built yet; use a LLaVA-family policy")
     set_seed(cfg.seed, device_specific=False)  # LoRA's init must not depend on how the model was loaded
     ref_model = None
     if cfg.tuning.llm != "lora" and algo.beta:  # full fine-tuning: the reference is a frozen copy of the start

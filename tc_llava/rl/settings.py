@@ -6,6 +6,8 @@ one line naming the key, raised before the policy (possibly a 7B) is loaded.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 from hydra.errors import InstantiationException
@@ -13,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.model.build import check_model_settings
+from tc_llava.model.families import family_of
 from tc_llava.rl.grpo import GRPOSettings
 from tc_llava.rl.prompts import check_prompts
 from tc_llava.rl.rewards import check_weights
@@ -57,6 +60,19 @@ def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def check_policy_family(model: DictConfig) -> None:
+    """The policy is a LLaVA family: the rollout code repeats and shuffles ``pixel_values`` frames, not the Qwen-VL
+    families' patches with grids (read from the checkpoint's ``config.json`` or the tiny model's ``arch``)."""
+    checkpoint = model.get("checkpoint")
+    if checkpoint is not None:
+        model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
+    else:
+        model_type = model.tiny.get("arch", "llava")
+    if family_of(model_type, "model").multimodal_rope:
+        raise SettingsError(f"model: {model_type} policies are not built for RL rollouts yet (their frames are "
+                            "patches with grids); use a LLaVA-family policy (docs/rl.md)")
+
+
 def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings, dict[str, float]]:
     """Every setting of the app (the algorithm, the reward weights, the prompt set, the trainer, the model and
     the rules); returns the algorithm and the weights. Call before any model loads."""
@@ -66,6 +82,7 @@ def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings,
         weights = check_weights(OmegaConf.to_container(cfg.rewards, resolve=True))
         check_numerics(cfg.threads, cfg.deterministic)
         check_model_settings(cfg.model)
+        check_policy_family(cfg.model)
     except ValueError as e:
         raise SettingsError(str(e)) from None
     allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
