@@ -44,7 +44,9 @@ from tc_llava.train.checkpoint import (
     CONFIG_FILE, STATE_FILE, CheckpointError, NonFiniteError, TrainState, changed_settings, check_run_dir,
     claim_run_dir, clear_run_dir, export_model, load_checkpoint, save_checkpoint, writing,
 )
-from tc_llava.train.loop import METRICS, TRAIN_ERRORS, keep_metrics_until, make_accelerator, peak_memory_gb
+from tc_llava.train.loop import (
+    METRICS, TRAIN_ERRORS, cast_trainable_to_bf16, keep_metrics_until, make_accelerator, peak_memory_gb,
+)
 from tc_llava.train.optim import cosine_with_warmup, param_groups
 from tc_llava.train.tuning import apply_tuning, trainable_summary
 
@@ -139,6 +141,8 @@ def setup(cfg: DictConfig) -> Run:
     if cfg.tuning.llm != "lora" and algo.beta:  # full fine-tuning: the reference is a frozen copy of the start
         ref_model = copy.deepcopy(policy).requires_grad_(False).eval()
     adapters = apply_tuning(policy, **cfg.tuning)
+    if t.deepspeed and t.mixed_precision == "bf16":
+        cast_trainable_to_bf16(policy)
     if t.gradient_checkpointing:
         enable_activation_checkpointing(policy.hf)
     log.info("parameters: %s", trainable_summary(policy))
@@ -152,6 +156,10 @@ def setup(cfg: DictConfig) -> Run:
     optimizer_steps = t.max_steps * algo.num_iterations
     scheduler = cosine_with_warmup(optimizer, optimizer_steps, math.ceil(t.warmup_ratio * optimizer_steps),
                                    t.min_lr_ratio)
+    if accelerator.state.deepspeed_plugin is not None:  # no loader for DeepSpeed to read its micro-batch from
+        rows = cfg.prompts.batch_size // accelerator.num_processes * algo.num_generations
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = \
+            math.ceil(rows / t.grad_accum)
     model, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
     if ref_model is not None:
         ref_model.to(accelerator.device)
