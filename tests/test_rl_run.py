@@ -173,3 +173,26 @@ def test_a_nan_loss_stops_the_run_before_the_optimiser_moves(start, tmp_path, mo
     AcceleratorState._reset_state(reset_partial_state=True)
     resumed = train(rl_cfg(start, run, *args, "resume=latest"))
     assert resumed["losses"] == reference["losses"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trainer", ["cpu", "zero3"])
+def test_two_ranks_run_and_export(start, tmp_path, cache_dir, trainer):
+    """Two ranks over gloo (torchrun), plain DDP or DeepSpeed ZeRO-3 (partitioned weights generate the rollouts,
+    LoRA reference with KL): each rank's prompts are scored and recorded, rewards gathered, the export loads."""
+    from conftest import free_port
+
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TC_LLAVA_CACHE": str(cache_dir),
+           "TORCH_EXTENSIONS_DIR": str(Path(cache_dir).parent / "torch_extensions")}
+    args = rl_overrides(start, run, f"trainer={trainer}", "trainer.backend=gloo", "tuning=lora", "tuning.lora.r=4",
+                        "algorithm.beta=0.04", "algorithm.num_generations=4", "algorithm.max_completion_length=3",
+                        "trainer.max_steps=2")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                           "127.0.0.1", "--master_port", str(free_port()), "-m", "tc_llava.rl", *args], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics, records = rows(run / "metrics.jsonl"), rows(run / "rollouts.jsonl")
+    assert len(metrics) == 2 and len(metrics[0]["rollout_seeds"]) == 2 and metrics[-1]["kl"] >= 0
+    assert len(records) == 8 and len({r["prompt"] for r in records[:4]}) == 4  # 4 prompts a step, 2 per rank
+    TCLlava.from_pretrained(run / "export")
