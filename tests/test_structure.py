@@ -18,7 +18,7 @@ FORBIDDEN = {
     "data": {"model", "train", "eval", "ablation", "lmms"},
     "train": {"eval", "ablation", "lmms"},
     "eval": {"train", "ablation", "lmms"},
-    "rl": {"train", "ablation", "lmms"},  # may use eval's answer checks (rewards), not the SFT app
+    "rl": {"ablation", "lmms"},  # a stage after SFT: eval's answer checks (rewards), the SFT app's run dirs and export
     "ablation": {"lmms"},  # the lmms-eval plugin sits above everything; nothing imports it
 }
 

@@ -48,13 +48,16 @@ def generate(
     output_scores: bool = False,
     num_frames: torch.Tensor | Sequence[int] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
+    suppress_tokens: Sequence[int] | None = None,
     **visual: torch.Tensor,
 ) -> GenerationOutput:
     """Greedy or sampled generation for a left-padded batch of video prompts.
 
     ``num_frames`` gives each sample's frame count when ``pixel_values`` is ``[N, C, H, W]``;
     ``streamer`` is called with each step's new tokens ``[B]`` as soon as they are chosen; ``visual`` holds a
-    Qwen-VL family's own visual inputs (grids, video patches).
+    Qwen-VL family's own visual inputs (grids, video patches). ``suppress_tokens`` are never chosen (their
+    logits, and ``scores``, are -inf): RL rollouts suppress the video placeholder, which a training forward would
+    read as visual tokens.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -67,8 +70,9 @@ def generate(
     position_ids = attention_mask.sum(-1, keepdim=True)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     tokens, scores = [], []
+    suppressed = torch.tensor(list(suppress_tokens or []), dtype=torch.long, device=input_ids.device)
     for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().index_fill(-1, suppressed, float("-inf"))
         if output_scores:
             scores.append(logits)
         nxt = _pick(logits, do_sample, temperature, top_p, generator)

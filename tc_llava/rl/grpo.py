@@ -33,7 +33,11 @@ class GRPOSettings:
     (mu in DeepSeekMath; ratios differ from 1 from the second on); ``epsilon_high`` defaults
     to ``epsilon`` (DAPO's clip-higher sets it apart); ``max_completion_length`` is also
     the ``dr_grpo`` normaliser. Defaults are DeepSeekMath's (TRL 1.16 defaults to ``dapo``
-    with ``beta`` 0); ``configs/algorithm/`` holds each paper's.
+    with ``beta`` 0); ``configs/algorithm/`` holds each paper's. ``temperature`` and ``top_p``
+    are the rollouts' sampling (the log-probabilities are those of ``logits / temperature``, as
+    TRL computes them). ``temporal_contrast`` turns on Video-R1's T-GRPO
+    (:func:`temporal_bonus`): ``shuffled_generations`` more completions per prompt (None:
+    ``G // 2``, Video-R1's) see the frames shuffled and only score the ordered group.
     """
 
     num_generations: int = 8
@@ -44,13 +48,23 @@ class GRPOSettings:
     beta: float = 0.04
     num_iterations: int = 1
     max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    temporal_contrast: bool = False
+    temporal_alpha: float = 0.3
+    temporal_mu: float = 0.8
+    temporal_threshold: float = 0.1
+    shuffled_generations: int | None = None
 
     def __post_init__(self) -> None:
         for name, kind in (("num_generations", int), ("num_iterations", int), ("max_completion_length", int),
                            ("epsilon", (int, float)), ("epsilon_high", (int, float, type(None))),
-                           ("beta", (int, float))):
+                           ("beta", (int, float)), ("temperature", (int, float)), ("top_p", (int, float)),
+                           ("temporal_contrast", bool), ("temporal_alpha", (int, float)),
+                           ("temporal_mu", (int, float)), ("temporal_threshold", (int, float)),
+                           ("shuffled_generations", (int, type(None)))):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, kind):
+            if isinstance(value, bool) != (kind is bool) or not isinstance(value, kind):
                 raise ValueError(f"algorithm.{name}: {value!r} is not a number of the expected kind")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"algorithm.loss_type: {self.loss_type!r} is not one of {LOSS_TYPES}")
@@ -66,6 +80,19 @@ class GRPOSettings:
                              "expected 0 < epsilon < 1 and epsilon_high > 0")
         if self.beta < 0:
             raise ValueError(f"algorithm.beta: {self.beta}; expected >= 0")
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"algorithm.temperature/top_p: {self.temperature}/{self.top_p}; "
+                             "expected temperature > 0 and 0 < top_p <= 1")
+        if self.temporal_contrast and self.num_shuffled < 1:
+            raise ValueError(f"algorithm.shuffled_generations: {self.shuffled_generations}; T-GRPO needs >= 1 "
+                             "completion on shuffled frames")
+
+    @property
+    def num_shuffled(self) -> int:
+        """Completions per prompt on shuffled frames (T-GRPO; 0 without it)."""
+        if not self.temporal_contrast:
+            return 0
+        return self.num_generations // 2 if self.shuffled_generations is None else self.shuffled_generations
 
     @property
     def clip_high(self) -> float:
@@ -183,3 +210,21 @@ def policy_loss(
         if kl is not None:
             stats["kl"] = _masked_mean(kl.detach(), mask)
     return PolicyLoss(loss, stats)
+
+
+def temporal_bonus(ordered: Tensor, shuffled: Tensor, alpha: float = 0.3, mu: float = 0.8,
+                   threshold: float = 0.1) -> Tensor:
+    """T-GRPO's reward bonus (Video-R1, Feng et al. 2025, arXiv 2503.21776), per ordered completion ``[P, G]``.
+
+    ``ordered [P, G]`` and ``shuffled [P, S]`` are the accuracy rewards of each prompt's completions on
+    ordered and on shuffled frames. A prompt whose ordered accuracy ``p = mean(ordered)`` reaches
+    ``mu`` times the shuffled one ``p~ = mean(shuffled)`` gives ``alpha`` to each ordered completion
+    whose accuracy exceeds ``threshold``; others get 0. ``p >= mu * p~``, ``mu = 0.8``, ``alpha = 0.3``
+    and ``threshold = 0.1`` are Video-R1's code (``src/r1-v/src/open_r1/trainer/grpo_trainer.py``, its
+    group being one prompt's completions on one device); its paper writes ``p > mu * p~``.
+    """
+    if ordered.dim() != 2 or shuffled.dim() != 2 or ordered.shape[0] != shuffled.shape[0] or not shuffled.shape[1]:
+        raise ValueError(f"temporal_bonus: ordered {tuple(ordered.shape)} and shuffled {tuple(shuffled.shape)} must be "
+                         "[P, G] and [P, S >= 1], one row per prompt")
+    wins = ordered.mean(dim=1, keepdim=True) >= mu * shuffled.mean(dim=1, keepdim=True)
+    return torch.where(wins & (ordered > threshold), torch.full_like(ordered, alpha), torch.zeros_like(ordered))

@@ -50,7 +50,7 @@ RESUME_FREE = ("resume", "resume_allow_changes", "overwrite", "run_dir", "name",
                "data.num_workers", "trainer.save_every", "trainer.keep_last")
 # What a training run (and the ablation job's evaluation) writes into its run_dir; Hydra's own
 # .hydra/ and log files are left alone.
-RUN_ARTEFACTS = ("checkpoints", "export", "metrics.jsonl", "config.yaml", "meta.json", "eval", "ablation.json", "wandb")
+RUN_ARTEFACTS = ("checkpoints", "export", "metrics.jsonl", "rollouts.jsonl", "config.yaml", "meta.json", "eval", "ablation.json", "wandb")
 # Held (flock) by the one process that trains into a run_dir, for that process's lifetime: the kernel
 # releases it when the process ends, however it ends. It names its holder for the refusal message.
 LOCK_FILE = ".lock"
