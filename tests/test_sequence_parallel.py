@@ -22,6 +22,7 @@ from tc_llava.model.attention import check_sequence_parallel
 from tc_llava.model.block_attention import block_spans
 from tc_llava.model.layout import BatchLayout
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask, block_causal_mask, sample_block_ids
+from tc_llava.model.rope import TADRoPE
 from tc_llava.model.sequence_parallel import SequenceParallel, ulysses_attention
 
 from conftest import free_port
@@ -90,9 +91,122 @@ def _core_attention(rank: int, world: int) -> None:
                 assert (causal - ref)[real.expand_as(ref)].abs().max() > 1e-3, where
 
 
+# --------------------------------------------------------------------------- the model
+def _batches(model, world: int) -> dict[str, dict]:
+    """Five samples of 1, 2 and 4 frames packed into two rows, and as a right-padded batch of mixed frame counts,
+    each padded to a length ``world`` divides."""
+    pad, items = model.tokenizer.pad_token_id, samples(model)
+    packed = padded_to(packed_batch(items, ROWS, pad, pad_between=3), world, pad)
+    mixed = padded_to(padded_batch(items, pad) | {"sample_ids": torch.full((5, 1), -1)}, world, pad)
+    return {name: b | {"pixel_values": b["pixel_values"].double()} for name, b in
+            (("packed", packed), ("mixed frames", mixed | {"sample_ids": None}))}
+
+
+def _loss_and_grads(model, batch: dict, sp: SequenceParallel | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    model.shard_sequence(sp)
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    if sp is not None:  # each rank holds its share's part: the group's sum is the batch's gradient
+        flat = torch.cat([grad.flatten() for grad in grads.values()])
+        dist.all_reduce(flat)
+        grads = dict(zip(grads, (part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads.values()]),
+                                                                     grads.values()))))
+    return loss.detach(), grads
+
+
+def _cases(model, world: int):
+    """(name, batch) of every rope rule, mask rule and batch, with the rules set on ``model``."""
+    batches = _batches(model, world)
+    for rope in ROPES:
+        for mask in MASKS:
+            model.rope, model.mask = rope, mask
+            for name, batch in batches.items():
+                yield f"{rope.name}, {mask.name}, {name}", batch
+
+
+def _model_parity(rank: int, world: int, path: str, references: str) -> None:
+    sp = SequenceParallel.of()
+    model = load(path, impl="block_merge").double()
+    expected = torch.load(references)
+    for case, batch in _cases(model, world):
+        where = f"{case}, rank {rank} of {world}"
+        ref_loss, ref_grads = expected[case]
+        loss, grads = _loss_and_grads(model, batch, sp)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=0, msg=where)
+        assert grads.keys() == ref_grads.keys() and len(grads) > 10, where
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[key], rtol=1e-9, atol=1e-12, msg=f"{key}: {where}")
+
+
 @pytest.mark.parametrize("world", [2, 4])
-def test_ulysses_attention_equals_the_dense_reference_mask(world):
-    """Random packed and right-padded layouts of every mask rule, samples of different frame sizes and counts: each
-    rank's share of q, k, v through the all-to-all and the decomposition; the outputs and the q, k, v gradients
-    gathered over the ranks equal dense SDPA under the dense reference mask (fp64), on every real query."""
-    spawn(_core_attention, world)
+def test_sequence_parallel_gives_the_whole_losses_and_gradients(tiny_llama, tmp_path, world):
+    """Every rope rule (vanilla, tad, mrope, videorope) and mask rule (causal, frame_block_causal,
+    bidirectional_visual), packed rows and a batch of mixed frame counts: each of ``world`` ranks reports the SP=1
+    loss (this process, no group), and the ranks' gradients add up to the SP=1 gradients (fp64; the tiny model's 2
+    key/value heads are repeated for 4 shares)."""
+    model = load(tiny_llama, impl="block_merge").double()
+    torch.save({case: _loss_and_grads(model, batch, None) for case, batch in _cases(model, world)},
+               tmp_path / "references.pt")
+    spawn(_model_parity, world, str(tiny_llama), str(tmp_path / "references.pt"))
+
+
+def _attention_reaching_layers(rank: int, world: int, path: str) -> None:
+    sp = SequenceParallel.of()
+    rule = FrameBlockCausalMask()
+    model = load(path, TADRoPE(), rule, impl="block_merge").double()
+    batch = _batches(model, world)["packed"]
+    original, seen = AttentionInterface._global_mapping["block_merge"], []
+
+    def recorder(module, q, k, v, attention_mask, **kwargs):
+        out = original(module, q, k, v, attention_mask, **kwargs)
+        if isinstance(module, modeling_llama.LlamaAttention):  # not the vision tower's layers
+            seen.append((q, k, v, attention_mask, kwargs, out[0], module.scaling))
+        return out
+
+    AttentionInterface._global_mapping["block_merge"] = recorder
+    try:
+        model.shard_sequence(sp)
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        AttentionInterface._global_mapping["block_merge"] = original
+    whole, _ = model.batch_layout(batch["input_ids"], batch["attention_mask"], batch["sample_ids"], batch["labels"],
+                                  batch["pixel_values"], batch["num_frames"])
+    sample_ids = batch["sample_ids"]
+    dense = block_causal_mask(sample_block_ids(rule.block_ids(whole.frame_ids), sample_ids), batch["attention_mask"],
+                              sample_ids) | torch.eye(whole.length, dtype=torch.bool)
+    causal = block_causal_mask(torch.full_like(sample_ids, -1), batch["attention_mask"], sample_ids) \
+        | torch.eye(whole.length, dtype=torch.bool)
+    real = batch["attention_mask"].bool()[:, None, :, None]
+    assert len(seen) == model.config.text_config.num_hidden_layers
+    for q, k, v, attention_mask, kwargs, out, scaling in seen:
+        assert attention_mask is None and kwargs["sequence_parallel"] is model.sequence_parallel
+        assert torch.equal(kwargs["block_spans"].starts, whole.block_spans.starts)
+        assert q.shape[2] == whole.length // world  # the layers hold a share; attention sees all of it
+        q, k, v = (gathered(x, 2) for x in (q, k, v))
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+        got = gathered(out, 1).transpose(1, 2)
+        ref = sdpa(q, k, v, attn_mask=dense, scale=scaling)
+        assert (got - ref)[real.expand_as(ref)].abs().max() < 1e-12
+        assert (sdpa(q, k, v, attn_mask=causal, scale=scaling) - ref)[real.expand_as(ref)].abs().max() > 1e-6
+
+
+def _attention(rank: int, world: int, path: str) -> None:
+    _core_attention(rank, world)
+    _attention_reaching_layers(rank, world, path)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_attention_across_shares_equals_the_dense_reference_mask(tiny_llama, world):
+    """The attention of ``world`` shares against dense SDPA under the dense reference mask of masks.py (fp64):
+
+    - random packed and right-padded layouts of every mask rule, samples of different frame sizes and counts: each
+      rank's share of q, k, v (4 query heads on 2 key/value heads) through the all-to-all and the decomposition;
+      the outputs and the q, k, v gradients gathered over the ranks equal the reference on every real query;
+    - what the tiny model's layers attend with (frame_block_causal, packed rows): no mask, the whole rows' block
+      spans and the group as layer arguments, and every layer's outputs gathered over the shares equal the reference
+      on the gathered q, k, v, and differ from the causal mask's (a parallel mode that turned the mask causal fails).
+    """
+    spawn(_attention, world, str(tiny_llama))
