@@ -74,16 +74,17 @@ def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
 SEQUENCE_PARALLEL_BACKENDS = (BLOCK_MERGE, BLOCK_AUTO)
 
 
-def check_sequence_parallel(attn_implementation: str, config: PreTrainedConfig, size: int) -> None:
+def check_sequence_parallel(attn_implementation: str, heads: int, size: int) -> None:
     """Refuse what sequence parallelism of ``size`` shares cannot run exactly: a degree that does not divide the
-    attention heads, and a backend other than the decomposition (any other would attend within its share, or
-    with a mask built for the share, or, like flash attention, with no mask at all)."""
-    check_heads(config.num_attention_heads, size)
+    LLM's ``heads`` attention heads, and a backend other than the decomposition (any other would attend within
+    its share, or with a mask built for the share, or, like flash attention, with no mask at all)."""
+    check_heads(heads, size)
     if size > 1 and attn_implementation not in SEQUENCE_PARALLEL_BACKENDS:
         raise ValueError(
             f"trainer.sp_size={size} attends through the exact block decomposition over the whole sequence; "
             f"model.attn_implementation={attn_implementation!r} would see one share or drop the mask: use "
-            f"model.attn_implementation=block_merge (or block_auto on a GPU)")
+            f"model.attn_implementation=block_merge (or block_auto on a GPU), never Accelerate's or DeepSpeed's own "
+            "sequence or context parallelism, which make the mask causal")
 
 
 def check_device(attn_implementation: str, device: torch.device | str) -> None:
@@ -153,7 +154,7 @@ def llm_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: 
 
 def _sequence_parallel_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: torch.Tensor,
                                  sp: SequenceParallel) -> LLMAttention:
-    check_sequence_parallel(config._attn_implementation, config, sp.size)
+    check_sequence_parallel(config._attn_implementation, config.num_attention_heads, sp.size)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     device = inputs_embeds.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype

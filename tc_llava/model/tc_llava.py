@@ -234,7 +234,7 @@ class TCLlava(nn.Module):
         degree that does not divide the heads or a backend that would not keep the mask exact."""
         lm = self.language_model
         if sp is not None:
-            check_sequence_parallel(lm.config._attn_implementation, lm.config, sp.size)
+            check_sequence_parallel(lm.config._attn_implementation, lm.config.num_attention_heads, sp.size)
         self.sequence_parallel = sp
 
     # ----------------------------------------------------------------- structure
