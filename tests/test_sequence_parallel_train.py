@@ -117,17 +117,27 @@ def torchrun(data: Path, run_dir: Path, cache_dir: Path, processes: int, *extra:
     return json.loads((run_dir / "checkpoints/step_3/trainer_state.json").read_text())
 
 
-def test_two_sp_ranks_train_as_one_process(synthetic, tmp_path, cache_dir):
-    """Three optimizer steps (full fine-tuning, AdamW, packed batches of 8 samples) with each sequence split over two
-    processes (trainer.sp_size=2, launched by torchrun): the losses and the trained weights are those of one
-    process training the same batches whole (fp32, summation order aside), and the data counts are the run's
-    once, not once per share."""
-    one = train(train_cfg(synthetic, tmp_path / "one", "trainer=cpu", *RUN))
+@pytest.fixture(scope="module")
+def whole(synthetic, tmp_path_factory) -> Path:
+    """One process training the batches of 8 samples whole: its run dir."""
+    run = tmp_path_factory.mktemp("whole")
+    train(train_cfg(synthetic, run, "trainer=cpu", *RUN))
     AcceleratorState._reset_state(reset_partial_state=True)
-    state = torchrun(synthetic, tmp_path / "sp", cache_dir, 2, "trainer.sp_size=2")
-    torch.testing.assert_close(torch.tensor(state["losses"]), torch.tensor(one["losses"]), rtol=1e-5, atol=0)
-    assert state["data"]["total"]["samples"] == 24 and state["world_size"] == 1
-    whole = load_file(tmp_path / "one/checkpoints/step_3/model.safetensors")
+    return run
+
+
+@pytest.mark.parametrize("processes,batch", [(2, 8), (4, 4)], ids=["sp2", "dp2xsp2"])
+def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, processes, batch):
+    """Three optimizer steps (full fine-tuning, AdamW, packed batches) with each sequence split over two processes
+    (trainer.sp_size=2, launched by torchrun): alone (each step the batch of 8), and as two data-parallel replicas
+    (each step two batches of 4, the same 8 samples). The losses and the trained weights are those of one process
+    training the 8 samples whole (fp32, summation order aside), and the data counts are the run's once, not once
+    per share."""
+    state = torchrun(synthetic, tmp_path / "sp", cache_dir, processes, "trainer.sp_size=2", f"data.batch_size={batch}")
+    expected = json.loads((whole / "checkpoints/step_3/trainer_state.json").read_text())
+    torch.testing.assert_close(torch.tensor(state["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
+    assert state["data"]["total"]["samples"] == 24 and state["world_size"] == processes // 2
+    trained = load_file(whole / "checkpoints/step_3/model.safetensors")
     shared = load_file(tmp_path / "sp/checkpoints/step_3/model.safetensors")
-    for key, value in whole.items():
+    for key, value in trained.items():
         torch.testing.assert_close(shared[key], value, rtol=0, atol=1e-5, msg=key)
