@@ -106,12 +106,13 @@ def test_the_model_refuses_sp_it_cannot_run_exactly(tiny_llama):
 
 
 # --------------------------------------------------------------------------- training over real processes
-def torchrun(data: Path, run_dir: Path, cache_dir: Path, processes: int, *extra: str) -> dict:
-    """Train on ``processes`` ranks; returns the last checkpoint's trainer state."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TC_LLAVA_CACHE": str(cache_dir)}
+def torchrun(data: Path, run_dir: Path, cache_dir: Path, processes: int, trainer: str, *extra: str) -> dict:
+    """Train on ``processes`` ranks with ``trainer``; returns the last checkpoint's trainer state."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TC_LLAVA_CACHE": str(cache_dir),
+           "TORCH_EXTENSIONS_DIR": str(Path(cache_dir).parent / "torch_extensions")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr",
            "127.0.0.1", "--master_port", str(free_port()), "-m", "tc_llava.train",
-           *overrides(data, run_dir, "trainer=ddp", *RUN, *extra)]
+           *overrides(data, run_dir, f"trainer={trainer}", *RUN, *extra)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((run_dir / "checkpoints/step_3/trainer_state.json").read_text())
@@ -126,18 +127,26 @@ def whole(synthetic, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize("processes,batch", [(2, 8), (4, 4)], ids=["sp2", "dp2xsp2"])
-def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, processes, batch):
+@pytest.mark.parametrize("trainer,processes,batch", [("ddp", 2, 8), ("ddp", 4, 4), ("zero2", 2, 8), ("zero3", 2, 8)],
+                         ids=["sp2", "dp2xsp2", "zero2_sp2", "zero3_sp2"])
+def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, trainer, processes, batch):
     """Three optimizer steps (full fine-tuning, AdamW, packed batches) with each sequence split over two processes
     (trainer.sp_size=2, launched by torchrun): alone (each step the batch of 8), and as two data-parallel replicas
     (each step two batches of 4, the same 8 samples). The losses and the trained weights are those of one process
     training the 8 samples whole (fp32, summation order aside), and the data counts are the run's once, not once
     per share."""
-    state = torchrun(synthetic, tmp_path / "sp", cache_dir, processes, "trainer.sp_size=2", f"data.batch_size={batch}")
+    state = torchrun(synthetic, tmp_path / "sp", cache_dir, processes, trainer, "trainer.sp_size=2",
+                     f"data.batch_size={batch}")
     expected = json.loads((whole / "checkpoints/step_3/trainer_state.json").read_text())
     torch.testing.assert_close(torch.tensor(state["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
     assert state["data"]["total"]["samples"] == 24 and state["world_size"] == processes // 2
     trained = load_file(whole / "checkpoints/step_3/model.safetensors")
-    shared = load_file(tmp_path / "sp/checkpoints/step_3/model.safetensors")
+    if trainer == "ddp":
+        shared = load_file(tmp_path / "sp/checkpoints/step_3/model.safetensors")
+    else:  # DeepSpeed's own consolidation of its ZeRO shards
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        shared = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "sp/checkpoints/step_3"))
+    assert trained.keys() <= shared.keys()
     for key, value in trained.items():
         torch.testing.assert_close(shared[key], value, rtol=0, atol=1e-5, msg=key)

@@ -103,6 +103,9 @@ def shard_loader(accelerator: Accelerator, loader: torch.utils.data.DataLoader,
         non_blocking=accelerator.non_blocking, use_stateful_dataloader=accelerator.use_stateful_dataloader,
     )
     prepared._is_accelerate_prepared = True
+    plugin = accelerator.state.deepspeed_plugin  # DeepSpeed's "auto" micro-batch is read off the loader's batch_size,
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):  # which a sharded loader leaves None
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loader.batch_size
     return prepared
 
 
