@@ -105,6 +105,19 @@ def test_the_model_refuses_sp_it_cannot_run_exactly(tiny_llama):
         model(torch.ones(1, 4, dtype=torch.long))
 
 
+def test_sp_refuses_blocks_it_cannot_keep_exact(tiny_qwen2_5_vl):
+    """A Qwen-VL sample holding an image and a video gives both frame id 0: the block rule's block comes back after
+    a gap, which the decomposition cannot lay out; under SP that is refused (SP=1 falls back to a dense mask)."""
+    import test_qwen_families as qwen
+
+    model = load(tiny_qwen2_5_vl, TADRoPE(), FrameBlockCausalMask(), impl="block_merge")
+    ids, mask, visual, _ = qwen.batch(model)
+    model.shard_sequence(SequenceParallel(None, 0, 2))
+    with pytest.raises(ValueError, match="a block id comes back after a gap .* train such data with "
+                                         "trainer.sp_size=1"):
+        model(ids, mask, labels=ids, **visual)
+
+
 # --------------------------------------------------------------------------- training over real processes
 def torchrun(data: Path, run_dir: Path, cache_dir: Path, processes: int, trainer: str, *extra: str) -> dict:
     """Train on ``processes`` ranks with ``trainer``; returns the last checkpoint's trainer state."""
@@ -127,6 +140,7 @@ def whole(synthetic, tmp_path_factory) -> Path:
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer,processes,batch", [("ddp", 2, 8), ("ddp", 4, 4), ("zero2", 2, 8), ("zero3", 2, 8)],
                          ids=["sp2", "dp2xsp2", "zero2_sp2", "zero3_sp2"])
 def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, trainer, processes, batch):

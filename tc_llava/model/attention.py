@@ -163,8 +163,9 @@ def _sequence_parallel_attention(config: PreTrainedConfig, layout: BatchLayout, 
                          f"GPU (or any float on CPU); got {dtype} on {inputs_embeds.device}: set trainer.mixed_precision="
                          "bf16")
     if layout.block_spans is None:
-        raise ValueError("sequence parallelism needs the block spans of a training prefill (blocks in rising order, "
-                         "one run each); this layout has none")
+        raise ValueError("sequence parallelism keeps a block mask exact where every block is one run of rising ids; "
+                         "here a block id comes back after a gap (an image and a video of one Qwen-VL sample share "
+                         "frame ids): train such data with trainer.sp_size=1")
     return LLMAttention(None, None, {"block_spans": layout.block_spans, "sequence_parallel": sp})
 
 
