@@ -120,7 +120,7 @@ def _loss_and_grads(model, batch: dict, sp: SequenceParallel | None) -> tuple[to
 def _cases(model, world: int):
     """(name, batch) of every rope rule, mask rule and batch, with the rules set on ``model``: a LLaVA family's
     packed and mixed-frame batches under every rule; a Qwen-VL family's left-padded batch of images and videos
-    under the rope rules defined on its own positions, causal."""
+    under the rope rules defined on its own positions, causal and frame_block_causal."""
     if model.family.multimodal_rope:
         ids, mask, visual, _ = qwen.batch(model)
         extra = -ids.shape[1] % world
@@ -131,8 +131,9 @@ def _cases(model, world: int):
         labels = torch.where(mask.bool() & ~first, ids, -100)
         batches = {"images and videos": {"input_ids": ids, "attention_mask": mask, "labels": labels, **visual,
                                          **pixels}}
-        # an image and a video in one sample share frame ids, so block rules have no spans here (refused under SP)
-        ropes, rules = [VanillaRoPE(), TADRoPE()], MASKS[:1]
+        # bidirectional_visual's one block of a sample's image and video comes back after the text between them:
+        # refused under SP (test_sequence_parallel_train)
+        ropes, rules = [VanillaRoPE(), TADRoPE()], MASKS[:2]
     else:
         batches, ropes, rules = _batches(model, world), ROPES, MASKS
     for rope in ropes:
@@ -164,7 +165,7 @@ def _model_parity(rank: int, world: int, paths: list[str], references: str) -> N
 def test_sequence_parallel_gives_the_whole_losses_and_gradients(tiny_llama, tiny_qwen2_5_vl, tmp_path, world):
     """Every rope rule (vanilla, tad, mrope, videorope) and mask rule (causal, frame_block_causal,
     bidirectional_visual), packed rows and a batch of mixed frame counts, and Qwen2.5-VL's left-padded images and
-    videos on its own M-RoPE positions (vanilla, tad; causal): each of ``world`` ranks reports the SP=1 loss (this process,
+    videos on its own M-RoPE positions (vanilla, tad; causal, frame_block_causal): each of ``world`` ranks reports the SP=1 loss (this process,
     no group), and the ranks' gradients add up to the SP=1 gradients (fp64; the tiny models' 2 key/value heads are
     repeated for 4 shares)."""
     paths, references = [str(tiny_llama), str(tiny_qwen2_5_vl)], {}

@@ -18,7 +18,7 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 from tc_llava.data.synthetic import generate
-from tc_llava.model.masks import FrameBlockCausalMask
+from tc_llava.model.masks import BidirectionalVisualMask, FrameBlockCausalMask
 from tc_llava.model.rope import TADRoPE
 from tc_llava.model.sequence_parallel import SequenceParallel
 from tc_llava.train.loop import train
@@ -106,11 +106,11 @@ def test_the_model_refuses_sp_it_cannot_run_exactly(tiny_llama):
 
 
 def test_sp_refuses_blocks_it_cannot_keep_exact(tiny_qwen2_5_vl):
-    """A Qwen-VL sample holding an image and a video gives both frame id 0: the block rule's block comes back after
+    """bidirectional_visual over a Qwen-VL sample holding an image, text, then a video: its one block comes back after
     a gap, which the decomposition cannot lay out; under SP that is refused (SP=1 falls back to a dense mask)."""
     import test_qwen_families as qwen
 
-    model = load(tiny_qwen2_5_vl, TADRoPE(), FrameBlockCausalMask(), impl="block_merge")
+    model = load(tiny_qwen2_5_vl, TADRoPE(), BidirectionalVisualMask(), impl="block_merge")
     ids, mask, visual, _ = qwen.batch(model)
     model.shard_sequence(SequenceParallel(None, 0, 2))
     with pytest.raises(ValueError, match="a block id comes back after a gap .* train such data with "

@@ -164,8 +164,8 @@ def _sequence_parallel_attention(config: PreTrainedConfig, layout: BatchLayout, 
                          "bf16")
     if layout.block_spans is None:
         raise ValueError("sequence parallelism keeps a block mask exact where every block is one run of rising ids; "
-                         "here a block id comes back after a gap (an image and a video of one Qwen-VL sample share "
-                         "frame ids): train such data with trainer.sp_size=1")
+                         "here a block id comes back after a gap (mask=bidirectional_visual over an image and a video "
+                         "with text between them): train such data with trainer.sp_size=1")
     return LLMAttention(None, None, {"block_spans": layout.block_spans, "sequence_parallel": sp})
 
 
