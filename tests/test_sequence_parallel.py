@@ -165,9 +165,9 @@ def _model_parity(rank: int, world: int, paths: list[str], references: str) -> N
 def test_sequence_parallel_gives_the_whole_losses_and_gradients(tiny_llama, tiny_qwen2_5_vl, tmp_path, world):
     """Every rope rule (vanilla, tad, mrope, videorope) and mask rule (causal, frame_block_causal,
     bidirectional_visual), packed rows and a batch of mixed frame counts, and Qwen2.5-VL's left-padded images and
-    videos on its own M-RoPE positions (vanilla, tad; causal, frame_block_causal): each of ``world`` ranks reports the SP=1 loss (this process,
-    no group), and the ranks' gradients add up to the SP=1 gradients (fp64; the tiny models' 2 key/value heads are
-    repeated for 4 shares)."""
+    videos on its own M-RoPE positions (vanilla, tad; causal, frame_block_causal): each of ``world`` ranks reports
+    the SP=1 loss (this process, no group), and the ranks' gradients add up to the SP=1 gradients (fp64; the tiny
+    models' 2 key/value heads are repeated for 4 shares)."""
     paths, references = [str(tiny_llama), str(tiny_qwen2_5_vl)], {}
     for path in paths:
         model = load(path, impl="block_merge").double()

@@ -29,8 +29,8 @@ from test_model import load
 from test_train import overrides, train_cfg
 
 # The same batches either way: 8 samples per step, packed, every row padded to a multiple of 2 (the shares).
-RUN = ("trainer.backend=gloo", "trainer.gradient_checkpointing=false", "trainer.mixed_precision=no", "trainer.max_steps=3",
-       "trainer.save_every=3", "data.batch_size=8", "data.packing=true", "data.collator.pad_to_multiple_of=2",
+RUN = ("trainer.backend=gloo", "trainer.gradient_checkpointing=false", "trainer.mixed_precision=no",
+       "trainer.max_steps=3", "trainer.save_every=3", "data.batch_size=8", "data.packing=true", "data.collator.pad_to_multiple_of=2",
        "model.attn_implementation=block_merge", "export.enabled=false", "trainer.warmup_ratio=0")
 
 

@@ -159,9 +159,9 @@ def _sequence_parallel_attention(config: PreTrainedConfig, layout: BatchLayout, 
     device = inputs_embeds.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
     if not flash_available(inputs_embeds.device, dtype, head_dim):
-        raise ValueError(f"sequence parallelism attends with the block decomposition, which needs bf16/fp16 on an sm80+ "
-                         f"GPU (or any float on CPU); got {dtype} on {inputs_embeds.device}: set trainer.mixed_precision="
-                         "bf16")
+        raise ValueError(f"sequence parallelism attends with the block decomposition, which needs bf16/fp16 on an "
+                         f"sm80+ GPU (or any float on CPU); got {dtype} on {inputs_embeds.device}: set "
+                         "trainer.mixed_precision=bf16")
     if layout.block_spans is None:
         raise ValueError("sequence parallelism keeps a block mask exact where every block is one run of rising ids; "
                          "here a block id comes back after a gap (mask=bidirectional_visual over an image and a video "

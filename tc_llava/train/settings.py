@@ -219,16 +219,16 @@ def check_parallelism(t: TrainerSettings) -> None:
     if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
         sizes = {key: int(os.environ.get(key, "1")) for key in ACCELERATE_PARALLELISM}
         if any(size > 1 for size in sizes.values()):
-            named = ", ".join(f"{key.removeprefix('PARALLELISM_CONFIG_').lower()}={size}" for key, size in sizes.items()
-                              if size > 1)
-            raise SettingsError(f"the accelerate config's parallelism_config ({named}) replaces the attention mask with a "
-                                "causal one (context parallelism forces is_causal, DeepSpeed's Ulysses drops 4D masks); "
-                                "remove it and set trainer.sp_size instead (the mask stays exact)")
+            named = ", ".join(f"{key.removeprefix('PARALLELISM_CONFIG_').lower()}={size}"
+                              for key, size in sizes.items() if size > 1)
+            raise SettingsError(f"the accelerate config's parallelism_config ({named}) replaces the attention mask "
+                                "with a causal one (context parallelism forces is_causal, DeepSpeed's Ulysses drops 4D "
+                                "masks); remove it and set trainer.sp_size instead (the mask stays exact)")
     if t.deepspeed and Path(t.deepspeed).is_file():
         size = json.loads(Path(t.deepspeed).read_text()).get("sequence_parallel_size", 1)
         if size != 1:
-            raise SettingsError(f"trainer.deepspeed={t.deepspeed}: sequence_parallel_size={size} is DeepSpeed's Ulysses, "
-                                "which drops the attention mask; remove it and set trainer.sp_size instead")
+            raise SettingsError(f"trainer.deepspeed={t.deepspeed}: sequence_parallel_size={size} is DeepSpeed's "
+                                "Ulysses, which drops the attention mask; remove it and set trainer.sp_size instead")
 
 
 def _is_int(value: object, low: int) -> bool:
