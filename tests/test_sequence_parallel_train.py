@@ -78,6 +78,12 @@ def test_sp_refuses_what_would_make_the_mask_causal(synthetic, tmp_path, monkeyp
                                                           "PARALLELISM_CONFIG_CP_SIZE": "2"}, "trainer.sp_size=1")
     assert message.startswith("the accelerate config's parallelism_config (cp_size=2) replaces the attention mask")
     assert "set trainer.sp_size instead" in message
+    monkeypatch.delenv("ACCELERATE_USE_PARALLELISM_CONFIG")
+    ulysses = tmp_path / "ulysses.json"
+    ulysses.write_text(json.dumps({"zero_optimization": {"stage": 2}, "sequence_parallel_size": 2}))
+    message = refusal(synthetic, tmp_path, monkeypatch, {"WORLD_SIZE": "2"}, f"trainer.deepspeed={ulysses}")
+    assert message == (f"trainer.deepspeed={ulysses}: sequence_parallel_size=2 is DeepSpeed's Ulysses, which drops "
+                       "the attention mask; remove it and set trainer.sp_size instead")
 
 
 def test_sp_refuses_a_launch_or_padding_that_does_not_split(synthetic, tmp_path, monkeypatch):
