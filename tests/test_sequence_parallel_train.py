@@ -147,16 +147,19 @@ def whole(synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("trainer,processes,batch", [("ddp", 2, 8), ("ddp", 4, 4), ("zero2", 2, 8), ("zero3", 2, 8)],
-                         ids=["sp2", "dp2xsp2", "zero2_sp2", "zero3_sp2"])
-def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, trainer, processes, batch):
+@pytest.mark.parametrize("trainer,processes,batch,checkpointing", [
+    ("ddp", 2, 8, False), ("ddp", 4, 4, False), ("zero2", 2, 8, False), ("zero3", 2, 8, True)],
+    ids=["sp2", "dp2xsp2", "zero2_sp2", "zero3_sp2_checkpointing"])
+def test_sp_ranks_train_as_one_process(synthetic, whole, tmp_path, cache_dir, trainer, processes, batch,
+                                       checkpointing):
     """Three optimizer steps (full fine-tuning, AdamW, packed batches) with each sequence split over two processes
-    (trainer.sp_size=2, launched by torchrun): alone (each step the batch of 8), and as two data-parallel replicas
-    (each step two batches of 4, the same 8 samples). The losses and the trained weights are those of one process
+    (trainer.sp_size=2, launched by torchrun): alone (each step the batch of 8), as two data-parallel replicas
+    (each step two batches of 4, the same 8 samples), under ZeRO-2, and under ZeRO-3 with activation checkpointing
+    (the all-to-alls run again in the recomputation). The losses and the trained weights are those of one process
     training the 8 samples whole (fp32, summation order aside), and the data counts are the run's once, not once
     per share."""
     state = torchrun(synthetic, tmp_path / "sp", cache_dir, processes, trainer, "trainer.sp_size=2",
-                     f"data.batch_size={batch}")
+                     f"data.batch_size={batch}", f"trainer.gradient_checkpointing={str(checkpointing).lower()}")
     expected = json.loads((whole / "checkpoints/step_3/trainer_state.json").read_text())
     torch.testing.assert_close(torch.tensor(state["losses"]), torch.tensor(expected["losses"]), rtol=1e-5, atol=0)
     assert state["data"]["total"]["samples"] == 24 and state["world_size"] == processes // 2
