@@ -21,6 +21,10 @@ Two backends are registered in transformers' ``AttentionInterface`` and
 
 ``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
 and SDPA on CPU. :func:`llm_attention` turns a call's layout into the LLM's arguments.
+
+Under sequence parallelism (``trainer.sp_size``) both backends take the decomposition over the
+whole sequence by an all-to-all over heads (:mod:`tc_llava.model.sequence_parallel`); every other
+backend is refused (:func:`check_sequence_parallel`).
 """
 
 from __future__ import annotations
