@@ -21,6 +21,10 @@ Two backends are registered in transformers' ``AttentionInterface`` and
 
 ``attn_implementation: auto`` picks ``block_auto`` on a GPU with flash attention (sm80+)
 and SDPA on CPU. :func:`llm_attention` turns a call's layout into the LLM's arguments.
+
+Under sequence parallelism (``trainer.sp_size``) both backends take the decomposition over the
+whole sequence by an all-to-all over heads (:mod:`tc_llava.model.sequence_parallel`); every other
+backend is refused (:func:`check_sequence_parallel`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from tc_llava.model.block_attention import BlockSpans, block_merge_attention, fl
 from tc_llava.model.hf_compat import cache_kwargs
 from tc_llava.model.layout import BatchLayout
 from tc_llava.model.masks import MaskRule
+from tc_llava.model.sequence_parallel import SequenceParallel, check_heads, ulysses_attention
 
 BLOCK_MERGE = "block_merge"
 BLOCK_AUTO = "block_auto"
@@ -69,6 +74,23 @@ def check_backend(attn_implementation: str, mask_rule: MaskRule) -> None:
         )
 
 
+# Where sequence parallelism's core attention (the decomposition, on the whole rows' block spans) runs.
+SEQUENCE_PARALLEL_BACKENDS = (BLOCK_MERGE, BLOCK_AUTO)
+
+
+def check_sequence_parallel(attn_implementation: str, heads: int, size: int) -> None:
+    """Refuse what sequence parallelism of ``size`` shares cannot run exactly: a degree that does not divide the
+    LLM's ``heads`` attention heads, and a backend other than the decomposition (any other would attend within
+    its share, or with a mask built for the share, or, like flash attention, with no mask at all)."""
+    check_heads(heads, size)
+    if size > 1 and attn_implementation not in SEQUENCE_PARALLEL_BACKENDS:
+        raise ValueError(
+            f"trainer.sp_size={size} attends through the exact block decomposition over the whole sequence; "
+            f"model.attn_implementation={attn_implementation!r} would see one share or drop the mask: use "
+            f"model.attn_implementation=block_merge (or block_auto on a GPU), never Accelerate's or DeepSpeed's own "
+            "sequence or context parallelism, which make the mask causal")
+
+
 def check_device(attn_implementation: str, device: torch.device | str) -> None:
     """Refuse ``flex_attention`` on CPU: compiled flex there (torch 2.13) returns wrong logits or NaN at some
     lengths once dynamic-shape recompiles start (34 tokens right, 40 wrong against SDPA)."""
@@ -92,7 +114,7 @@ class LLMAttention:
 
 
 def llm_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: torch.Tensor,
-                  cache: Cache | None = None) -> LLMAttention:
+                  cache: Cache | None = None, sequence_parallel: SequenceParallel | None = None) -> LLMAttention:
     """The mask, position ids and layer arguments of one call of the LLM configured by ``config``.
 
     ``layout`` is the call's :class:`~tc_llava.model.layout.BatchLayout`: its block ids (None: a
@@ -109,8 +131,14 @@ def llm_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: 
     nothing). Elsewhere they get the backend's own mask from transformers' ``create_causal_mask``,
     with ``block_sequence_ids`` for the blocks and transformers' packed-sequence mask function for
     the samples.
+
+    With ``sequence_parallel`` (the layout and ``inputs_embeds`` still the whole rows', before sharding) every
+    rule gets the block spans of the whole rows and the group, whatever it is: the layers attend by
+    :func:`~tc_llava.model.sequence_parallel.ulysses_attention`, and no mask is built.
     """
     check_device(config._attn_implementation, inputs_embeds.device)
+    if sequence_parallel is not None:
+        return _sequence_parallel_attention(config, layout, inputs_embeds, sequence_parallel)
     if layout.block_ids is None:
         return LLMAttention(layout.attention_mask, layout.position_ids)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -126,6 +154,23 @@ def llm_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: 
         and_mask_function=None if sample_ids is None else packed_sequence_mask_function(sample_ids),
     )
     return LLMAttention(mask, layout.position_ids)
+
+
+def _sequence_parallel_attention(config: PreTrainedConfig, layout: BatchLayout, inputs_embeds: torch.Tensor,
+                                 sp: SequenceParallel) -> LLMAttention:
+    check_sequence_parallel(config._attn_implementation, config.num_attention_heads, sp.size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    device = inputs_embeds.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else inputs_embeds.dtype
+    if not flash_available(inputs_embeds.device, dtype, head_dim):
+        raise ValueError(f"sequence parallelism attends with the block decomposition, which needs bf16/fp16 on an "
+                         f"sm80+ GPU (or any float on CPU); got {dtype} on {inputs_embeds.device}: set "
+                         "trainer.mixed_precision=bf16")
+    if layout.block_spans is None:
+        raise ValueError("sequence parallelism keeps a block mask exact where every block is one run of rising ids; "
+                         "here a block id comes back after a gap (mask=bidirectional_visual over an image and a video "
+                         "with text between them): train such data with trainer.sp_size=1")
+    return LLMAttention(None, None, {"block_spans": layout.block_spans, "sequence_parallel": sp})
 
 
 def uses_flex(attn_implementation: str, device: torch.device, q_length: int) -> bool:
@@ -158,10 +203,11 @@ def _block_backend_mask(*args: Any, **kwargs: Any):
 def block_merge_attention_forward(
     module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
-    block_spans: BlockSpans | None = None, **kwargs: Any,
+    block_spans: BlockSpans | None = None, sequence_parallel: SequenceParallel | None = None, **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """transformers attention function of both backends: the decomposition with ``block_spans``,
-    flex with a BlockMask, else SDPA with HF's mask."""
+    """transformers attention function of both backends: the decomposition with ``block_spans`` (over the
+    whole sequence by an all-to-all over heads with ``sequence_parallel``), flex with a BlockMask, else SDPA
+    with HF's mask."""
     if block_spans is None and not isinstance(attention_mask, BlockMask):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     device = query.device.type
@@ -175,6 +221,8 @@ def block_merge_attention_forward(
     if key.shape[2] != query.shape[2]:
         raise ValueError(
             f"{BLOCK_MERGE}: block_spans need a prefill without cached keys (q {query.shape[2]}, kv {key.shape[2]})")
+    if sequence_parallel is not None:
+        return ulysses_attention(query, key, value, block_spans, scaling, sequence_parallel), None
     groups = query.shape[1] // key.shape[1]
     out = block_merge_attention(query, repeat_kv(key, groups), repeat_kv(value, groups), block_spans, scaling)
     return out.transpose(1, 2).contiguous(), None

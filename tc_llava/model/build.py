@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,14 +12,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tc_llava.model.attention import check_device
+from tc_llava.model.attention import check_device, check_sequence_parallel, resolve_attention
 from tc_llava.model.masks import MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.rope import RopeRule
 from tc_llava.model.settings import FLOAT_DTYPES
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.model.tiling import Tiling
-from tc_llava.model.tiny import tiny_checkpoint
+from tc_llava.model.tiny import build_config, tiny_checkpoint
 
 
 class ModelSettingsError(ValueError):
@@ -56,6 +58,24 @@ def check_model_settings(model: DictConfig) -> None:
             check_device(model.get("attn_implementation", "auto"), "cpu")
         except ValueError as e:
             raise ModelSettingsError(str(e)) from None
+
+
+def llm_heads(model: DictConfig) -> int:
+    """The attention heads of the LLM ``model`` configures, read before it loads: the checkpoint's ``config.json``
+    (its ``text_config``, else its own), or the tiny model's ``num_heads``."""
+    if model.get("checkpoint") is None:
+        return int(dict(model.tiny).get("num_heads", inspect.signature(build_config).parameters["num_heads"].default))
+    config = json.loads((Path(model.checkpoint) / "config.json").read_text())
+    return int(config.get("text_config", config)["num_attention_heads"])
+
+
+def check_sequence_parallel_settings(model: DictConfig, size: int) -> None:
+    """``trainer.sp_size=size`` against the model's heads and attention backend, before anything loads (after
+    :func:`check_model_settings`, which made sure the checkpoint's config is there)."""
+    try:
+        check_sequence_parallel(resolve_attention(model.get("attn_implementation", "auto")), llm_heads(model), size)
+    except ValueError as e:
+        raise ModelSettingsError(str(e)) from None
 
 
 def build_model(

@@ -143,8 +143,8 @@ class BatchLayout:
     ``position_ids`` (the real-token index HF's mask code reads), ``block_ids`` (the mask rule's
     blocks, unique along a packed row; None: no blocks, causal) and ``targets``
     (:func:`loss_targets`). ``loss_index`` holds the flat ``B * L`` positions that predict a
-    label. ``block_spans`` is the decomposition's layout of the whole rows (None where it does
-    not apply), ``next_positions`` where generation continues (``[..., B, 1]``; None for packed rows).
+    label. ``block_spans`` is the decomposition's layout of the whole rows (None for a decode step
+    and where it does not apply), ``next_positions`` where generation continues (``[..., B, 1]``; None for packed rows).
 
     :meth:`shard` cuts a contiguous share of the sequence for one rank of sequence parallelism:
     positions, frames and targets are computed on the whole rows before, so every share holds
@@ -174,7 +174,10 @@ class BatchLayout:
         block_ids = None if frame_ids is None else mask_rule.block_ids(frame_ids)
         if sample_ids is not None:
             block_ids = sample_block_ids(block_ids, sample_ids)
-        spans = None if block_ids is None else block_spans(block_ids, attention_mask, sample_ids)
+        # Every prefill gets the decomposition's spans, a causal rule's too (its segments alone): sequence
+        # parallelism's core attention reads them whatever the rule.
+        spans = None if frame_ids is None else block_spans(
+            torch.full_like(frame_ids, -1) if block_ids is None else block_ids, attention_mask, sample_ids)
         targets = None if labels is None else loss_targets(labels, sample_ids)
         return cls(attention_mask, frame_ids, rope_positions, position_ids, sample_ids, block_ids, spans,
                    next_positions, targets, _loss_index(targets))

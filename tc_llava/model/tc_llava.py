@@ -40,7 +40,7 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer
 from transformers.cache_utils import Cache
 from transformers.utils import ModelOutput
 
-from tc_llava.model.attention import check_backend, llm_attention, resolve_attention
+from tc_llava.model.attention import check_backend, check_sequence_parallel, llm_attention, resolve_attention
 from tc_llava.model.families import family_of
 from tc_llava.model.families.qwen_vl import QwenFrames, QwenVisual
 from tc_llava.model.families.qwen_vl_inputs import (
@@ -55,6 +55,7 @@ from tc_llava.model.masks import CausalMask, MaskRule
 from tc_llava.model.pooling import VideoPooling
 from tc_llava.model.processors import VIDEO_PREPROCESSOR_FILE, VideoPreprocessor
 from tc_llava.model.rope import RopeRule, RotaryPositions, VanillaRoPE, real_token_index, temporal_index
+from tc_llava.model.sequence_parallel import SequenceParallel, reduced_loss
 from tc_llava.model.settings import (
     BUDGET_KEY, FRAMES_KEY, check_adapter_config, checkpoint_dtype, read_frame_sampling, read_settings, rule_settings,
 )
@@ -167,6 +168,8 @@ class TCLlava(nn.Module):
         # trainer.offload_checkpoints: what the LLM saves for the backward (with activation checkpointing: each
         # layer's input hidden states) waits in host memory
         self.offload_checkpoints = False
+        # trainer.sp_size: the sequence-parallel group this process holds a share of the sequence in (None: all of it)
+        self.sequence_parallel: SequenceParallel | None = None
         if self.tiling.mlp_tokens is not None:
             tile_mlps(self.language_model.layers, self.tiling.mlp_tokens)
         # How from_pretrained loaded the weights: allow_missing_weights and what was missing or unexpected
@@ -224,6 +227,15 @@ class TCLlava(nn.Module):
             if video.output_size() != (size, size):
                 raise ValueError(f"family/processor mismatch: the video processor gives {video.output_size()} frames, "
                                  f"the {self.family.model_type} vision tower takes {(size, size)}")
+
+    def shard_sequence(self, sp: SequenceParallel | None) -> None:
+        """Train with each process of ``sp``'s group holding a share of every sequence
+        (:mod:`tc_llava.model.sequence_parallel`); None: the whole sequence. Refused here, before any batch, for a
+        degree that does not divide the heads or a backend that would not keep the mask exact."""
+        lm = self.language_model
+        if sp is not None:
+            check_sequence_parallel(lm.config._attn_implementation, lm.config.num_attention_heads, sp.size)
+        self.sequence_parallel = sp
 
     # ----------------------------------------------------------------- structure
     @property
@@ -368,31 +380,43 @@ class TCLlava(nn.Module):
             # little, and the tower's kernels keep the GPU busy while the host goes on.
             layout, counts = self.batch_layout(input_ids, attention_mask, sample_ids, labels, pixel_values,
                                                num_frames, qwen_visual)
-        attention = llm_attention(lm.config, layout, embeds, cache)
+        sp = self.sequence_parallel
+        if sp is not None and labels is None:
+            raise ValueError("sequence parallelism (trainer.sp_size > 1) runs training forwards, with labels; "
+                             "evaluate and generate with the model alone")
+        attention = llm_attention(lm.config, layout, embeds, cache, sp)
         offload = save_on_cpu(pin_memory=embeds.is_cuda) if self.offload_checkpoints and torch.is_grad_enabled() \
             else nullcontext()
-        lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs()}
-        if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
+        extra = {}
+        if multimodal_rope:
             if not qwen_visual.empty and layout.frame_ids is not None:
                 embeds, extra = self.family.embed_visual(self.hf, input_ids, embeds, qwen_visual,
                                                          self.tiling.vision_frames)
-                lm_kwargs.update(extra, inputs_embeds=embeds)
+        elif counts is not None:
+            frames = pixel_values.flatten(0, 1) if pixel_values.ndim == 5 else pixel_values
+            visual_tokens = self.visual_tokens(frames, counts).to(embeds.dtype)
+            embeds = embeds.masked_scatter((input_ids == self.placeholder_token_id)[..., None], visual_tokens)
+        share = layout
+        if sp is not None:  # the whole rows' embeddings and layout, cut to this rank's share of the sequence
+            if extra:
+                raise ValueError(f"sequence parallelism does not shard {self.family.model_type}'s "
+                                 f"{sorted(extra)} yet; train it with trainer.sp_size=1")
+            share = layout.shard(sp.rank, sp.size)
+            embeds = embeds[:, share.start:share.start + share.length]
+        lm_kwargs = {"inputs_embeds": embeds, "use_cache": use_cache, **cache_kwargs(cache), **attention.kwargs(),
+                     **extra}
+        if multimodal_rope:  # the family's own rotary module takes the [3, B, L] positions as position_ids
             with offload:
-                out = lm(**{**lm_kwargs, "position_ids": layout.rope_positions})
+                out = lm(**{**lm_kwargs, "position_ids": share.rope_positions})
         else:
-            if counts is not None:
-                frames = pixel_values.flatten(0, 1) if pixel_values.ndim == 5 else pixel_values
-                visual_tokens = self.visual_tokens(frames, counts).to(embeds.dtype)
-                lm_kwargs["inputs_embeds"] = embeds.masked_scatter(
-                    (input_ids == self.placeholder_token_id)[..., None], visual_tokens)
-            positions = layout.rope_positions
+            positions = share.rope_positions
             pair_axes = self.rope.pair_axes(lm.rotary_emb.num_pairs) if positions.ndim == 3 else None
             with lm.rotary_emb.use(positions, pair_axes), offload:
                 out = lm(**lm_kwargs)
         hidden = out.last_hidden_state
         loss = logits = None
         if labels is not None:
-            loss = self._loss(hidden, layout, num_items_in_batch)
+            loss = self._loss(hidden, share, num_items_in_batch)
         else:
             logits = self.hf.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return TCLlavaOutput(
@@ -456,6 +480,8 @@ class TCLlava(nn.Module):
         index = layout.loss_index
         total = tiled_loss(self.hf.lm_head, hidden.flatten(0, 1)[index], layout.targets.flatten()[index],
                            self.tiling.loss_tokens)
+        if self.sequence_parallel is not None:  # this rank's share of the tokens: sums and counts reduced
+            return reduced_loss(total, index.numel(), self.sequence_parallel, num_items_in_batch)
         denom = num_items_in_batch if num_items_in_batch is not None else max(index.numel(), 1)
         return total / torch.as_tensor(denom, device=total.device, dtype=total.dtype)
 

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo.utils import counters as dynamo_counters
 from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.data_loader import prepare_data_loader
 from accelerate.utils import GradientAccumulationPlugin, InitProcessGroupKwargs, gather_object, set_seed
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -34,6 +36,7 @@ from tc_llava.data.datasets import DataError
 from tc_llava.data.templates import get_template
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
+from tc_llava.model.sequence_parallel import SequenceParallel
 from tc_llava.model.tc_llava import WeightsError
 from tc_llava.provenance import run_meta
 from tc_llava.runtime import fix_numerics
@@ -71,6 +74,39 @@ def make_accelerator(cfg: DictConfig) -> Accelerator:
         log_with="wandb" if cfg.logging.wandb.mode != "disabled" else None,
         kwargs_handlers=[InitProcessGroupKwargs(backend=t.backend)] if t.backend and distributed else [],
     )
+
+
+def sequence_parallel(accelerator: Accelerator, size: int) -> SequenceParallel | None:
+    """This process's sequence-parallel group of ``trainer.sp_size`` processes (None for 1): ranks ``[k * size,
+    (k + 1) * size)`` form group ``k`` (on one host, or a node's consecutive ranks). Every process creates every
+    group, as torch requires."""
+    if size == 1:
+        return None
+    rank = accelerator.process_index
+    groups = [dist.new_group(list(range(first, first + size))) for first in range(0, accelerator.num_processes, size)]
+    return SequenceParallel(groups[rank // size], rank % size, size)
+
+
+def shard_loader(accelerator: Accelerator, loader: torch.utils.data.DataLoader,
+                 sp: SequenceParallel | None) -> torch.utils.data.DataLoader:
+    """The loader sharded over data-parallel ranks only, with accelerate's own settings: the processes of one SP
+    group draw the same batches (each then holds a share of their sequences). Marked prepared, so that
+    ``accelerator.prepare`` takes it as it is and its checkpoints save it."""
+    if sp is None:
+        return loader
+    prepared = prepare_data_loader(
+        loader, accelerator.device, num_processes=accelerator.num_processes // sp.size,
+        process_index=accelerator.process_index // sp.size, split_batches=accelerator.split_batches,
+        put_on_device=accelerator.device_placement, rng_types=accelerator.rng_types.copy(),
+        dispatch_batches=accelerator.dispatch_batches, even_batches=accelerator.even_batches,
+        use_seedable_sampler=accelerator.use_seedable_sampler, data_seed=accelerator.dataloader_config.data_seed,
+        non_blocking=accelerator.non_blocking, use_stateful_dataloader=accelerator.use_stateful_dataloader,
+    )
+    prepared._is_accelerate_prepared = True
+    plugin = accelerator.state.deepspeed_plugin  # DeepSpeed's "auto" micro-batch is read off the loader's batch_size,
+    if plugin is not None and plugin.is_auto("train_micro_batch_size_per_gpu"):  # which a sharded loader leaves None
+        plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = loader.batch_size
+    return prepared
 
 
 def make_collator(data: DictConfig, pad_token_id: int, longest: int | None = None) -> SFTCollator:
@@ -222,7 +258,8 @@ def setup(cfg: DictConfig) -> Run:
     changes, position = {}, 0
     if resume_from is not None:  # changed settings are refused before anything loads
         changes, position = check_resume(resume_from, OmegaConf.to_container(cfg, resolve=True),
-                                         accelerator.num_processes, list(cfg.get("resume_allow_changes") or []))
+                                         accelerator.num_processes // t.sp_size,
+                                         list(cfg.get("resume_allow_changes") or []))
     accelerator.wait_for_everyone()  # every rank has looked before the main process clears anything
     set_seed(cfg.seed, device_specific=False)
     if accelerator.is_main_process:
@@ -241,6 +278,8 @@ def setup(cfg: DictConfig) -> Run:
     if t.gradient_checkpointing:
         enable_activation_checkpointing(model.hf)
     model.offload_checkpoints = t.offload_checkpoints
+    sp = sequence_parallel(accelerator, t.sp_size)
+    model.shard_sequence(sp)
     if t.compile:
         compile_layers(model)
     log.info("parameters: %s", trainable_summary(model))
@@ -257,7 +296,9 @@ def setup(cfg: DictConfig) -> Run:
         collate_fn=make_collator(cfg.data, model.tokenizer.pad_token_id, dataset.max_length()),
         generator=torch.Generator().manual_seed(cfg.seed),  # iterators must not draw from the global RNG
     )
-    steps_per_epoch = len(loader) // (t.grad_accum * accelerator.num_processes)
+    data_ranks = accelerator.num_processes // t.sp_size  # each SP group draws one data-parallel share of the batches
+    steps_per_epoch = len(loader) // (t.grad_accum * data_ranks)
+    loader = shard_loader(accelerator, loader, sp)
     total_steps = t.max_steps or t.epochs * steps_per_epoch
     optimizer = torch.optim.AdamW(param_groups(model, t.lr, t.projector_lr, t.weight_decay), lr=t.lr,
                                   betas=tuple(t.betas))
@@ -266,10 +307,11 @@ def setup(cfg: DictConfig) -> Run:
     accelerator.init_trackers(cfg.logging.project, config=OmegaConf.to_container(cfg, resolve=True),
                               init_kwargs={"wandb": {"mode": cfg.logging.wandb.mode, "dir": str(run_dir)}})
 
-    state = TrainState(world_size=accelerator.num_processes)
-    report = DataReport(dataset.load_skips, gather=lambda counts: gather_object([counts]))
+    state = TrainState(world_size=data_ranks)
+    # an SP group's processes count the same batches: its first process's counts stand for the group
+    report = DataReport(dataset.load_skips, gather=lambda counts: gather_object([counts])[::t.sp_size])
     if resume_from is not None:
-        state = resumed(accelerator, resume_from, run_dir, report, changes, position)
+        state = resumed(accelerator, resume_from, run_dir, report, changes, position, data_ranks)
     if accelerator.is_main_process:
         keep_metrics_until(run_dir / METRICS, state.step)
     return Run(cfg, run_dir, accelerator, model, optimizer, scheduler, total_steps, state, report,
@@ -277,12 +319,13 @@ def setup(cfg: DictConfig) -> Run:
 
 
 def resumed(accelerator: Accelerator, path: Path, run_dir: Path, report: DataReport, changes: dict[str, list[Any]],
-            position: int) -> TrainState:
+            position: int, data_ranks: int) -> TrainState:
     """The state of checkpoint ``path``, continued at ``position`` (micro-batch in its epoch, in this run's batch
-    and world size) with ``changes`` (the settings resume_allow_changes let change) recorded."""
+    size and ``data_ranks`` data-parallel ranks) with ``changes`` (the settings resume_allow_changes let change)
+    recorded."""
     state = load_checkpoint(accelerator, path, run_dir)
     report.load_state_dict(state.data, main=accelerator.is_main_process)
-    state.batch_in_epoch, state.world_size = position, accelerator.num_processes
+    state.batch_in_epoch, state.world_size = position, data_ranks
     if changes:
         state.setting_changes.append({"step": state.step, "changes": changes})
         log.warning("resuming with changed settings (resume_allow_changes): %s",
@@ -301,7 +344,9 @@ def step(run: Run) -> dict[str, Any]:
     checkpoints = run.run_dir / "checkpoints"
     tic = time.perf_counter()
     window = [next(run.stream) for _ in range(t.grad_accum)]
-    n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device))
+    # Sums over processes count each SP group's batches t.sp_size times: divided back.
+    n_items = accelerator.reduce(sum((b["labels"][:, 1:] != -100).sum() for b in window).to(accelerator.device)) \
+        // t.sp_size
     loss_sum = torch.zeros((), device=accelerator.device)
     for batch in window:
         with accelerator.accumulate(model):
@@ -313,7 +358,8 @@ def step(run: Run) -> dict[str, Any]:
                 )
             loss_sum += loss.detach()
             # The loss is normalised by the whole window's label tokens on all ranks; accelerate
-            # divides by grad_accum and DDP averages over ranks, so both are multiplied back.
+            # divides by grad_accum and DDP averages over ranks, so both are multiplied back. Under sequence
+            # parallelism each process's gradient is its share's part: DDP's sum over the group adds them up.
             accelerator.backward(loss * t.grad_accum * accelerator.num_processes)
     # The global norm over all ranks' synced gradients; under DeepSpeed the engine has already
     # skipped a step whose gradients overflowed (bf16/fp16 check_grad_overflow) and reports inf.
@@ -321,21 +367,22 @@ def step(run: Run) -> dict[str, Any]:
     if grad_norm is not None and not math.isfinite(float(grad_norm)):
         raise NonFiniteError(
             f"non-finite gradient norm ({float(grad_norm)}) at step {run.state.step + 1} with a finite loss "
-            f"{accelerator.reduce(loss_sum, 'sum').item():.4g}; stopping before the optimizer step. "
+            f"{accelerator.reduce(loss_sum, 'sum').item() / t.sp_size:.4g}; stopping before the optimizer step. "
             f"The last good checkpoint is untouched under {checkpoints}"
         )
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad()
     run.state.step += 1
-    step_loss = accelerator.reduce(loss_sum, "sum").item()
+    step_loss = accelerator.reduce(loss_sum, "sum").item() / t.sp_size  # every SP process reports its group's loss
     run.state.losses.append(step_loss)
     elapsed = time.perf_counter() - tic
     # Real tokens and the slots they were padded (or packed) into: their ratio is the batches' fill.
     tokens, slots = accelerator.reduce(torch.tensor(
         [sum(int(b["attention_mask"].sum()) for b in window), sum(b["attention_mask"].numel() for b in window)],
         device=accelerator.device)).tolist()
-    samples = sum(b["num_samples"] for b in window) * accelerator.num_processes
+    tokens, slots = tokens / t.sp_size, slots / t.sp_size
+    samples = sum(b["num_samples"] for b in window) * accelerator.num_processes // t.sp_size
     return {"step": run.state.step, "loss": step_loss, "lr": run.scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "pad_fraction": 1 - tokens / slots,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import os
 import re
@@ -23,7 +24,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tc_llava.configs import CONFIG_DIR
 from tc_llava.data.collate import PACKING_STRATEGIES
 from tc_llava.data.datasets import ON_ERROR, check_sources
-from tc_llava.model.build import check_model_settings
+from tc_llava.model.build import check_model_settings, check_sequence_parallel_settings
 from tc_llava.model.masks import MASK_RULES
 from tc_llava.model.pooling import mlp_projector
 from tc_llava.model.rope import ROPE_RULES
@@ -140,6 +141,7 @@ class TrainerSettings:
     gradient_checkpointing: bool = False
     offload_checkpoints: bool = False
     compile: bool = False
+    sp_size: int = 1
     save_every: int = 50
     keep_last: int = 2
 
@@ -182,6 +184,7 @@ def check_trainer(trainer: DictConfig) -> None:
     if t.offload_checkpoints and not t.gradient_checkpointing:
         raise SettingsError("trainer.offload_checkpoints=true offloads the checkpointed hidden states: it needs "
                             "trainer.gradient_checkpointing=true (without it every activation would go to the host)")
+    check_parallelism(t)
     launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") == "true"
     if launched and not t.deepspeed:
         raise SettingsError(f"launched with a DeepSpeed accelerate config but trainer={t.name} runs no DeepSpeed; "
@@ -198,6 +201,34 @@ def check_trainer(trainer: DictConfig) -> None:
                 f"trainer={t.name} runs DeepSpeed, which needs a launcher: accelerate launch --config_file "
                 f"tc_llava/configs/trainer/{t.name}.accelerate.json -m tc_llava.train trainer={t.name} ... (or torchrun); "
                 "without one, use trainer=cpu or trainer=ddp")
+
+
+# What `accelerate launch` exports from an accelerate config's parallelism_config: its own context parallelism
+# (torch's, which forces is_causal=True) and sequence parallelism (DeepSpeed's Ulysses, which sets 4D masks to None).
+ACCELERATE_PARALLELISM = ("PARALLELISM_CONFIG_CP_SIZE", "PARALLELISM_CONFIG_SP_SIZE", "PARALLELISM_CONFIG_TP_SIZE")
+
+
+def check_parallelism(t: TrainerSettings) -> None:
+    """``trainer.sp_size`` against the launch: a whole number of SP groups, and no other sequence or context
+    parallelism (Accelerate's, DeepSpeed's), each of which would make the mask causal without a word."""
+    _require(t.sp_size >= 1, "trainer.sp_size", t.sp_size, "an integer >= 1")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % t.sp_size:
+        raise SettingsError(f"trainer.sp_size={t.sp_size}: {world} process(es) do not split into sequence-parallel "
+                            f"groups of {t.sp_size}; launch a multiple of {t.sp_size} (dp x sp processes)")
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
+        sizes = {key: int(os.environ.get(key, "1")) for key in ACCELERATE_PARALLELISM}
+        if any(size > 1 for size in sizes.values()):
+            named = ", ".join(f"{key.removeprefix('PARALLELISM_CONFIG_').lower()}={size}"
+                              for key, size in sizes.items() if size > 1)
+            raise SettingsError(f"the accelerate config's parallelism_config ({named}) replaces the attention mask "
+                                "with a causal one (context parallelism forces is_causal, DeepSpeed's Ulysses drops 4D "
+                                "masks); remove it and set trainer.sp_size instead (the mask stays exact)")
+    if t.deepspeed and Path(t.deepspeed).is_file():
+        size = json.loads(Path(t.deepspeed).read_text()).get("sequence_parallel_size", 1)
+        if size != 1:
+            raise SettingsError(f"trainer.deepspeed={t.deepspeed}: sequence_parallel_size={size} is DeepSpeed's "
+                                "Ulysses, which drops the attention mask; remove it and set trainer.sp_size instead")
 
 
 def _is_int(value: object, low: int) -> bool:
@@ -255,6 +286,15 @@ def check_train_config(cfg: DictConfig) -> None:
              allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
     check_trainer(cfg.trainer)
     check_data(cfg.data)
+    sp_size = cfg.trainer.get("sp_size", 1)
+    if sp_size > 1:
+        try:
+            check_sequence_parallel_settings(cfg.model, sp_size)
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
+        multiple = cfg.data.collator.pad_to_multiple_of
+        _require(multiple is not None and multiple % sp_size == 0, "data.collator.pad_to_multiple_of", multiple,
+                 f"a multiple of trainer.sp_size={sp_size} (every row splits into equal shares)")
     for group in ("rope", "mask"):  # the rules check their own parameters when built
         if cfg.get(group) is not None:
             try:
