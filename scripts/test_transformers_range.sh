@@ -29,5 +29,5 @@ for end in "${ends[@]}"; do
     *) echo "test_transformers_range.sh: unknown end '$end' (oldest | newest)" >&2; exit 2 ;;
   esac
   echo "== $end: transformers $("$venv/bin/python" -c 'import transformers; print(transformers.__version__)')"
-  "$venv/bin/python" -m pytest -q "${TESTS[@]}"
+  "$venv/bin/python" -m pytest -q --durations=12 "${TESTS[@]}"
 done
