@@ -52,14 +52,15 @@ def test_training_forward_logps_equal_the_generation_that_sampled_them(tiny_llam
     right padding after a stop is exercised. Tolerance 1e-6: generation's scores are float32."""
     model = _policy(tiny_llama)
     group = repeat_rows(_prompts(model), 3)
-    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=7, pad_token_id=0)
+    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, seeds=range(7, 13), pad_token_id=0)
     first = sample(model, group, stops=[-1], **args)
     stop = int(first.ids[0, 2])
     done = sample(model, group, stops=[stop], **args)
     assert done.mask.sum(-1).tolist() != [6] * 6 and 0 < done.mask.sum() < done.mask.numel()
     out = model.generate(group["input_ids"], group["attention_mask"], group["pixel_values"],
                          num_frames=group["num_frames"], max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9,
-                         eos_token_id=[stop], pad_token_id=0, generator=torch.Generator().manual_seed(7),
+                         eos_token_id=[stop], pad_token_id=0,
+                         generator=[torch.Generator().manual_seed(seed) for seed in range(7, 13)],
                          output_scores=True, suppress_tokens=[model.placeholder_token_id])
     assert torch.equal(out.sequences, done.ids)  # the same draws: the rollout is generation's
     scores = torch.stack(out.scores, 1).double() / 0.7
@@ -68,6 +69,28 @@ def test_training_forward_logps_equal_the_generation_that_sampled_them(tiny_llam
         trained = token_logps(model, group, done, 0.7, model.placeholder_token_id)
     torch.testing.assert_close(trained, generated, rtol=0, atol=1e-6)
     assert generated.abs().sum() > 1  # not vacuous: real log-probabilities
+
+
+def test_one_completion_regenerated_alone_with_its_seed_is_the_batchs(tiny_llama):
+    """Each row samples from its own generator: a completion regenerated alone (batch size 1, no left padding) from
+    its recorded seed draws the same tokens as in the batch of 6, whose rows stop at different lengths."""
+    model = _policy(tiny_llama)
+    group = repeat_rows(_prompts(model), 3)
+    seeds = [101, 202, 303, 404, 505, 606]
+    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, pad_token_id=0)
+    stop = int(sample(model, group, seeds=seeds, stops=[-1], **args).ids[1, 2])
+    batch = sample(model, group, seeds=seeds, stops=[stop], **args)
+    assert len({tuple(row) for row in batch.ids.tolist()}) > 1 and 0 < batch.mask.sum() < batch.mask.numel()
+    for i, seed in enumerate(seeds):
+        real = group["attention_mask"][i].bool()
+        alone = {"input_ids": group["input_ids"][i, real][None], "attention_mask": group["attention_mask"][i, real][None],
+                 "pixel_values": group["pixel_values"][i:i + 1], "num_frames": group["num_frames"][i:i + 1]}
+        one = sample(model, alone, seeds=[seed], stops=[stop], **args)
+        n = int(batch.mask[i].sum())
+        assert one.ids.shape[1] == n and one.ids[0].tolist() == batch.ids[i, :n].tolist()
+    with pytest.raises(ValueError, match="one per row"):
+        model.generate(group["input_ids"], group["attention_mask"], group["pixel_values"], do_sample=True,
+                       generator=[torch.Generator()], num_frames=group["num_frames"])
 
 
 def test_completion_mask_keeps_the_stop_token_and_nothing_after():

@@ -193,6 +193,7 @@ def test_two_ranks_run_and_export(start, tmp_path, cache_dir, trainer):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics, records = rows(run / "metrics.jsonl"), rows(run / "rollouts.jsonl")
-    assert len(metrics) == 2 and len(metrics[0]["rollout_seeds"]) == 2 and metrics[-1]["kl"] >= 0
+    assert len(metrics) == 2 and metrics[-1]["kl"] >= 0
+    assert len({seed for r in records for seed in r["seeds"]}) == 32  # one per completion, none shared by ranks
     assert len(records) == 8 and len({r["prompt"] for r in records[:4]}) == 4  # 4 prompts a step, 2 per rank
     TCLlava.from_pretrained(run / "export")

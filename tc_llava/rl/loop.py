@@ -205,23 +205,30 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
     """Sample, score and (T-GRPO) contrast one process's rollout batch; returns the completions, the rewards and
     what the records and metrics need."""
     cfg, algo, policy, rank = run.cfg, run.algo, run.policy, run.accelerator.process_index
-    seed = derived_seed(cfg.seed, run.state.step, rank, "ordered")
+    first = rank * len(prompts)  # the step's prompts are numbered over all processes: seeds ignore the process count
+
+    def seeds(what: str, many: int) -> list[int]:  # one per completion: (step, prompt's place in the step, g)
+        return [derived_seed(cfg.seed, run.state.step, first + j, what, g) for j in range(len(prompts))
+                for g in range(many)]
+
     group = repeat_rows(batch, algo.num_generations)
     sampling = dict(max_new_tokens=algo.max_completion_length, temperature=algo.temperature, top_p=algo.top_p,
                     stops=run.stops, pad_token_id=policy.tokenizer.pad_token_id)
-    completions = sample(policy, group, seed=seed, **sampling)
+    ordered_seeds = seeds("ordered", algo.num_generations)
+    completions = sample(policy, group, seeds=ordered_seeds, **sampling)
     solutions = [p.solution for p in prompts for _ in range(algo.num_generations)]
     types = [p.answer_type for p in prompts for _ in range(algo.num_generations)]
     prefix = cfg.prompts.prompt.pred_prefix  # the priming the evaluator puts back before its answer check
     scored = score([prefix + text for text in completions.texts], solutions, types, run.weights)
     accuracy = accuracy_of(scored.per_function, len(solutions))
     total = torch.tensor(scored.total, dtype=torch.float64)
-    out = {"group": group, "completions": completions, "scored": scored, "accuracy": accuracy, "seed": seed}
+    out = {"group": group, "completions": completions, "scored": scored, "accuracy": accuracy,
+           "seeds": ordered_seeds}
     if algo.temporal_contrast:
-        shuffle_seeds = [derived_seed(cfg.seed, run.state.step, rank, "frame_order", j) for j in range(len(prompts))]
+        shuffle_seeds = seeds("frame_order", 1)
         shuffled, orders = shuffle_frames(batch, shuffle_seeds)
-        shuffled_seed = derived_seed(cfg.seed, run.state.step, rank, "shuffled")
-        other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seed=shuffled_seed, **sampling)
+        shuffled_seeds = seeds("shuffled", algo.num_shuffled)
+        other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seeds=shuffled_seeds, **sampling)
         many = algo.num_shuffled
         other_scored = score([prefix + text for text in other.texts],
                              [p.solution for p in prompts for _ in range(many)],
@@ -231,7 +238,7 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
                                torch.tensor(other_accuracy, dtype=torch.float64).view(len(prompts), -1),
                                algo.temporal_alpha, algo.temporal_mu, algo.temporal_threshold).flatten()
         total = total + bonus
-        out.update(shuffled={"seed": shuffled_seed, "frame_seeds": shuffle_seeds, "orders": orders,
+        out.update(shuffled={"seeds": shuffled_seeds, "frame_seeds": shuffle_seeds, "orders": orders,
                              "texts": other.texts, "accuracy": other_accuracy}, bonus=bonus.tolist())
     out["rewards"] = total
     return out
@@ -336,7 +343,7 @@ def metrics_row(run: Run, out: Mapping[str, Any], rewards: Tensor, losses: list[
     scored = out["scored"]
     gathered = gather_object([{"per_function": scored.per_function, "malformed": scored.malformed,
                                "accuracy": out["accuracy"], "shuffled": out.get("shuffled", {}).get("accuracy"),
-                               "bonus": out.get("bonus"), "seed": out["seed"]}])
+                               "bonus": out.get("bonus")}])
     row: dict[str, Any] = {"step": run.state.step, "loss": losses[-1], "losses": losses,
                            "lr": run.scheduler.get_last_lr()[0], "grad_norm": norms[-1],
                            "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -350,25 +357,25 @@ def metrics_row(run: Run, out: Mapping[str, Any], rewards: Tensor, losses: list[
     if run.algo.temporal_contrast:
         row["shuffled_accuracy"] = _mean([a for g in gathered for a in g["shuffled"]])
         row["temporal_bonus"] = _mean([b for g in gathered for b in g["bonus"]])
-    row.update(rollout_s=rollout_s, train_s=train_s, rollout_seeds=[g["seed"] for g in gathered],
-               peak_mem_gb=peak_memory_gb())
+    row.update(rollout_s=rollout_s, train_s=train_s, peak_mem_gb=peak_memory_gb())
     return row
 
 
 def records(run: Run, prompts: Sequence[Prompt], out: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One ``rollouts.jsonl`` row per prompt of this process: its completions, rewards and seeds (and T-GRPO's
-    frame order and the seed it was drawn from)."""
+    """One ``rollouts.jsonl`` row per prompt of this process: its completions, rewards and each completion's sampling
+    seed (and T-GRPO's frame order and the seed it was drawn from)."""
     g, texts, total = run.algo.num_generations, out["completions"].texts, out["rewards"].tolist()
     rows = []
     for j, prompt in enumerate(prompts):
         cut = slice(j * g, (j + 1) * g)
-        row = {"step": run.state.step, "prompt": prompt.id, "solution": prompt.solution, "seed": out["seed"],
-               "completions": texts[cut], "rewards": total[cut], "accuracy": out["accuracy"][cut]}
+        row = {"step": run.state.step, "prompt": prompt.id, "solution": prompt.solution,
+               "seeds": out["seeds"][cut], "completions": texts[cut], "rewards": total[cut],
+               "accuracy": out["accuracy"][cut]}
         if "shuffled" in out:
             s, many = out["shuffled"], run.algo.num_shuffled
-            row["shuffled"] = {"frame_order": s["orders"][j], "frame_seed": s["frame_seeds"][j], "seed": s["seed"],
-                               "completions": s["texts"][j * many:(j + 1) * many],
-                               "accuracy": s["accuracy"][j * many:(j + 1) * many]}
+            own = slice(j * many, (j + 1) * many)
+            row["shuffled"] = {"frame_order": s["orders"][j], "frame_seed": s["frame_seeds"][j],
+                               "seeds": s["seeds"][own], "completions": s["texts"][own], "accuracy": s["accuracy"][own]}
             row["bonus"] = out["bonus"][cut]
         rows.append(row)
     return rows

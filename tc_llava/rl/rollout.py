@@ -74,9 +74,9 @@ def shuffle_frames(batch: Mapping[str, Any], seeds: Sequence[int]) -> tuple[dict
 
 @torch.no_grad()
 def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, temperature: float, top_p: float,
-           seed: int, stops: Sequence[int], pad_token_id: int) -> Completions:
-    """Sampled completions of the (already repeated) left-padded ``batch``, drawn from a generator seeded by ``seed``,
-    the video placeholder suppressed.
+           seeds: Sequence[int], stops: Sequence[int], pad_token_id: int) -> Completions:
+    """Sampled completions of the (already repeated) left-padded ``batch``, row ``i`` drawn from its own generator
+    seeded by ``seeds[i]`` (so one completion can be regenerated alone), the video placeholder suppressed.
 
     ``model`` is the unwrapped :class:`~tc_llava.model.tc_llava.TCLlava`; it is put in eval mode (no dropout)
     for the rollout and back in the mode it was in."""
@@ -87,7 +87,8 @@ def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, t
         out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                              num_frames=batch["num_frames"], max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_p=top_p, eos_token_id=list(stops),
-                             pad_token_id=pad_token_id, generator=torch.Generator(device).manual_seed(seed),
+                             pad_token_id=pad_token_id,
+                             generator=[torch.Generator(device).manual_seed(int(seed)) for seed in seeds],
                              suppress_tokens=[model.placeholder_token_id])
     finally:
         model.train(was_training)
