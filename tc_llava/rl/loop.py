@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tc_llava.data.inputs import ClipEncoder
 from tc_llava.data.templates import stop_token_ids
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -37,7 +38,7 @@ from tc_llava.provenance import run_meta
 from tc_llava.rl.grpo import GRPOSettings, group_advantages, policy_loss, temporal_bonus
 from tc_llava.rl.prompts import Prompt, PromptInputs, load_prompts, step_prompts
 from tc_llava.rl.rewards import REWARDS, score
-from tc_llava.rl.rollout import Completions, reference, repeat_rows, sample, shuffle_frames, token_logps
+from tc_llava.rl.rollout import Completions, frame_orders, reference, repeat_rows, sample, take_rows, token_logps
 from tc_llava.rl.settings import check_rl_config
 from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
@@ -178,19 +179,6 @@ def setup(cfg: DictConfig) -> Run:
                scheduler, state, algo, weights, prompts, inputs, stops)
 
 
-def rows_of(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
-    """The model inputs of some rows of a batch (frames ``[B, T, ...]`` or ``[N, ...]`` with ``num_frames``)."""
-    counts = torch.as_tensor(batch["num_frames"])
-    pixels = batch["pixel_values"]
-    if pixels.ndim == 5:
-        pixels = pixels[rows]
-    else:
-        frames = pixels.split(counts.tolist())
-        pixels = torch.cat([frames[i] for i in rows.tolist()])
-    return {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
-            "pixel_values": pixels, "num_frames": counts[rows]}
-
-
 def part_of(completions: Completions, rows: Tensor) -> Completions:
     return Completions(completions.ids[rows], completions.mask[rows], [completions.texts[i] for i in rows.tolist()])
 
@@ -201,9 +189,17 @@ def accuracy_of(per_function: Mapping[str, Sequence[float | None]], size: int) -
     return [sum(per_function[name][i] or 0.0 for name in checks) for i in range(size)]
 
 
-def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[str, Any]:
-    """Sample, score and (T-GRPO) contrast one process's rollout batch; returns the completions, the rewards and
-    what the records and metrics need."""
+def on_device(run: Run, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A prompt batch on the process's device, frames in the policy's dtype, ``num_frames`` on the host."""
+    dtype, device = next(run.policy.parameters()).dtype, run.accelerator.device
+    return {key: value if key == "num_frames" else value.to(device, dtype if key.startswith("pixel_values") else None)
+            for key, value in batch.items()}
+
+
+def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt], decoded: Sequence[Any]) -> dict[str, Any]:
+    """Sample, score and (T-GRPO) contrast one process's rollout batch (``decoded``: the prompts' frames, which the
+    shuffled group re-encodes in its orders); returns the completions, the rewards and what the records and
+    metrics need."""
     cfg, algo, policy, rank = run.cfg, run.algo, run.policy, run.accelerator.process_index
     first = rank * len(prompts)  # the step's prompts are numbered over all processes: seeds ignore the process count
 
@@ -226,7 +222,8 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
            "seeds": ordered_seeds}
     if algo.temporal_contrast:
         shuffle_seeds = seeds("frame_order", 1)
-        shuffled, orders = shuffle_frames(batch, shuffle_seeds)
+        orders = frame_orders(batch["num_frames"].tolist(), shuffle_seeds)
+        shuffled = on_device(run, run.inputs.encode(prompts, decoded, orders))
         shuffled_seeds = seeds("shuffled", algo.num_shuffled)
         other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seeds=shuffled_seeds, **sampling)
         many = algo.num_shuffled
@@ -258,9 +255,9 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     picked = step_prompts(run.state.step, cfg.prompts.batch_size, len(run.prompts), cfg.seed)
     prompts = [run.prompts[i] for i in picked[rank * per_rank:(rank + 1) * per_rank]]
     dtype = next(run.policy.parameters()).dtype
-    batch = {k: v.to(device, dtype if k == "pixel_values" else None) for k, v in run.inputs(prompts).items()}
-    batch["num_frames"] = batch["num_frames"].cpu()
-    out = rollout(run, batch, prompts)
+    decoded = run.inputs.decode(prompts)
+    batch = on_device(run, run.inputs.encode(prompts, decoded))
+    out = rollout(run, batch, prompts, decoded)
     group, completions = out["group"], out["completions"]
     rewards = accelerator.gather(out["rewards"].to(device))  # every process's, in rank order
     advantages = group_advantages(rewards, algo.num_generations, algo.scale_rewards)
@@ -269,7 +266,7 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
     def no_grad_logps(net: nn.Module) -> Tensor:  # part by part, as the training forward will see them
         with torch.no_grad():
-            return torch.cat([logps_of(run, net, rows_of(group, rows), part_of(completions, rows)) for rows in parts])
+            return torch.cat([logps_of(run, net, take_rows(group, rows), part_of(completions, rows)) for rows in parts])
 
     model.eval()
     old = no_grad_logps(model) if algo.num_iterations > 1 else None
@@ -305,7 +302,7 @@ def optimise(run: Run, group: Mapping[str, Any], completions: Completions, parts
             with accelerator.accumulate(model):
                 part = part_of(completions, rows)
                 result = policy_loss(
-                    logps_of(run, model, rows_of(group, rows), part), advantages[rows.to(device)], part.mask,
+                    logps_of(run, model, take_rows(group, rows), part), advantages[rows.to(device)], part.mask,
                     loss_type=algo.loss_type, old_logps=None if old is None else old[rows], epsilon=algo.epsilon,
                     epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logps=None if ref is None else ref[rows],
                     max_completion_length=algo.max_completion_length, num_items=n_items)
@@ -399,8 +396,9 @@ def finish(run: Run) -> dict[str, Any]:
     if cfg.export.enabled:
         def build_fresh():
             fresh = model_from_config(cfg)
-            fresh.frame_sampling = {**(run.policy.frame_sampling or {}), "num_frames": run.inputs.num_frames,
-                                    "sampling": "middle"}
+            if not isinstance(fresh.frame_processor, ClipEncoder):  # a Qwen-VL export records its frame budget
+                fresh.frame_sampling = {**(run.policy.frame_sampling or {}), "num_frames": run.inputs.num_frames,
+                                        "sampling": "middle"}
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
         exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",
