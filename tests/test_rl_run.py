@@ -221,3 +221,39 @@ def test_two_ranks_run_and_export(start, tmp_path, cache_dir, trainer):
     assert len({seed for r in records for seed in r["seeds"]}) == 32  # one per completion, none shared by ranks
     assert len(records) == 8 and len({r["prompt"] for r in records[:4]}) == 4  # 4 prompts a step, 2 per rank
     TCLlava.from_pretrained(run / "export")
+
+
+def test_the_rl_sweep_pairs_each_job_with_its_sft_start(start, tmp_path):
+    """``python -m tc_llava.ablation.rl`` over GRPO and T-GRPO (2 jobs x 2 steps, real processes): each job scores
+    its export and its SFT start on the prompt set's benchmark, and the collector's McNemar counts are those of
+    the two jobs' own predictions files, question by question."""
+    data, export = start
+    sweep = tmp_path / "sweep"
+    args = [f"paths.data={data}", f"hydra.sweep.dir={sweep}", "model=pretrained", f"model.checkpoint={export}",
+            "tuning=full", "algorithm.num_generations=4", "algorithm.max_completion_length=1", "algorithm.beta=0",
+            "prompts.batch_size=4", "prompts.num_frames=4", "trainer.max_steps=2", "trainer.lr=3e-3", "threads=1",
+            "algorithm=grpo,t_grpo", "mask=frame_block_causal"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.ablation.rl", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(sweep.glob("*/ablation.json"))
+    assert [p.parent.name for p in jobs] == ["0_grpo-saved-frame_block_causal_s0", "1_t_grpo-saved-frame_block_causal_s0"]
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.ablation.collect", str(sweep)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((sweep / "rl_ablation.json").read_text())
+    assert [(r["algorithm"], r["mask"]) for r in table] == [("grpo", "frame_block_causal"),
+                                                           ("t_grpo", "frame_block_causal")]
+    for path, row in zip(jobs, table):
+        rl, sft = (rows(path.parent / where / "predictions.jsonl") for where in ("eval", "start/eval"))
+        before = {r["id"]: r["correct"] for r in sft}
+        after = {r["id"]: r["correct"] for r in rl}
+        assert len(after) == len(before) == 24  # 6 tasks x 4 questions
+        overall = row["overall"]
+        assert overall["n"] == 24
+        assert overall["only_a"] == sum(before[q] and not after[q] for q in after)
+        assert overall["only_b"] == sum(after[q] and not before[q] for q in after)
+        assert row["start"]["overall"] == pytest.approx(100 * sum(before.values()) / 24)
+        assert row["rl"]["overall"] == pytest.approx(100 * sum(after.values()) / 24)
+    assert "| t_grpo | saved | frame_block_causal | 0 |" in (sweep / "rl_ablation.md").read_text()
