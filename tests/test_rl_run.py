@@ -62,13 +62,14 @@ def test_a_short_run_raises_the_mean_reward(start, tmp_path):
     """40 GRPO steps of 4 prompts x 8 one-token completions (the answer letter after ``Best option:(``; full
     fine-tuning, lr 3e-3, no KL) from the 80-step SFT start: the benchmark's letter check rewards the answer.
 
-    Measured (CPU, threads=1, torch 2.14): mean reward 0.025 over the first 10 steps, 0.316 over the last 10 (the
-    start rarely answers with a letter at all; the policy learns to answer with one, B most often, the most
-    frequent right one of this set). lr 1e-3 rose only to 0.17 in 40 steps, 3e-4 not measurably."""
+    Measured (CPU, threads=1, torch 2.14, one sampling seed per completion): mean reward 0.006 over the first 10
+    steps, 0.169 over the last 10 (the start rarely answers with a letter at all; the policy learns to answer with
+    one). Run seeds 1 and 2: 0.069 -> 0.331 and 0.094 -> 0.347; lr 5e-3: 0.006 -> 0.253. (With one seed per
+    step and process, before: 0.025 -> 0.316; lr 1e-3 rose only to 0.17 in 40 steps, 3e-4 not measurably.)"""
     train(rl_cfg(start, tmp_path / "run", "trainer.lr=3e-3", "trainer.max_steps=40", "export.enabled=false"))
     rewards = [r["reward"] for r in rows(tmp_path / "run" / "metrics.jsonl")]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert first < 0.05 and last > 0.25
+    assert first < 0.05 and last > 0.15
 
 
 # LoRA with the reference its adapters disabled (beta > 0), two optimiser steps per rollout batch (ratios != 1)
