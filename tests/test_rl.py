@@ -7,10 +7,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from tc_llava.data.collate import GRID_KEYS, SFTCollator
+from tc_llava.data.inputs import Clip, model_inputs
+from tc_llava.data.templates import build_prompt, image_token_of
 from tc_llava.model.masks import FrameBlockCausalMask
 from tc_llava.model.rope import TADRoPE
 from tc_llava.model.tc_llava import TCLlava
@@ -52,14 +56,15 @@ def test_training_forward_logps_equal_the_generation_that_sampled_them(tiny_llam
     right padding after a stop is exercised. Tolerance 1e-6: generation's scores are float32."""
     model = _policy(tiny_llama)
     group = repeat_rows(_prompts(model), 3)
-    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, seed=7, pad_token_id=0)
+    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, seeds=range(7, 13), pad_token_id=0)
     first = sample(model, group, stops=[-1], **args)
     stop = int(first.ids[0, 2])
     done = sample(model, group, stops=[stop], **args)
     assert done.mask.sum(-1).tolist() != [6] * 6 and 0 < done.mask.sum() < done.mask.numel()
     out = model.generate(group["input_ids"], group["attention_mask"], group["pixel_values"],
                          num_frames=group["num_frames"], max_new_tokens=6, do_sample=True, temperature=0.7, top_p=0.9,
-                         eos_token_id=[stop], pad_token_id=0, generator=torch.Generator().manual_seed(7),
+                         eos_token_id=[stop], pad_token_id=0,
+                         generator=[torch.Generator().manual_seed(seed) for seed in range(7, 13)],
                          output_scores=True, suppress_tokens=[model.placeholder_token_id])
     assert torch.equal(out.sequences, done.ids)  # the same draws: the rollout is generation's
     scores = torch.stack(out.scores, 1).double() / 0.7
@@ -68,6 +73,85 @@ def test_training_forward_logps_equal_the_generation_that_sampled_them(tiny_llam
         trained = token_logps(model, group, done, 0.7, model.placeholder_token_id)
     torch.testing.assert_close(trained, generated, rtol=0, atol=1e-6)
     assert generated.abs().sum() > 1  # not vacuous: real log-probabilities
+
+
+def test_one_completion_regenerated_alone_with_its_seed_is_the_batchs(tiny_llama):
+    """Each row samples from its own generator: a completion regenerated alone (batch size 1, no left padding) from
+    its recorded seed draws the same tokens as in the batch of 6, whose rows stop at different lengths."""
+    model = _policy(tiny_llama)
+    group = repeat_rows(_prompts(model), 3)
+    seeds = [101, 202, 303, 404, 505, 606]
+    args = dict(max_new_tokens=6, temperature=0.7, top_p=0.9, pad_token_id=0)
+    stop = int(sample(model, group, seeds=seeds, stops=[-1], **args).ids[1, 2])
+    batch = sample(model, group, seeds=seeds, stops=[stop], **args)
+    assert len({tuple(row) for row in batch.ids.tolist()}) > 1 and 0 < batch.mask.sum() < batch.mask.numel()
+    for i, seed in enumerate(seeds):
+        real = group["attention_mask"][i].bool()
+        alone = {"input_ids": group["input_ids"][i, real][None],
+                 "attention_mask": group["attention_mask"][i, real][None], "pixel_values": group["pixel_values"][i:i + 1], "num_frames": group["num_frames"][i:i + 1]}
+        one = sample(model, alone, seeds=[seed], stops=[stop], **args)
+        n = int(batch.mask[i].sum())
+        assert one.ids.shape[1] == n and one.ids[0].tolist() == batch.ids[i, :n].tolist()
+    with pytest.raises(ValueError, match="one per row"):
+        model.generate(group["input_ids"], group["attention_mask"], group["pixel_values"], do_sample=True,
+                       generator=[torch.Generator()], num_frames=group["num_frames"])
+
+
+def _qwen_prompts(model: TCLlava, frames: np.ndarray, order: list[int] | None = None) -> dict:
+    """Two left-padded questions about the same 4 frames of a 2-fps clip (taken in ``order``), as the RL prompt
+    set encodes them (:func:`model_inputs`, the left-padding collator)."""
+    clip = Clip([0, 1, 2, 3], 2.0, 4)
+    taken = frames if order is None else frames[order]
+    samples = [model_inputs(model.tokenizer, model.frame_processor, None, model.template, taken,
+                            build_prompt(model.template, None, question, "", image_token_of(model.tokenizer)),
+                            clip=clip) for question in ("Which shape moves first?", "Where?")]
+    batch = SFTCollator(model.tokenizer.pad_token_id, padding_side="left")(samples)
+    return {key: value.double() if key.startswith("pixel_values") else value for key, value in batch.items()
+            if key in ("input_ids", "attention_mask", "num_frames", *GRID_KEYS)}
+
+
+@pytest.mark.parametrize("ckpt", ["tiny_qwen2_5_vl", "tiny_qwen3_vl"])
+def test_a_qwen_policys_training_forward_logps_equal_its_generations(ckpt, request):
+    """A Qwen-VL policy (M-RoPE from the video grid, TAD, frame-block mask): its rollout rows carry their own
+    patches and grid (repeated G times), and the training forward's log-probabilities are generation's (fp64).
+
+    The shuffled group is re-encoded from the permuted frames: same ids and grid (a clip keeps its times), other
+    patches; its first temporal patch stacks frames 2 and 0."""
+    model = TCLlava.from_pretrained(request.getfixturevalue(ckpt), rope=TADRoPE(gamma=0.5),
+                                    mask=FrameBlockCausalMask(), attn_implementation="sdpa", dtype=torch.float64)
+    with torch.no_grad():
+        for param in model.language_model.parameters():
+            if param.ndim == 2:
+                param.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(0))
+    frames = np.random.default_rng(0).integers(0, 256, (4, 56, 84, 3), dtype=np.uint8)
+    batch = _qwen_prompts(model, frames)
+    assert batch["attention_mask"][1, 0] == 0  # left-padded
+    group = repeat_rows(batch, 3)
+    assert torch.equal(group["video_grid_thw"], batch["video_grid_thw"].repeat_interleave(3, 0))
+    args = dict(max_new_tokens=5, temperature=0.7, top_p=0.9, seeds=range(6), pad_token_id=0)
+    stop = int(sample(model, group, stops=[-1], **args).ids[0, 2])
+    done = sample(model, group, stops=[stop], **args)
+    assert 0 < done.mask.sum() < done.mask.numel()
+    visual = {key: group[key] for key in GRID_KEYS if key in group}
+    out = model.generate(group["input_ids"], group["attention_mask"], max_new_tokens=5, do_sample=True,
+                         temperature=0.7, top_p=0.9, eos_token_id=[stop], pad_token_id=0,
+                         generator=[torch.Generator().manual_seed(seed) for seed in range(6)], output_scores=True,
+                         suppress_tokens=[model.placeholder_token_id], **visual)
+    assert torch.equal(out.sequences, done.ids)
+    generated = torch.log_softmax(torch.stack(out.scores, 1).double() / 0.7, -1)
+    generated = generated.gather(-1, done.ids[..., None]).squeeze(-1) * done.mask
+    with torch.no_grad():
+        trained = token_logps(model, group, done, 0.7, model.placeholder_token_id)
+    torch.testing.assert_close(trained, generated, rtol=0, atol=1e-6)
+    assert generated.abs().sum() > 1
+    order = [2, 0, 3, 1]
+    shuffled = _qwen_prompts(model, frames, order)
+    assert torch.equal(shuffled["input_ids"], batch["input_ids"])
+    assert torch.equal(shuffled["video_grid_thw"], batch["video_grid_thw"])
+    patched = _qwen_prompts(model, frames[[2, 0, 2, 0]])["pixel_values_videos"]
+    half = len(patched) // 2 // 2  # sample 0's first temporal patch (frames 2, 0) is the first half of its rows
+    assert torch.equal(shuffled["pixel_values_videos"][:half], patched[:half])
+    assert not torch.equal(shuffled["pixel_values_videos"], batch["pixel_values_videos"])
 
 
 def test_completion_mask_keeps_the_stop_token_and_nothing_after():
@@ -130,14 +214,15 @@ def _rl_cfg(*overrides: str):
     ("prompts.batch_size=0", "prompts.batch_size=0: expected an integer >= 1"),
     ("algorithm.temperature=0", "algorithm.temperature/top_p: 0/1.0; expected temperature > 0"),
     ("trainer.max_steps=null", "trainer.max_steps=None: expected an integer >= 1"),
-    ("model=tiny_qwen2_5_vl", "model: qwen2_5_vl policies are not built for RL rollouts yet"),
+    ("model=tiny_qwen2_5_vl prompts.num_frames=4",
+     r"prompts.num_frames=4: a qwen2_5_vl policy takes the frames its frame budget chooses"),
 ])
 def test_bad_settings_are_refused_naming_the_key(tmp_path, override, message):
     """Checked before anything loads: the prompt set is missing here too, and is named only after these."""
     from tc_llava.rl.settings import check_rl_config
     from tc_llava.train.settings import SettingsError
 
-    cfg = _rl_cfg(f"paths.data={tmp_path}", f"run_dir={tmp_path / 'run'}", override)
+    cfg = _rl_cfg(f"paths.data={tmp_path}", f"run_dir={tmp_path / 'run'}", *override.split())
     with pytest.raises(SettingsError, match=f"^{message}"):
         check_rl_config(cfg)
 

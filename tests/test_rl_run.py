@@ -62,13 +62,14 @@ def test_a_short_run_raises_the_mean_reward(start, tmp_path):
     """40 GRPO steps of 4 prompts x 8 one-token completions (the answer letter after ``Best option:(``; full
     fine-tuning, lr 3e-3, no KL) from the 80-step SFT start: the benchmark's letter check rewards the answer.
 
-    Measured (CPU, threads=1, torch 2.14): mean reward 0.025 over the first 10 steps, 0.316 over the last 10 (the
-    start rarely answers with a letter at all; the policy learns to answer with one, B most often, the most
-    frequent right one of this set). lr 1e-3 rose only to 0.17 in 40 steps, 3e-4 not measurably."""
+    Measured (CPU, threads=1, torch 2.14, one sampling seed per completion): mean reward 0.006 over the first 10
+    steps, 0.169 over the last 10 (the start rarely answers with a letter at all; the policy learns to answer with
+    one). Run seeds 1 and 2: 0.069 -> 0.331 and 0.094 -> 0.347; lr 5e-3: 0.006 -> 0.253. (With one seed per
+    step and process, before: 0.025 -> 0.316; lr 1e-3 rose only to 0.17 in 40 steps, 3e-4 not measurably.)"""
     train(rl_cfg(start, tmp_path / "run", "trainer.lr=3e-3", "trainer.max_steps=40", "export.enabled=false"))
     rewards = [r["reward"] for r in rows(tmp_path / "run" / "metrics.jsonl")]
     first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
-    assert first < 0.05 and last > 0.25
+    assert first < 0.05 and last > 0.15
 
 
 # LoRA with the reference its adapters disabled (beta > 0), two optimiser steps per rollout batch (ratios != 1)
@@ -131,6 +132,29 @@ def test_t_grpo_records_its_frame_orders_and_exports_a_loadable_model(start, tmp
     assert exported.frame_sampling["num_frames"] == 4 and exported.frame_sampling["sampling"] == "middle"
 
 
+@pytest.mark.parametrize(("ckpt", "template"), [("tiny_qwen2_5_vl", "qwen2_vl"), ("tiny_qwen3_vl", "qwen3_vl")])
+def test_a_qwen_policy_runs_t_grpo_and_exports(ckpt, template, request, tmp_path_factory, tmp_path):
+    """Two T-GRPO steps of a Qwen-VL export (LoRA, KL to the adapters disabled) on the synthetic set, frames by
+    its frame budget: completions on ordered and on shuffled frames, and an export that loads with its budget."""
+    data = tmp_path_factory.mktemp("rl_qwen")
+    generate(data / "synthetic", num_train=4, num_eval_per_task=2, seed=0, num_frames=8)
+    start = tmp_path / "start"
+    budget = {"fps": 4.0, "max_frames": 4}
+    TCLlava.from_pretrained(request.getfixturevalue(ckpt), attn_implementation="sdpa",
+                            frame_budget=budget).save_pretrained(start)
+    result = train(rl_cfg((data, start), tmp_path / "run", f"model.template={template}",
+                          "prompts.num_frames=null", "algorithm=t_grpo",
+                          "tuning=lora", "tuning.lora.r=4", "algorithm.beta=0.04", "algorithm.num_generations=2",
+                          "prompts.batch_size=2", "trainer.max_steps=2", "algorithm.max_completion_length=2"))
+    records = rows(tmp_path / "run" / "rollouts.jsonl")
+    assert len(records) == 4 and all(sorted(r["shuffled"]["frame_order"]) == [0, 1, 2, 3] for r in records)
+    assert all(len(r["completions"]) == 2 and len(r["shuffled"]["completions"]) == 1 for r in records)
+    assert rows(tmp_path / "run" / "metrics.jsonl")[-1]["kl"] >= 0
+    exported = TCLlava.from_pretrained(result["export"], attn_implementation="sdpa")
+    assert exported.family.model_type == ckpt.removeprefix("tiny_")
+    assert (exported.preprocessing.budget.fps, exported.preprocessing.budget.max_frames) == (4.0, 4)
+
+
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
 def test_micro_batches_give_the_update_of_the_whole_rollout_batch(start, tmp_path, loss_type):
     """trainer.grad_accum=3 splits each optimiser step's 8 completions into parts of 3, 3 and 2: per-sequence
@@ -138,7 +162,8 @@ def test_micro_batches_give_the_update_of_the_whole_rollout_batch(start, tmp_pat
     optimiser steps each (ratios != 1 on the second): the same losses, rewards and KL to float rounding."""
     args = ("tuning=full", f"algorithm.loss_type={loss_type}", "algorithm.beta=0.04", "algorithm.num_iterations=2",
             "algorithm.num_generations=4", "algorithm.max_completion_length=3", "prompts.batch_size=2",
-            "trainer.lr=1e-3", "trainer.max_steps=2", "export.enabled=false")
+            "trainer.lr=1e-3", "trainer.max_steps=2", "export.enabled=false",
+            "seed=1")  # seed 0 draws groups that all score alike at both steps: nothing would move
     whole = train(rl_cfg(start, tmp_path / "whole", *args))
     parts = train(rl_cfg(start, tmp_path / "parts", *args, "trainer.grad_accum=3"))
     a, b = rows(tmp_path / "whole" / "metrics.jsonl"), rows(tmp_path / "parts" / "metrics.jsonl")
@@ -193,6 +218,43 @@ def test_two_ranks_run_and_export(start, tmp_path, cache_dir, trainer):
                           env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics, records = rows(run / "metrics.jsonl"), rows(run / "rollouts.jsonl")
-    assert len(metrics) == 2 and len(metrics[0]["rollout_seeds"]) == 2 and metrics[-1]["kl"] >= 0
+    assert len(metrics) == 2 and metrics[-1]["kl"] >= 0
+    assert len({seed for r in records for seed in r["seeds"]}) == 32  # one per completion, none shared by ranks
     assert len(records) == 8 and len({r["prompt"] for r in records[:4]}) == 4  # 4 prompts a step, 2 per rank
     TCLlava.from_pretrained(run / "export")
+
+
+def test_the_rl_sweep_pairs_each_job_with_its_sft_start(start, tmp_path):
+    """``python -m tc_llava.ablation.rl`` over GRPO and T-GRPO (2 jobs x 2 steps, real processes): each job scores
+    its export and its SFT start on the prompt set's benchmark, and the collector's McNemar counts are those of
+    the two jobs' own predictions files, question by question."""
+    data, export = start
+    sweep = tmp_path / "sweep"
+    args = [f"paths.data={data}", f"hydra.sweep.dir={sweep}", "model=pretrained", f"model.checkpoint={export}",
+            "tuning=full", "algorithm.num_generations=4", "algorithm.max_completion_length=1", "algorithm.beta=0",
+            "prompts.batch_size=4", "prompts.num_frames=4", "trainer.max_steps=2", "trainer.lr=3e-3", "threads=1",
+            "algorithm=grpo,t_grpo", "mask=frame_block_causal"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.ablation.rl", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    jobs = sorted(sweep.glob("*/ablation.json"))
+    assert [p.parent.name for p in jobs] == ["0_grpo-saved-frame_block_causal_s0", "1_t_grpo-saved-frame_block_causal_s0"]
+    proc = subprocess.run([sys.executable, "-m", "tc_llava.ablation.collect", str(sweep)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = json.loads((sweep / "rl_ablation.json").read_text())
+    assert [(r["algorithm"], r["mask"]) for r in table] == [("grpo", "frame_block_causal"),
+                                                           ("t_grpo", "frame_block_causal")]
+    for path, row in zip(jobs, table):
+        rl, sft = (rows(path.parent / where / "predictions.jsonl") for where in ("eval", "start/eval"))
+        before = {r["id"]: r["correct"] for r in sft}
+        after = {r["id"]: r["correct"] for r in rl}
+        assert len(after) == len(before) == 24  # 6 tasks x 4 questions
+        overall = row["overall"]
+        assert overall["n"] == 24
+        assert overall["only_a"] == sum(before[q] and not after[q] for q in after)
+        assert overall["only_b"] == sum(after[q] and not before[q] for q in after)
+        assert row["start"]["overall"] == pytest.approx(100 * sum(before.values()) / 24)
+        assert row["rl"]["overall"] == pytest.approx(100 * sum(after.values()) / 24)
+    assert "| t_grpo | saved | frame_block_causal | 0 |" in (sweep / "rl_ablation.md").read_text()

@@ -14,6 +14,9 @@ variant, or ``--baseline rope/mask``) question by question, pooling the seeds bo
 and overall, from each job's ``eval/predictions.jsonl``). Written beside the jobs:
 ``ablation.md``, ``ablation.csv``, ``ablation.png`` (family means with +-1 std bars, chance
 dashed) and ``ablation_paired.json``.
+
+An RL sweep (:mod:`tc_llava.ablation.rl`, whose jobs carry their start's scores) pairs each job with its own
+SFT start instead (:func:`against_start`): ``rl_ablation.md`` and ``rl_ablation.json``.
 """
 
 from __future__ import annotations
@@ -155,6 +158,46 @@ def paired_markdown(rows: Sequence[dict[str, Any]], shown: Sequence[str] = VARIA
     return "\n".join(lines) + "\n"
 
 
+def against_start(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """An RL sweep (:mod:`tc_llava.ablation.rl`): each job against its own SFT start, question by question
+    (B - A with a paired bootstrap 95% interval and McNemar's exact p, per family and overall), with both
+    jobs' scores. Jobs without per-question predictions (theirs or their start's) are left out."""
+    rows = []
+    for run in runs:
+        mine, base = _correct_by_question(run), _correct_by_question(run["start"])
+        if mine is None or base is None:
+            continue
+        family = {task: v["family"] for task, v in run["tasks"].items()}
+        common = sorted(mine.keys() & base.keys())
+        row: dict[str, Any] = {key: run[key] for key in ("algorithm", "rope", "mask", "seed")}
+        row.update(rl=job_scores(run), start=job_scores(run["start"]))
+        for score in SCORES:
+            chosen = [q for q in common if score == "overall" or family[mine[q][0]] == score]
+            if chosen:
+                row[score] = compare_correct([base[q][1] for q in chosen], [mine[q][1] for q in chosen])
+        rows.append(row)
+    return rows
+
+
+def against_start_markdown(rows: Sequence[dict[str, Any]]) -> str:
+    """Per RL job: its overall score and its start's (%), then RL - start in points [95% CI], McNemar p, per
+    family and overall."""
+    lines = ["Each RL job against its SFT start (the same rules, question by question): RL - start in points "
+             "[95% bootstrap CI], McNemar exact p.", "",
+             "| algorithm | rope | mask | seed | RL overall | start overall | " + " | ".join(SCORES) + " |",
+             "|---|---|---|---:|---:|---:|" + "---:|" * len(SCORES)]
+    for r in rows:
+        cells = []
+        for score in SCORES:
+            c = r.get(score)
+            cells.append("n/a" if c is None or c["difference"] is None else
+                         f"{c['difference']:+.1f} [{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}], "
+                         f"p={c['mcnemar_p']:.3g} (n={c['n']})")
+        lines.append(f"| {r['algorithm']} | {r['rope']} | {r['mask']} | {r['seed']} | {r['rl']['overall']:.1f} | "
+                     f"{r['start']['overall']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def chance(run: dict[str, Any]) -> dict[str, float]:
     """Expected accuracy of uniform guessing, per score, from the job's per-task chance levels."""
     return job_scores({"tasks": {t: {**v, "accuracy": v["chance"]} for t, v in run["tasks"].items()}})
@@ -236,6 +279,17 @@ def write_report(rows: Sequence[dict[str, Any]], runs: Sequence[dict[str, Any]],
     return paths
 
 
+def write_rl_report(runs: Sequence[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """An RL sweep's ``rl_ablation.md`` (:func:`against_start_markdown`) and ``rl_ablation.json`` in ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = against_start(runs)
+    paths = {"md": out / "rl_ablation.md", "json": out / "rl_ablation.json"}
+    paths["md"].write_text(against_start_markdown(rows))
+    paths["json"].write_text(json.dumps(rows, indent=1) + "\n")
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tc_llava.ablation.collect", description=__doc__.splitlines()[0])
     parser.add_argument("multirun_dir", type=Path, help="the sweep's directory (holds one folder per job)")
@@ -252,7 +306,10 @@ def main(argv: list[str] | None = None) -> None:
             parser.exit(2, f"error: --baseline {args.baseline!r}: expected ROPE/MASK[/PROJECTOR], "
                            "e.g. vanilla/causal\n")
         baseline = (*parts, DEFAULT_PROJECTOR) if len(parts) == 2 else tuple(parts)
-    paths = write_report(summarize(runs), runs, args.out or args.multirun_dir, baseline)
+    if all("start" in run for run in runs):  # an RL sweep: every job against its own start
+        paths = write_rl_report(runs, args.out or args.multirun_dir)
+    else:
+        paths = write_report(summarize(runs), runs, args.out or args.multirun_dir, baseline)
     print(paths["md"].read_text(), flush=True)
     print("\n".join(f"wrote {p}" for p in paths.values()))
 

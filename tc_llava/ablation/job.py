@@ -58,31 +58,43 @@ def check_benchmark(cfg: DictConfig) -> None:
         raise SettingsError(f"ablation.{e}") from None
 
 
-def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float) -> dict[str, Any] | None:
-    """Evaluate ``result['export']`` on ``cfg.ablation.benchmark``; the main process writes ``ablation.json``."""
-    if not result.get("export"):
-        raise ValueError("an ablation job evaluates its exported model: set export.enabled=true")
+def evaluate_model(cfg: DictConfig, model: Any, eval_dir: Path, labels: dict[str, str], train_seconds: float,
+                   final_loss: float | None) -> dict[str, Any] | None:
+    """Score ``model`` on ``cfg.ablation.benchmark`` under ``eval_dir``; the main process returns the job summary
+    (``labels``, seed, timings, per task family, accuracy and chance), the others None."""
     tic = time.perf_counter()
-    run_dir = Path(cfg.run_dir)
     state = PartialState()
-    model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).to(state.device).eval()
-    results = mvbench.evaluate(model, cfg.ablation.benchmark, run_dir / "eval", state)
+    results = mvbench.evaluate(model, cfg.ablation.benchmark, eval_dir, state)
     if not state.is_main_process:
         return None
     unanswered = [task for task, r in results["tasks"].items() if r["accuracy"] is None]
     if unanswered:
-        raise RuntimeError(f"ablation eval: no question of {unanswered} could be answered; see {run_dir / 'eval'}")
+        raise RuntimeError(f"ablation eval: no question of {unanswered} could be answered; see {eval_dir}")
     families = task_families(cfg.ablation.benchmark.root)
-    chance = chance_levels(run_dir / "eval" / "predictions.jsonl")
-    labels = rule_labels(cfg.get("rope"), cfg.get("mask"), cfg.get("projector"))
-    summary = {
+    chance = chance_levels(eval_dir / "predictions.jsonl")
+    return {
         **labels, "seed": int(cfg.seed),
-        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - tic,
-        "final_loss": result["losses"][-1] if result["losses"] else None,
+        "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - tic, "final_loss": final_loss,
         "tasks": {task: {"family": families[task], "accuracy": r["accuracy"], "chance": chance[task],
                          "total": r["total"]} for task, r in results["tasks"].items()},
-        "results": str(run_dir / "eval" / "results.json"),
+        "results": str(eval_dir / "results.json"),
     }
+
+
+def evaluate_run(cfg: DictConfig, result: dict[str, Any], train_seconds: float,
+                 labels: dict[str, str] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Evaluate ``result['export']`` on ``cfg.ablation.benchmark``; the main process writes ``ablation.json``
+    (``labels``: the rope, mask and projector labels unless given; ``extra``: more fields for it)."""
+    if not result.get("export"):
+        raise ValueError("an ablation job evaluates its exported model: set export.enabled=true")
+    run_dir = Path(cfg.run_dir)
+    model = TCLlava.from_pretrained(result["export"], dtype=torch.float32).to(PartialState().device).eval()
+    labels = labels or rule_labels(cfg.get("rope"), cfg.get("mask"), cfg.get("projector"))
+    summary = evaluate_model(cfg, model, run_dir / "eval", labels, train_seconds,
+                             result["losses"][-1] if result["losses"] else None)
+    if summary is None:
+        return None
+    summary.update(extra or {})
     (run_dir / "ablation.json").write_text(json.dumps(summary, indent=1) + "\n")
     log.info("ablation job %s seed %d: %s", "/".join(labels.values()), summary["seed"],
              {t: round(v["accuracy"], 1) for t, v in summary["tasks"].items()})

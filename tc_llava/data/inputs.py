@@ -51,6 +51,20 @@ class ClipEncoder(Protocol):
                total_frames: int) -> tuple[dict[str, torch.Tensor], Expansion]: ...
 
 
+def budget_frames(encoder: ClipEncoder, bound: tuple[float, float] | None) -> Callable[[int, float], list[int]]:
+    """``choose`` for :func:`~tc_llava.data.video.read_frames`: the frames ``encoder``'s budget takes within ``bound``
+    (seconds; None: the whole video), as the evaluator asks a Qwen-VL model about a benchmark item."""
+
+    def choose(total: int, rate: float) -> list[int]:
+        first, last = 0, total - 1
+        if bound is not None:
+            first = min(max(0, round(bound[0] * rate)), last)
+            last = max(first, min(last, round(bound[1] * rate)))
+        return [first + i for i in encoder.frame_indices(last - first + 1, rate)]
+
+    return choose
+
+
 def encode_prompt(
     tokenizer: PreTrainedTokenizerBase,
     template: str | Template,

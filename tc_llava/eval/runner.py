@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from tc_llava.data.collate import GRID_KEYS, SFTCollator
-from tc_llava.data.inputs import Clip, ClipEncoder, encode_prompt, model_inputs, preprocess_frames
+from tc_llava.data.inputs import Clip, ClipEncoder, budget_frames, encode_prompt, model_inputs, preprocess_frames
 from tc_llava.data.templates import stop_token_ids
 from tc_llava.data.video import DECODE_TIMEOUT, read_frames, sample_frames
 from tc_llava.eval import jsonl
@@ -163,20 +163,13 @@ class _ItemFrames(Dataset):
 
     def _clip_item(self, item: Item) -> dict[str, Any]:
         s, encoder = self.settings, self.image_processor
-
-        def choose(total: int, rate: float) -> list[int]:  # the budget's frames of the item's bound
-            first, last = 0, total - 1
-            if item.bound is not None:
-                first = min(max(0, round(item.bound[0] * rate)), last)
-                last = max(first, min(last, round(item.bound[1] * rate)))
-            return [first + i for i in encoder.frame_indices(last - first + 1, rate)]
-
         try:
             if item.data_type == "frame" and not Path(item.media).is_dir():
                 raise ValueError(f"{item.media}: data type 'frame' expects a folder of 00001.jpg, ...")
             frames, indices, rate, total = read_frames(
-                item.media, choose, s.backend, fps=s.frame_fps if item.data_type == "frame" else None,
-                num_threads=s.decode_threads, timeout=s.decode_timeout)
+                item.media, budget_frames(encoder, item.bound), s.backend,
+                fps=s.frame_fps if item.data_type == "frame" else None, num_threads=s.decode_threads,
+                timeout=s.decode_timeout)
             inputs = model_inputs(self.tokenizer, encoder, None, s.template, frames, item.prompt,
                                   clip=Clip(indices, rate, total))
         except ImportError:

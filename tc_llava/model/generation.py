@@ -20,7 +20,8 @@ class GenerationOutput:
     scores: list[torch.Tensor] | None  # per step [B, V] logits (float32), when asked
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float,
+          generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
     if not do_sample:
         return logits.argmax(-1)
     probs = torch.softmax(logits / max(temperature, 1e-5), -1)
@@ -29,6 +30,8 @@ def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: floa
         drop = sorted_p.cumsum(-1) - sorted_p > top_p
         sorted_p = sorted_p.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    if isinstance(generator, Sequence):  # one generator per row: each row draws as it would alone
+        return torch.cat([torch.multinomial(row, 1, generator=g) for row, g in zip(probs, generator)])
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -44,7 +47,7 @@ def generate(
     top_p: float = 1.0,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int = 0,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     output_scores: bool = False,
     num_frames: torch.Tensor | Sequence[int] | None = None,
     streamer: Callable[[torch.Tensor], None] | None = None,
@@ -57,10 +60,13 @@ def generate(
     ``streamer`` is called with each step's new tokens ``[B]`` as soon as they are chosen; ``visual`` holds a
     Qwen-VL family's own visual inputs (grids, video patches). ``suppress_tokens`` are never chosen (their
     logits, and ``scores``, are -inf): RL rollouts suppress the video placeholder, which a training forward would
-    read as visual tokens.
+    read as visual tokens. ``generator`` may be a list with one generator per row: each row then samples from its
+    own, so one row regenerated alone with its generator draws the same tokens as in the batch.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if isinstance(generator, Sequence) and len(generator) != input_ids.shape[0]:
+        raise ValueError(f"generate(): {len(generator)} generators for {input_ids.shape[0]} rows; expected one per row")
     if not bool(attention_mask[:, -1].all()):
         raise ValueError("generate() needs left-padded prompts: attention_mask[:, -1] must be 1 for every sample")
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else (eos_token_id or []), device=input_ids.device)

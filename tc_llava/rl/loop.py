@@ -30,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from tc_llava.data.inputs import ClipEncoder
 from tc_llava.data.templates import stop_token_ids
 from tc_llava.model.build import model_from_config
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -37,7 +38,7 @@ from tc_llava.provenance import run_meta
 from tc_llava.rl.grpo import GRPOSettings, group_advantages, policy_loss, temporal_bonus
 from tc_llava.rl.prompts import Prompt, PromptInputs, load_prompts, step_prompts
 from tc_llava.rl.rewards import REWARDS, score
-from tc_llava.rl.rollout import Completions, reference, repeat_rows, sample, shuffle_frames, token_logps
+from tc_llava.rl.rollout import Completions, frame_orders, reference, repeat_rows, sample, take_rows, token_logps
 from tc_llava.rl.settings import check_rl_config
 from tc_llava.runtime import fix_numerics
 from tc_llava.train.checkpoint import (
@@ -178,19 +179,6 @@ def setup(cfg: DictConfig) -> Run:
                scheduler, state, algo, weights, prompts, inputs, stops)
 
 
-def rows_of(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
-    """The model inputs of some rows of a batch (frames ``[B, T, ...]`` or ``[N, ...]`` with ``num_frames``)."""
-    counts = torch.as_tensor(batch["num_frames"])
-    pixels = batch["pixel_values"]
-    if pixels.ndim == 5:
-        pixels = pixels[rows]
-    else:
-        frames = pixels.split(counts.tolist())
-        pixels = torch.cat([frames[i] for i in rows.tolist()])
-    return {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
-            "pixel_values": pixels, "num_frames": counts[rows]}
-
-
 def part_of(completions: Completions, rows: Tensor) -> Completions:
     return Completions(completions.ids[rows], completions.mask[rows], [completions.texts[i] for i in rows.tolist()])
 
@@ -201,27 +189,43 @@ def accuracy_of(per_function: Mapping[str, Sequence[float | None]], size: int) -
     return [sum(per_function[name][i] or 0.0 for name in checks) for i in range(size)]
 
 
-def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[str, Any]:
-    """Sample, score and (T-GRPO) contrast one process's rollout batch; returns the completions, the rewards and
-    what the records and metrics need."""
+def on_device(run: Run, batch: Mapping[str, Any]) -> dict[str, Any]:
+    """A prompt batch on the process's device, frames in the policy's dtype, ``num_frames`` on the host."""
+    dtype, device = next(run.policy.parameters()).dtype, run.accelerator.device
+    return {key: value if key == "num_frames" else value.to(device, dtype if key.startswith("pixel_values") else None)
+            for key, value in batch.items()}
+
+
+def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt], decoded: Sequence[Any]) -> dict[str, Any]:
+    """Sample, score and (T-GRPO) contrast one process's rollout batch (``decoded``: the prompts' frames, which the
+    shuffled group re-encodes in its orders); returns the completions, the rewards and what the records and
+    metrics need."""
     cfg, algo, policy, rank = run.cfg, run.algo, run.policy, run.accelerator.process_index
-    seed = derived_seed(cfg.seed, run.state.step, rank, "ordered")
+    first = rank * len(prompts)  # the step's prompts are numbered over all processes: seeds ignore the process count
+
+    def seeds(what: str, many: int) -> list[int]:  # one per completion: (step, prompt's place in the step, g)
+        return [derived_seed(cfg.seed, run.state.step, first + j, what, g) for j in range(len(prompts))
+                for g in range(many)]
+
     group = repeat_rows(batch, algo.num_generations)
     sampling = dict(max_new_tokens=algo.max_completion_length, temperature=algo.temperature, top_p=algo.top_p,
                     stops=run.stops, pad_token_id=policy.tokenizer.pad_token_id)
-    completions = sample(policy, group, seed=seed, **sampling)
+    ordered_seeds = seeds("ordered", algo.num_generations)
+    completions = sample(policy, group, seeds=ordered_seeds, **sampling)
     solutions = [p.solution for p in prompts for _ in range(algo.num_generations)]
     types = [p.answer_type for p in prompts for _ in range(algo.num_generations)]
     prefix = cfg.prompts.prompt.pred_prefix  # the priming the evaluator puts back before its answer check
     scored = score([prefix + text for text in completions.texts], solutions, types, run.weights)
     accuracy = accuracy_of(scored.per_function, len(solutions))
     total = torch.tensor(scored.total, dtype=torch.float64)
-    out = {"group": group, "completions": completions, "scored": scored, "accuracy": accuracy, "seed": seed}
+    out = {"group": group, "completions": completions, "scored": scored, "accuracy": accuracy,
+           "seeds": ordered_seeds}
     if algo.temporal_contrast:
-        shuffle_seeds = [derived_seed(cfg.seed, run.state.step, rank, "frame_order", j) for j in range(len(prompts))]
-        shuffled, orders = shuffle_frames(batch, shuffle_seeds)
-        shuffled_seed = derived_seed(cfg.seed, run.state.step, rank, "shuffled")
-        other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seed=shuffled_seed, **sampling)
+        shuffle_seeds = seeds("frame_order", 1)
+        orders = frame_orders(batch["num_frames"].tolist(), shuffle_seeds)
+        shuffled = on_device(run, run.inputs.encode(prompts, decoded, orders))
+        shuffled_seeds = seeds("shuffled", algo.num_shuffled)
+        other = sample(policy, repeat_rows(shuffled, algo.num_shuffled), seeds=shuffled_seeds, **sampling)
         many = algo.num_shuffled
         other_scored = score([prefix + text for text in other.texts],
                              [p.solution for p in prompts for _ in range(many)],
@@ -231,7 +235,7 @@ def rollout(run: Run, batch: dict[str, Any], prompts: Sequence[Prompt]) -> dict[
                                torch.tensor(other_accuracy, dtype=torch.float64).view(len(prompts), -1),
                                algo.temporal_alpha, algo.temporal_mu, algo.temporal_threshold).flatten()
         total = total + bonus
-        out.update(shuffled={"seed": shuffled_seed, "frame_seeds": shuffle_seeds, "orders": orders,
+        out.update(shuffled={"seeds": shuffled_seeds, "frame_seeds": shuffle_seeds, "orders": orders,
                              "texts": other.texts, "accuracy": other_accuracy}, bonus=bonus.tolist())
     out["rewards"] = total
     return out
@@ -251,9 +255,9 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     picked = step_prompts(run.state.step, cfg.prompts.batch_size, len(run.prompts), cfg.seed)
     prompts = [run.prompts[i] for i in picked[rank * per_rank:(rank + 1) * per_rank]]
     dtype = next(run.policy.parameters()).dtype
-    batch = {k: v.to(device, dtype if k == "pixel_values" else None) for k, v in run.inputs(prompts).items()}
-    batch["num_frames"] = batch["num_frames"].cpu()
-    out = rollout(run, batch, prompts)
+    decoded = run.inputs.decode(prompts)
+    batch = on_device(run, run.inputs.encode(prompts, decoded))
+    out = rollout(run, batch, prompts, decoded)
     group, completions = out["group"], out["completions"]
     rewards = accelerator.gather(out["rewards"].to(device))  # every process's, in rank order
     advantages = group_advantages(rewards, algo.num_generations, algo.scale_rewards)
@@ -262,7 +266,7 @@ def step(run: Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
 
     def no_grad_logps(net: nn.Module) -> Tensor:  # part by part, as the training forward will see them
         with torch.no_grad():
-            return torch.cat([logps_of(run, net, rows_of(group, rows), part_of(completions, rows)) for rows in parts])
+            return torch.cat([logps_of(run, net, take_rows(group, rows), part_of(completions, rows)) for rows in parts])
 
     model.eval()
     old = no_grad_logps(model) if algo.num_iterations > 1 else None
@@ -298,7 +302,7 @@ def optimise(run: Run, group: Mapping[str, Any], completions: Completions, parts
             with accelerator.accumulate(model):
                 part = part_of(completions, rows)
                 result = policy_loss(
-                    logps_of(run, model, rows_of(group, rows), part), advantages[rows.to(device)], part.mask,
+                    logps_of(run, model, take_rows(group, rows), part), advantages[rows.to(device)], part.mask,
                     loss_type=algo.loss_type, old_logps=None if old is None else old[rows], epsilon=algo.epsilon,
                     epsilon_high=algo.epsilon_high, beta=algo.beta, ref_logps=None if ref is None else ref[rows],
                     max_completion_length=algo.max_completion_length, num_items=n_items)
@@ -336,7 +340,7 @@ def metrics_row(run: Run, out: Mapping[str, Any], rewards: Tensor, losses: list[
     scored = out["scored"]
     gathered = gather_object([{"per_function": scored.per_function, "malformed": scored.malformed,
                                "accuracy": out["accuracy"], "shuffled": out.get("shuffled", {}).get("accuracy"),
-                               "bonus": out.get("bonus"), "seed": out["seed"]}])
+                               "bonus": out.get("bonus")}])
     row: dict[str, Any] = {"step": run.state.step, "loss": losses[-1], "losses": losses,
                            "lr": run.scheduler.get_last_lr()[0], "grad_norm": norms[-1],
                            "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -350,25 +354,25 @@ def metrics_row(run: Run, out: Mapping[str, Any], rewards: Tensor, losses: list[
     if run.algo.temporal_contrast:
         row["shuffled_accuracy"] = _mean([a for g in gathered for a in g["shuffled"]])
         row["temporal_bonus"] = _mean([b for g in gathered for b in g["bonus"]])
-    row.update(rollout_s=rollout_s, train_s=train_s, rollout_seeds=[g["seed"] for g in gathered],
-               peak_mem_gb=peak_memory_gb())
+    row.update(rollout_s=rollout_s, train_s=train_s, peak_mem_gb=peak_memory_gb())
     return row
 
 
 def records(run: Run, prompts: Sequence[Prompt], out: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """One ``rollouts.jsonl`` row per prompt of this process: its completions, rewards and seeds (and T-GRPO's
-    frame order and the seed it was drawn from)."""
+    """One ``rollouts.jsonl`` row per prompt of this process: its completions, rewards and each completion's sampling
+    seed (and T-GRPO's frame order and the seed it was drawn from)."""
     g, texts, total = run.algo.num_generations, out["completions"].texts, out["rewards"].tolist()
     rows = []
     for j, prompt in enumerate(prompts):
         cut = slice(j * g, (j + 1) * g)
-        row = {"step": run.state.step, "prompt": prompt.id, "solution": prompt.solution, "seed": out["seed"],
-               "completions": texts[cut], "rewards": total[cut], "accuracy": out["accuracy"][cut]}
+        row = {"step": run.state.step, "prompt": prompt.id, "solution": prompt.solution,
+               "seeds": out["seeds"][cut], "completions": texts[cut], "rewards": total[cut],
+               "accuracy": out["accuracy"][cut]}
         if "shuffled" in out:
             s, many = out["shuffled"], run.algo.num_shuffled
-            row["shuffled"] = {"frame_order": s["orders"][j], "frame_seed": s["frame_seeds"][j], "seed": s["seed"],
-                               "completions": s["texts"][j * many:(j + 1) * many],
-                               "accuracy": s["accuracy"][j * many:(j + 1) * many]}
+            own = slice(j * many, (j + 1) * many)
+            row["shuffled"] = {"frame_order": s["orders"][j], "frame_seed": s["frame_seeds"][j],
+                               "seeds": s["seeds"][own], "completions": s["texts"][own], "accuracy": s["accuracy"][own]}
             row["bonus"] = out["bonus"][cut]
         rows.append(row)
     return rows
@@ -392,8 +396,9 @@ def finish(run: Run) -> dict[str, Any]:
     if cfg.export.enabled:
         def build_fresh():
             fresh = model_from_config(cfg)
-            fresh.frame_sampling = {**(run.policy.frame_sampling or {}), "num_frames": run.inputs.num_frames,
-                                    "sampling": "middle"}
+            if not isinstance(fresh.frame_processor, ClipEncoder):  # a Qwen-VL export records its frame budget
+                fresh.frame_sampling = {**(run.policy.frame_sampling or {}), "num_frames": run.inputs.num_frames,
+                                        "sampling": "middle"}
             return fresh, apply_tuning(fresh, **cfg.tuning)
 
         exported = export_model(run.accelerator, run.model, build_fresh, run.run_dir / "export",

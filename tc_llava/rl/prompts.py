@@ -4,7 +4,8 @@ A prompt set in the multiple-choice benchmarks' layout (MVBench's: a task table,
 records ``{video, question, candidates, answer}``, media under ``video/<prefix>``; the synthetic
 temporal set ships one) is read by the evaluator's own loader (:mod:`tc_llava.eval.mcq`), so a
 policy is trained on exactly the prompt (system text, option block, ``Best option:(`` priming)
-and the answer check it is scored with. Frames are the segment middles of ``num_frames`` segments.
+and the answer check it is scored with. Frames are the segment middles of ``num_frames`` segments, or
+a Qwen-VL policy's frame budget's, as the evaluator takes them.
 
 Which prompts a step takes is a function of the seed and the step alone (:func:`step_prompts`),
 so a resumed run draws the same prompts without carrying a sampler's state.
@@ -19,10 +20,10 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tc_llava.data.collate import SFTCollator
-from tc_llava.data.inputs import encode_prompt, preprocess_frames
+from tc_llava.data.collate import GRID_KEYS, SFTCollator
+from tc_llava.data.inputs import Clip, ClipEncoder, budget_frames, model_inputs
 from tc_llava.data.templates import image_token_of
-from tc_llava.data.video import sample_frames
+from tc_llava.data.video import read_frames, sample_frames
 from tc_llava.eval.mcq import check_layout, load_layout_questions, load_task_table
 from tc_llava.rl.rewards import check_solution
 
@@ -70,22 +71,44 @@ def step_prompts(step: int, per_step: int, total: int, seed: int) -> list[int]:
 
 
 class PromptInputs:
-    """Prompts -> a left-padded batch of model inputs (``input_ids``, ``attention_mask``, ``pixel_values``,
-    ``num_frames``), the frames decoded as the evaluator decodes them."""
+    """Prompts -> a left-padded batch of model inputs (``input_ids``, ``attention_mask``, ``num_frames`` and
+    ``pixel_values``, or a Qwen-VL family's :data:`~tc_llava.data.collate.GRID_KEYS`), the frames decoded as the
+    evaluator decodes them: ``num_frames`` segment middles, or a Qwen-VL policy's frame budget within the item's
+    bound. Decoding (:meth:`decode`) and encoding (:meth:`encode`) are apart so that T-GRPO's shuffled group
+    re-encodes the same frames in another order."""
 
     def __init__(self, cfg: DictConfig, model: Any, num_frames: int):
         self.cfg, self.model, self.num_frames = cfg, model, num_frames
         self.collator = SFTCollator(model.tokenizer.pad_token_id, padding_side="left")
 
-    def __call__(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
-        cfg, model = self.cfg, self.model
-        samples = []
+    def decode(self, prompts: Sequence[Prompt]) -> list[tuple[Any, Clip | None]]:
+        """Each prompt's frames ``uint8 [T, H, W, 3]`` and, for a Qwen-VL policy, their :class:`Clip`."""
+        cfg, encoder = self.cfg, self.model.frame_processor
+        decoded = []
         for p in prompts:
-            ids = encode_prompt(model.tokenizer, cfg.template, p.prompt, model.tokens_per_video(self.num_frames))
-            frames, _ = sample_frames(p.media, self.num_frames, "middle", p.bound, cfg.decode.backend,
-                                      fps=cfg.decode.frame_fps if p.data_type == "frame" else None,
-                                      num_threads=cfg.decode.threads, timeout=cfg.decode.timeout)
-            samples.append({"input_ids": ids.input_ids,
-                            "pixel_values": preprocess_frames(model.frame_processor, frames)})
+            read = dict(backend=cfg.decode.backend, fps=cfg.decode.frame_fps if p.data_type == "frame" else None,
+                        num_threads=cfg.decode.threads, timeout=cfg.decode.timeout)
+            if isinstance(encoder, ClipEncoder):
+                frames, indices, rate, total = read_frames(p.media, budget_frames(encoder, p.bound), **read)
+                decoded.append((frames, Clip(indices, rate, total)))
+            else:
+                decoded.append((sample_frames(p.media, self.num_frames, "middle", p.bound, **read)[0], None))
+        return decoded
+
+    def encode(self, prompts: Sequence[Prompt], decoded: Sequence[tuple[Any, Clip | None]],
+               orders: Sequence[Sequence[int]] | None = None) -> dict[str, Any]:
+        """The batch of ``prompts`` on their ``decoded`` frames, each prompt's frames taken in ``orders[i]`` when
+        given (T-GRPO). A Qwen-VL clip keeps its indices, so the shuffled frames sit at the ordered frames'
+        times and the prompt's ids do not change."""
+        model, samples = self.model, []
+        for i, (p, (frames, clip)) in enumerate(zip(prompts, decoded)):
+            if orders is not None:
+                frames = frames[list(orders[i])]
+            samples.append(model_inputs(model.tokenizer, model.frame_processor, model.tokens_per_video,
+                                        self.cfg.template, frames, p.prompt, clip=clip))
         batch = self.collator(samples)
-        return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "num_frames")}
+        return {key: batch[key] for key in ("input_ids", "attention_mask", "pixel_values", "num_frames", *GRID_KEYS)
+                if key in batch}
+
+    def __call__(self, prompts: Sequence[Prompt]) -> dict[str, Any]:
+        return self.encode(prompts, self.decode(prompts))

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tc_llava.data.collate import GRID_KEYS
+
 
 @dataclass
 class Completions:
@@ -45,38 +47,53 @@ def completion_mask(ids: Tensor, stops: Sequence[int]) -> Tensor:
     return (after == 0).long()
 
 
-def repeat_rows(batch: Mapping[str, Any], times: int) -> dict[str, Any]:
-    """A left-padded prompt batch with each prompt repeated ``times`` (TRL's ``repeat_interleave`` order).
+def take_rows(batch: Mapping[str, Any], rows: Tensor) -> dict[str, Any]:
+    """The model inputs of some rows of a left-padded prompt batch, in ``rows``' order (a row may repeat).
 
-    ``pixel_values`` may be ``[B, T, C, H, W]`` or every sample's frames ``[N, C, H, W]`` with ``num_frames``."""
-    num_frames = torch.as_tensor(batch["num_frames"])
+    Frames may be ``pixel_values [B, T, C, H, W]``, every sample's frames ``[N, C, H, W]`` with ``num_frames``, or
+    a Qwen-VL family's patches ``pixel_values_videos`` (``prod(video_grid_thw[i])`` rows for sample ``i``) with
+    ``video_grid_thw`` (and ``second_per_grid_ts``)."""
+    counts = torch.as_tensor(batch["num_frames"])
+    out = {"input_ids": batch["input_ids"][rows], "attention_mask": batch["attention_mask"][rows],
+           "num_frames": counts[rows]}
+    if "video_grid_thw" in batch:
+        grids = batch["video_grid_thw"]
+        patches = batch["pixel_values_videos"].split(grids.prod(-1).tolist())
+        out.update(pixel_values_videos=torch.cat([patches[i] for i in rows.tolist()]), video_grid_thw=grids[rows])
+        if "second_per_grid_ts" in batch:
+            out["second_per_grid_ts"] = batch["second_per_grid_ts"][rows]
+        return out
     pixels = batch["pixel_values"]
     if pixels.ndim == 5:
-        pixels = pixels.repeat_interleave(times, 0)
+        out["pixel_values"] = pixels[rows]
     else:
-        pixels = torch.cat([p for p in pixels.split(num_frames.tolist()) for _ in range(times)])
-    return {"input_ids": batch["input_ids"].repeat_interleave(times, 0),
-            "attention_mask": batch["attention_mask"].repeat_interleave(times, 0),
-            "pixel_values": pixels, "num_frames": num_frames.repeat_interleave(times, 0)}
+        frames = pixels.split(counts.tolist())
+        out["pixel_values"] = torch.cat([frames[i] for i in rows.tolist()])
+    return out
 
 
-def shuffle_frames(batch: Mapping[str, Any], seeds: Sequence[int]) -> tuple[dict[str, Any], list[list[int]]]:
-    """The batch with each prompt's frames in a random order drawn from its seed (T-GRPO), and the orders."""
-    counts = torch.as_tensor(batch["num_frames"]).tolist()
-    pixels = batch["pixel_values"]
-    frames = list(pixels) if pixels.ndim == 5 else list(pixels.split(counts))
-    orders = [torch.randperm(n, generator=torch.Generator().manual_seed(int(seed))).tolist()
-              for n, seed in zip(counts, seeds)]
-    shuffled = [f[torch.tensor(order, device=f.device)] for f, order in zip(frames, orders)]
-    pixels = torch.stack(shuffled) if pixels.ndim == 5 else torch.cat(shuffled)
-    return {**batch, "pixel_values": pixels}, orders
+def repeat_rows(batch: Mapping[str, Any], times: int) -> dict[str, Any]:
+    """A left-padded prompt batch with each prompt repeated ``times`` (TRL's ``repeat_interleave`` order)."""
+    return take_rows(batch, torch.arange(len(batch["input_ids"])).repeat_interleave(times))
+
+
+def frame_orders(counts: Sequence[int], seeds: Sequence[int]) -> list[list[int]]:
+    """T-GRPO's frame orders: a permutation of each prompt's ``counts[i]`` frames drawn from ``seeds[i]``."""
+    return [torch.randperm(int(n), generator=torch.Generator().manual_seed(int(seed))).tolist()
+            for n, seed in zip(counts, seeds)]
+
+
+def visual_inputs(batch: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's visual keyword arguments of a batch: ``pixel_values`` or a Qwen-VL family's ``GRID_KEYS``, and
+    ``num_frames``."""
+    return {key: batch[key] for key in ("pixel_values", "num_frames", *GRID_KEYS) if key in batch}
 
 
 @torch.no_grad()
 def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, temperature: float, top_p: float,
-           seed: int, stops: Sequence[int], pad_token_id: int) -> Completions:
-    """Sampled completions of the (already repeated) left-padded ``batch``, drawn from a generator seeded by ``seed``,
-    the video placeholder suppressed.
+           seeds: Sequence[int], stops: Sequence[int], pad_token_id: int) -> Completions:
+    """Sampled completions of the (already repeated) left-padded ``batch``, row ``i`` drawn from its own generator
+    seeded by ``seeds[i]`` (so one completion can be regenerated alone), the video placeholder suppressed.
 
     ``model`` is the unwrapped :class:`~tc_llava.model.tc_llava.TCLlava`; it is put in eval mode (no dropout)
     for the rollout and back in the mode it was in."""
@@ -84,10 +101,11 @@ def sample(model: nn.Module, batch: Mapping[str, Any], *, max_new_tokens: int, t
     model.eval()
     try:
         device = batch["input_ids"].device
-        out = model.generate(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                             num_frames=batch["num_frames"], max_new_tokens=max_new_tokens, do_sample=True,
+        out = model.generate(batch["input_ids"], batch["attention_mask"], **visual_inputs(batch),
+                             max_new_tokens=max_new_tokens, do_sample=True,
                              temperature=temperature, top_p=top_p, eos_token_id=list(stops),
-                             pad_token_id=pad_token_id, generator=torch.Generator(device).manual_seed(seed),
+                             pad_token_id=pad_token_id,
+                             generator=[torch.Generator(device).manual_seed(int(seed)) for seed in seeds],
                              suppress_tokens=[model.placeholder_token_id])
     finally:
         model.train(was_training)
@@ -107,8 +125,7 @@ def token_logps(model: nn.Module, batch: Mapping[str, Any], completions: Complet
     width = completions.ids.shape[1]
     ids = torch.cat([batch["input_ids"], completions.ids], 1)
     mask = torch.cat([batch["attention_mask"], completions.mask], 1)
-    logits = model(ids, mask, batch["pixel_values"], num_frames=batch["num_frames"],
-                   logits_to_keep=width + 1).logits[:, :-1]
+    logits = model(ids, mask, **visual_inputs(batch), logits_to_keep=width + 1).logits[:, :-1]
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logits = logits.index_fill(-1, torch.tensor([suppressed], device=logits.device), float("-inf"))
     picked = torch.log_softmax(logits, -1).gather(-1, completions.ids[..., None]).squeeze(-1)

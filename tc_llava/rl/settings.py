@@ -60,17 +60,17 @@ def _is_int(value: Any, low: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
-def check_policy_family(model: DictConfig) -> None:
-    """The policy is a LLaVA family: the rollout code repeats and shuffles ``pixel_values`` frames, not the Qwen-VL
-    families' patches with grids (read from the checkpoint's ``config.json`` or the tiny model's ``arch``)."""
+def check_policy_frames(model: DictConfig, prompts: DictConfig) -> None:
+    """A Qwen-VL policy's frame budget chooses its frames (as the evaluator takes them): ``prompts.num_frames``
+    must then be null (the family read from the checkpoint's ``config.json`` or the tiny model's ``arch``)."""
     checkpoint = model.get("checkpoint")
     if checkpoint is not None:
         model_type = json.loads((Path(checkpoint) / "config.json").read_text()).get("model_type")
     else:
         model_type = model.tiny.get("arch", "llava")
-    if family_of(model_type, "model").multimodal_rope:
-        raise SettingsError(f"model: {model_type} policies are not built for RL rollouts yet (their frames are "
-                            "patches with grids); use a LLaVA-family policy (docs/rl.md)")
+    if family_of(model_type, "model").multimodal_rope and prompts.num_frames is not None:
+        raise SettingsError(f"prompts.num_frames={prompts.num_frames}: a {model_type} policy takes the frames its "
+                            "frame budget chooses (model.frame_budget); set prompts.num_frames=null")
 
 
 def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings, dict[str, float]]:
@@ -82,7 +82,7 @@ def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings,
         weights = check_weights(OmegaConf.to_container(cfg.rewards, resolve=True))
         check_numerics(cfg.threads, cfg.deterministic)
         check_model_settings(cfg.model)
-        check_policy_family(cfg.model)
+        check_policy_frames(cfg.model, cfg.prompts)
     except ValueError as e:
         raise SettingsError(str(e)) from None
     allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
