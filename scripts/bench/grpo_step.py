@@ -69,7 +69,8 @@ def measure(rules: str, args: argparse.Namespace) -> dict:
     for rep in range(args.reps + 1):  # the first is the warm-up
         clock = time.perf_counter()
         completions = sample(model, batch, max_new_tokens=args.max_new_tokens, temperature=1.0, top_p=1.0,
-                             seed=rep, stops=[eos], pad_token_id=0)
+                             seeds=[rep * args.generations + i for i in range(args.generations)], stops=[eos],
+                             pad_token_id=0)
         sync(args.device)
         rolled = time.perf_counter()
         with torch.no_grad():
