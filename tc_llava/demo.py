@@ -221,20 +221,20 @@ def build_app(models: list[str], rules: dict[str, str], device: str, max_new_tok
         except USER_ERRORS as e:
             raise gr.Error(str(e), print_exception=False) from None
         pictures = [picture(layout, side.label) for layout, side in zip(layouts, sides)] + [None]
-        histories = [history_a + [{"role": "user", "content": question}],
-                     history_b + [{"role": "user", "content": question}]]
+        turn = [{"role": "user", "content": question}]
+        histories = [history_a + turn, history_b + turn if len(sides) > 1 else history_b]  # B may be absent
         stats = ["", ""]
+        yield histories[0], histories[1], stats[0], stats[1], pictures[0], pictures[1]  # the layouts once, at once
         for k, side in enumerate(sides):
             try:
                 for text, figures in stream_answer(side, question):
                     reply = {"role": "assistant", "content": text or "..."}
                     stats[k] = figures
                     shown = [h if j != k else h + [reply] for j, h in enumerate(histories)]
-                    yield shown[0], shown[1], stats[0], stats[1], pictures[0], pictures[1]
+                    yield shown[0], shown[1], stats[0], stats[1], gr.skip(), gr.skip()
             except USER_ERRORS as e:
                 raise gr.Error(str(e), print_exception=False) from None
             histories[k] = histories[k] + [{"role": "assistant", "content": text}]
-        yield histories[0], histories[1], stats[0], stats[1], pictures[0], pictures[1]
 
     with gr.Blocks(title="tc-llava demo", analytics_enabled=False) as app:
         sides = gr.State([])

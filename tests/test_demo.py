@@ -164,8 +164,8 @@ def test_upload_ask_and_see_both_answers_and_layouts(page, video, tmp_path):
         answer = _text(page, f"chat-{side}")
         assert QUESTION in answer and len(answer.split(QUESTION, 1)[1].strip()) > 0
         assert rules in _text(page, f"stats-{side}") and "first token" in _text(page, f"stats-{side}")
-        image = page.find_element(By.CSS_SELECTOR, f"#layout-{side} img")
-        assert image.get_attribute("naturalWidth") not in (None, "0")
+        _wait(page, lambda b: int(b.find_element(By.CSS_SELECTOR, f"#layout-{side} img").get_attribute("naturalWidth")
+                                  or 0) > 0, 30)  # the layout picture, loaded
     page.save_screenshot(str(tmp_path / "demo.png"))
     page.find_element(By.CSS_SELECTOR, "#question textarea").clear()
     page.find_element(By.CSS_SELECTOR, "#question textarea").send_keys("And then?")
