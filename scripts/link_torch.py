@@ -78,7 +78,8 @@ def link(source: Path, target: Path, requested: list[str]) -> str:
             else:
                 os.link(src, dst)
             count += 1
-    return f"linked {' '.join(requested)} and {len(have['dists']) - len(requested)} libraries ({count} files) from {source}"
+    libraries = len(have["dists"]) - len(requested)
+    return f"linked {' '.join(requested)} and {libraries} libraries ({count} files) from {source}"
 
 
 def main() -> None:

@@ -154,7 +154,8 @@ def decode_video(model: TCLlava, video: str, frames: int | None = None, sampling
     count, why = frame_count(video, frames, model)
     decoded, indices = sample_frames(video, count, sampling, backend=backend, sample_fps=fps)
     rate = f" at {fps:g} per second" if sampling == "fps" else ""
-    return decoded, indices, None, f"{video}: {len(decoded)} frames, {sampling} sampling{rate} ({why}), indices {indices}"
+    line = f"{video}: {len(decoded)} frames, {sampling} sampling{rate} ({why}), indices {indices}"
+    return decoded, indices, None, line
 
 
 def questions(args: argparse.Namespace, read: Callable[[], str]) -> Iterable[str]:

@@ -1,7 +1,7 @@
 """``python -m tc_llava.inspect``: what the LLM of a model receives for one prompt, as a picture.
 
     python -m tc_llava.inspect outputs/train/demo/export --frames 8 --out layout.png
-    python -m tc_llava.inspect outputs/train/demo/export --video clip.mp4 -q "Which colour comes first?" --out layout.png
+    python -m tc_llava.inspect outputs/train/demo/export --video clip.mp4 -q "Which colour comes first?"
     python -m tc_llava.inspect /ckpts/Qwen2.5-VL-7B-Instruct --video clip.mp4 --rope tad --mask frame_block_causal
     python -m tc_llava.inspect outputs/train/demo/export --frames 4 8 --pack --out packed.png   # one packed row
 
@@ -43,7 +43,6 @@ from tc_llava.model.rope import temporal_index
 from tc_llava.model.settings import build_rule, rule_parameters
 from tc_llava.model.tc_llava import TCLlava
 
-log = logging.getLogger(__name__)
 DEFAULT_QUESTION = "Describe the video."
 TIMESTAMP = re.compile(r"<[\d.]+ seconds>")  # Qwen3-VL writes "<1.5 seconds>" before a patch
 TABLE_ROWS = 24  # span rows drawn in the picture; the .spans.md file holds them all
@@ -122,7 +121,8 @@ def spans_of(tokenizer: Any, input_ids: np.ndarray, frame_ids: np.ndarray, atten
             continue
         kind, sample = str(kinds[start]), int(samples[start]) if kinds[start] != "padding" else -1
         if kind == "text":
-            spans.extend(dataclasses.replace(span, sample=sample) for span in _text_spans(tokenizer, input_ids, start, i))
+            spans.extend(dataclasses.replace(span, sample=sample)
+                         for span in _text_spans(tokenizer, input_ids, start, i))
         else:
             spans.append(Span(kind, start, i, int(frame_ids[start]) if kind == "frame" else -1, sample=sample))
         start = i

@@ -18,7 +18,6 @@ from tc_llava import inspect as layout_inspect
 from tc_llava.chat import Chat
 from tc_llava.model.tc_llava import TCLlava
 
-from conftest import REPO
 from test_datasets import write_video
 
 
