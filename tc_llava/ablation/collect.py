@@ -137,6 +137,14 @@ def paired(runs: Sequence[dict[str, Any]], baseline: tuple[str, str, str] | None
     return out
 
 
+def _comparison_cell(c: dict[str, Any] | None) -> str:
+    """One paired comparison as a table cell: B - A [95% CI], McNemar p (n)."""
+    if c is None or c["difference"] is None:
+        return "n/a"
+    low, high = c["difference_ci95"]
+    return f"{c['difference']:+.1f} [{low:+.1f}, {high:+.1f}], p={c['mcnemar_p']:.3g} (n={c['n']})"
+
+
 def paired_markdown(rows: Sequence[dict[str, Any]], shown: Sequence[str] = VARIANT[:2]) -> str:
     """The paired comparisons as a table: B - A (points) [95% CI], McNemar p, per family and overall;
     variants by their ``shown`` columns."""
@@ -148,12 +156,7 @@ def paired_markdown(rows: Sequence[dict[str, Any]], shown: Sequence[str] = VARIA
              "McNemar exact p.", "", "| " + " | ".join(shown) + " | seeds | " + " | ".join(SCORES) + " |",
              "|" + "---|" * width + "---:|" + "---:|" * len(SCORES)]
     for r in rows:
-        cells = []
-        for score in SCORES:
-            c = r.get(score)
-            cells.append("n/a" if c is None or c["difference"] is None else
-                         f"{c['difference']:+.1f} [{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}], "
-                         f"p={c['mcnemar_p']:.3g} (n={c['n']})")
+        cells = [_comparison_cell(r.get(score)) for score in SCORES]
         lines.append("| " + " | ".join(r["variant"][:width]) + f" | {len(r['seeds'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -187,12 +190,7 @@ def against_start_markdown(rows: Sequence[dict[str, Any]]) -> str:
              "| algorithm | rope | mask | seed | RL overall | start overall | " + " | ".join(SCORES) + " |",
              "|---|---|---|---:|---:|---:|" + "---:|" * len(SCORES)]
     for r in rows:
-        cells = []
-        for score in SCORES:
-            c = r.get(score)
-            cells.append("n/a" if c is None or c["difference"] is None else
-                         f"{c['difference']:+.1f} [{c['difference_ci95'][0]:+.1f}, {c['difference_ci95'][1]:+.1f}], "
-                         f"p={c['mcnemar_p']:.3g} (n={c['n']})")
+        cells = [_comparison_cell(r.get(score)) for score in SCORES]
         lines.append(f"| {r['algorithm']} | {r['rope']} | {r['mask']} | {r['seed']} | {r['rl']['overall']:.1f} | "
                      f"{r['start']['overall']:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

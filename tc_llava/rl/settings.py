@@ -10,17 +10,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from tc_llava.model.build import check_model_settings
 from tc_llava.model.families import family_of
 from tc_llava.rl.grpo import GRPOSettings
 from tc_llava.rl.prompts import check_prompts
 from tc_llava.rl.rewards import check_weights
-from tc_llava.runtime import check_numerics
-from tc_llava.train.settings import SettingsError, check_trainer, run_name
+from tc_llava.train.settings import SettingsError, check_rules, check_run_settings, check_trainer, run_name
 
 
 def algorithm_label(algorithm: DictConfig) -> str:
@@ -76,18 +72,13 @@ def check_policy_frames(model: DictConfig, prompts: DictConfig) -> None:
 def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings, dict[str, float]]:
     """Every setting of the app (the algorithm, the reward weights, the prompt set, the trainer, the model and
     the rules); returns the algorithm and the weights. Call before any model loads."""
-    _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
+    check_run_settings(cfg)
     settings = grpo_settings(cfg)
     try:
         weights = check_weights(OmegaConf.to_container(cfg.rewards, resolve=True))
-        check_numerics(cfg.threads, cfg.deterministic)
-        check_model_settings(cfg.model)
         check_policy_frames(cfg.model, cfg.prompts)
     except ValueError as e:
         raise SettingsError(str(e)) from None
-    allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
-    _require(OmegaConf.is_list(allowed) and all(isinstance(key, str) for key in allowed), "resume_allow_changes",
-             allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
     check_trainer(cfg.trainer)
     _require(cfg.trainer.max_steps is not None, "trainer.max_steps", None,
              "an integer >= 1 (steps are rollout batches)")
@@ -103,10 +94,5 @@ def check_rl_config(cfg: DictConfig, world_size: int = 1) -> tuple[GRPOSettings,
         check_prompts(p)
     except (ValueError, FileNotFoundError) as e:
         raise SettingsError(f"prompts: {e}") from None
-    for group in ("rope", "mask"):
-        if cfg.get(group) is not None:
-            try:
-                instantiate(cfg[group])
-            except InstantiationException as e:
-                raise SettingsError(str(e.__cause__ or e)) from None
+    check_rules(cfg)
     return settings, weights

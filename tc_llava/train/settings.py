@@ -273,8 +273,9 @@ def check_data(data: DictConfig) -> None:
         raise SettingsError(str(e)) from None
 
 
-def check_train_config(cfg: DictConfig) -> None:
-    """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
+def check_run_settings(cfg: DictConfig) -> None:
+    """What every training app (SFT, RL) checks first: the run-dir switch, threads and determinism, the model
+    group and ``resume_allow_changes``."""
     _require(isinstance(cfg.get("overwrite", False), bool), "overwrite", cfg.get("overwrite"), "true or false")
     try:
         check_numerics(cfg.threads, cfg.deterministic)
@@ -284,6 +285,21 @@ def check_train_config(cfg: DictConfig) -> None:
     allowed = cfg.get("resume_allow_changes", OmegaConf.create([]))
     _require(OmegaConf.is_list(allowed) and all(isinstance(key, str) for key in allowed), "resume_allow_changes",
              allowed, "a list of setting keys, e.g. [trainer.lr,trainer.max_steps]")
+
+
+def check_rules(cfg: DictConfig) -> None:
+    """The rope and mask groups, built once: each rule checks its own parameters."""
+    for group in ("rope", "mask"):
+        if cfg.get(group) is not None:
+            try:
+                instantiate(cfg[group])
+            except InstantiationException as e:
+                raise SettingsError(str(e.__cause__ or e)) from None
+
+
+def check_train_config(cfg: DictConfig) -> None:
+    """Every check above, plus the run-dir switch and the rules; call before any model or data loads."""
+    check_run_settings(cfg)
     check_trainer(cfg.trainer)
     check_data(cfg.data)
     sp_size = cfg.trainer.get("sp_size", 1)
@@ -295,9 +311,4 @@ def check_train_config(cfg: DictConfig) -> None:
         multiple = cfg.data.collator.pad_to_multiple_of
         _require(multiple is not None and multiple % sp_size == 0, "data.collator.pad_to_multiple_of", multiple,
                  f"a multiple of trainer.sp_size={sp_size} (every row splits into equal shares)")
-    for group in ("rope", "mask"):  # the rules check their own parameters when built
-        if cfg.get(group) is not None:
-            try:
-                instantiate(cfg[group])
-            except InstantiationException as e:
-                raise SettingsError(str(e.__cause__ or e)) from None
+    check_rules(cfg)
