@@ -266,3 +266,15 @@ def test_every_shipped_option_of_the_rl_app_is_valid(tmp_path, group):
             assert settings.temporal_contrast and settings.num_shuffled == 4
             assert cfg.run_dir.endswith("t_grpo-saved-saved")
     assert len(names) == (len(options) if group == "algorithm" else 1)
+
+
+def test_the_rl_sweep_refuses_a_prompt_set_of_records(tmp_path):
+    """The sweep scores every job on its prompt set's benchmark; a records set has none: one error, before training."""
+    from tc_llava.ablation.job import check_benchmark
+    from tc_llava.train.settings import SettingsError
+
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        cfg = compose("rl_ablation", overrides=[f"paths.data={tmp_path}", "prompts=synthetic_records"])
+    with pytest.raises(SettingsError, match=rf"^ablation.benchmark: {tmp_path}/synthetic/rl.json is a prompt set of "
+                                            "records, with no benchmark to score the jobs on"):
+        check_benchmark(cfg)

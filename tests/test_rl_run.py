@@ -19,6 +19,7 @@ import tc_llava.rl.loop as loop
 from tc_llava.data.synthetic import generate
 from tc_llava.model.tc_llava import TCLlava
 from tc_llava.rl.loop import train
+from tc_llava.rl.rewards import score
 from tc_llava.train.checkpoint import NonFiniteError, checkpoint_dirs
 from tc_llava.train.loop import train as sft
 
@@ -130,6 +131,25 @@ def test_t_grpo_records_its_frame_orders_and_exports_a_loadable_model(start, tmp
             "clip_ratio/region_mean", "completion_length", "kl"} <= set(metrics[0])
     exported = TCLlava.from_pretrained(result["export"])
     assert exported.frame_sampling["num_frames"] == 4 and exported.frame_sampling["sampling"] == "middle"
+
+
+def test_records_with_numeric_and_span_answers_are_scored_by_their_type(start, tmp_path):
+    """The synthetic rl.json (VideoChat2-IT records: mcq, number, span), its first 13 prompts in one step: each
+    prompt's completions are scored by its answer type's reward (and the format reward), and every answer the
+    rewards could not read is counted in metrics.jsonl."""
+    train(rl_cfg(start, tmp_path / "run", "prompts=synthetic_records", "prompts.limit=13", "prompts.batch_size=13",
+                 "rewards=video_r1", "algorithm.num_generations=4", "algorithm.max_completion_length=4",
+                 "trainer.max_steps=1", "export.enabled=false"))
+    records, metrics = rows(tmp_path / "run" / "rollouts.jsonl"), rows(tmp_path / "run" / "metrics.jsonl")
+    assert len({r["prompt"] for r in records}) == 13
+    assert {r["answer_type"] for r in records} == {"mcq", "number", "span"}
+    weights = {"mcq_letter": 1.0, "numeric_mra": 1.0, "temporal_iou": 1.0, "format": 1.0}
+    malformed = dict.fromkeys(weights, 0)
+    for r in records:
+        scored = score(r["completions"], [r["solution"]] * 4, [r["answer_type"]] * 4, weights)
+        assert r["rewards"] == pytest.approx(scored.total)
+        malformed = {k: v + scored.malformed[k] for k, v in malformed.items()}
+    assert {k: sum(m[f"malformed/{k}"] for m in metrics) for k in weights} == malformed
 
 
 @pytest.mark.parametrize(("ckpt", "template"), [("tiny_qwen2_5_vl", "qwen2_vl"), ("tiny_qwen3_vl", "qwen3_vl")])

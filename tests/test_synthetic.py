@@ -149,3 +149,33 @@ def test_cli_and_speed(tmp_path):
     start = time.perf_counter()
     generate(tmp_path / "full", num_train=200, num_eval_per_task=20, seed=0)
     assert time.perf_counter() - start < 30
+
+
+def test_rl_prompts_answers_are_what_the_frames_show(dataset):
+    """rl.json's questions on the training videos: the mcq solution is the training answer's option, the count is
+    the shapes a pixel reader sees one after another, and a span is the decoder's timestamps of the first and after
+    the last frame that shows the shape."""
+    entries = json.loads(dataset.train_json.read_text())
+    prompts = json.loads(dataset.rl_json.read_text())
+    types = [p["answer_type"] for p in prompts]
+    assert types.count("mcq") == len(entries) and types.count("number") > 0 and types.count("span") > 0
+    for p in prompts:
+        k = int(p["id"][:5])
+        assert p["video"] == entries[k]["video"] and len(p["QA"]) == 1
+        (qa,) = p["QA"]
+        if p["answer_type"] == "mcq":
+            assert qa["q"] == entries[k]["QA"][0]["q"]
+            assert "Best option:" + qa["a"] == entries[k]["QA"][0]["a"]
+            continue
+        with av.open(str(dataset.root / p["video"])) as container:
+            frames = [(f.time, f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+            step = 1 / container.streams.video[0].average_rate
+        blobs = [(t, blob(frame)) for t, frame in frames]
+        if p["answer_type"] == "number":
+            seen = [b[0] for _, b in blobs if b is not None]
+            runs = [c for i, c in enumerate(seen) if i == 0 or c != seen[i - 1]]
+            assert qa["a"] == str(len(runs)) and entries[k]["QA"][1]["a"] == NUMBERS[len(runs) - 1]
+        else:
+            color, shape = qa["q"].removeprefix("During which seconds is the ").removesuffix(" visible?").split()
+            shown = [t for t, b in blobs if b is not None and (b[0], b[3]) == (color, shape)]
+            assert shown and qa["a"] == f"{shown[0]:g} - {float(shown[-1] + step):g} seconds"

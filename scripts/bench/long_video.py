@@ -15,6 +15,10 @@ whole sequence), the MLPs in tiles of ``model.tiling.mlp_tokens`` and the vision
 Each (training, rules, frame count) runs in a fresh process, so its peak memory is its own; a training stops
 growing once a length runs out of memory under both rules. Printed and written per run: step time (median),
 tokens/s, peak memory allocated and reserved, and TC's step time and memory relative to vanilla's at that length.
+A 1,024-frame step takes minutes, so a length is timed for up to ``--reps`` steps or ``--budget-s`` seconds of
+steps (at least one), after one warm-up step unless the previous length's step already took over ``--cold-over-s``
+seconds (a cold step's one-off costs are then a small part of it); each run records the steps it timed and warmed.
+The JSON is rewritten after every run, so a run cut short keeps what it measured.
 
     python scripts/bench/long_video.py                                   # 64 ... 1024 frames, lora and full
     python scripts/bench/long_video.py --trainings lora --frames 1024    # the 1,024-frame goal alone
@@ -67,6 +71,8 @@ def config(smoke: bool):
 def measure(training: str, rules: str, frames: int, args: argparse.Namespace) -> dict:
     """One (training, rules, frames) step in this process: median step time and peak memory, or the OOM."""
     torch.manual_seed(0)
+    if args.memory_cap_gb:  # e.g. an 80 GB H100's share on a larger card
+        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / torch.cuda.mem_get_info()[1])
     with torch.device(args.device):
         hf = LlavaOnevisionForConditionalGeneration._from_config(config(args.smoke), dtype=torch.bfloat16)
     rope, mask = (TADRoPE(1.0), FrameBlockCausalMask()) if rules == "tc" else (VanillaRoPE(), CausalMask())
@@ -95,22 +101,31 @@ def measure(training: str, rules: str, frames: int, args: argparse.Namespace) ->
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     try:
-        step_s = statistics.median(times_ms(step, args.reps, warmup=1, device=args.device)) / 1e3
+        times = times_ms(step, 1, warmup=args.warmup, device=args.device)
+        while len(times) < args.reps and sum(times) < args.budget_s * 1e3:
+            times += times_ms(step, 1, device=args.device)
     except torch.cuda.OutOfMemoryError:
         return {"oom": True, "tokens": ids.shape[1], **memory_gb(args.device)}
-    return {"tokens": ids.shape[1], "step_s": step_s, "tokens_per_s": ids.shape[1] / step_s, **memory_gb(args.device)}
+    step_s = statistics.median(times) / 1e3
+    return {"tokens": ids.shape[1], "step_s": step_s, "tokens_per_s": ids.shape[1] / step_s,
+            "warmup_steps": args.warmup, "timed_steps": len(times), **memory_gb(args.device)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs="+", default=list(FRAMES))
     parser.add_argument("--trainings", nargs="+", choices=TRAININGS, default=list(TRAININGS))
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per run, at most")
+    parser.add_argument("--budget-s", type=float, default=60.0, help="timed steps stop once they took this long")
+    parser.add_argument("--cold-over-s", type=float, default=30.0,
+                        help="no warm-up step where the previous length's step took longer than this")
+    parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)  # a child's, set by the parent
     parser.add_argument("--loss-tokens", type=int, default=4096, help="model.tiling.loss_tokens")
     parser.add_argument("--vision-frames", type=int, default=64, help="model.tiling.vision_frames")
     parser.add_argument("--mlp-tokens", type=int, default=8192, help="model.tiling.mlp_tokens (0: off)")
     parser.add_argument("--no-offload", dest="offload", action="store_false", help="trainer.offload_checkpoints off")
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--memory-cap-gb", type=float, help="allow this process at most this much GPU memory (GiB)")
     parser.add_argument("--smoke", action="store_true", help="toy widths of the same structure (CPU check)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "long_video.json"))
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child: measure TRAINING:RULES:FRAMES, print JSON
@@ -120,14 +135,21 @@ def main() -> None:
         training, rules, frames = args.one.split(":")
         print(json.dumps(measure(training, rules, int(frames), args)))
         return
-    passed = [a for a in sys.argv[1:] if a not in ("--one",)]
+    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
+    result = {"device": name, "smoke": args.smoke, "torch": torch.__version__, "transformers": transformers.__version__,
+              "settings": {"loss_tokens": args.loss_tokens, "vision_frames": args.vision_frames,
+                           "mlp_tokens": args.mlp_tokens, "offload_checkpoints": args.offload,
+                           "activation_checkpointing": True, "memory_cap_gb": args.memory_cap_gb},
+              "statistic": "median", "reps": args.reps, "budget_s": args.budget_s, "cold_over_s": args.cold_over_s}
     runs: dict[str, dict[str, dict[str, dict]]] = {}
     for training in args.trainings:
+        previous_s = 0.0
         for frames in sorted(args.frames):
             rows = runs.setdefault(training, {}).setdefault(str(frames), {})
+            warmup = 0 if previous_s > args.cold_over_s else 1
             for rules in RULES:
-                child = subprocess.run([sys.executable, __file__, *passed, "--one", f"{training}:{rules}:{frames}"],
-                                       capture_output=True, text=True)
+                child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--warmup", str(warmup),
+                                        "--one", f"{training}:{rules}:{frames}"], capture_output=True, text=True)
                 lines = child.stdout.strip().splitlines()
                 rows[rules] = json.loads(lines[-1]) if child.returncode == 0 and lines else \
                     {"error": (child.stderr.strip().splitlines() or ["failed"])[-1]}
@@ -137,19 +159,14 @@ def main() -> None:
                 tc["step_ratio_to_vanilla"] = tc["step_s"] / vanilla["step_s"]
                 if tc["peak_mem_gb"] is not None:
                     tc["memory_ratio_to_vanilla"] = tc["peak_mem_gb"] / vanilla["peak_mem_gb"]
+            largest = {t: {r: max((int(f) for f, by_rules in by_frames.items() if "step_s" in by_rules.get(r, {})),
+                                  default=None) for r in RULES} for t, by_frames in runs.items()}
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({**result, "largest_frames": largest, "runs": runs}, indent=1))
             if all("step_s" not in row for row in rows.values()):
                 break  # neither rule trains at this length: longer ones will not either
-    largest = {training: {rules: max((int(f) for f, rows in by_frames.items() if "step_s" in rows[rules]), default=None)
-                          for rules in RULES} for training, by_frames in runs.items()}
-    name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
-    result = {"device": name, "smoke": args.smoke, "torch": torch.__version__, "transformers": transformers.__version__,
-              "settings": {"loss_tokens": args.loss_tokens, "vision_frames": args.vision_frames,
-                           "mlp_tokens": args.mlp_tokens, "offload_checkpoints": args.offload,
-                           "activation_checkpointing": True},
-              "statistic": "median", "reps": args.reps, "largest_frames": largest, "runs": runs}
+            previous_s = max(row.get("step_s", 0.0) for row in rows.values())
     print("largest frame count that trains:", json.dumps(largest))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

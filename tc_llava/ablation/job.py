@@ -52,6 +52,9 @@ def chance_levels(predictions: Path) -> dict[str, float]:
 
 def check_benchmark(cfg: DictConfig) -> None:
     """The ablation benchmark's files, checked before training (they are read only after it)."""
+    if cfg.ablation.benchmark.get("source") == "records":
+        raise SettingsError(f"ablation.benchmark: {cfg.ablation.benchmark.json} is a prompt set of records, with no "
+                            "benchmark to score the jobs on; the sweep takes a benchmark-layout set (prompts=synthetic)")
     try:
         mvbench.check_inputs(cfg.ablation.benchmark, cfg.run_dir, None)
     except (FileNotFoundError, ValueError) as e:

@@ -117,7 +117,7 @@ class Corpus:
 
 
 @dataclass(frozen=True)
-class _Record:
+class Record:
     media: str  # absolute or cwd-relative path
     turns: tuple[tuple[str, str, str], ...]  # (question, answer, instruction), no placeholder
     bound: tuple[float, float] | None
@@ -188,18 +188,20 @@ def _parse_llava(raw: Mapping[str, Any]) -> tuple[tuple[str, str, str], ...]:
     return tuple((values[k], values[k + 1], "") for k in range(0, len(values), 2))
 
 
-def _parse(raw: Any, corpus: Corpus) -> _Record:
+def parse_record(raw: Any, record_type: str, media_root: str) -> Record:
+    """One ``videochat2`` or ``llava`` record (module comment), its media path under ``media_root``; a
+    :class:`RecordError` names the field that is wrong."""
     if not isinstance(raw, dict):
         raise RecordError(f"must be a JSON object, got {type(raw).__name__}")
-    media = os.path.join(corpus.media_root, _media_key(raw))
-    turns = _parse_videochat2(raw) if corpus.type == "videochat2" else _parse_llava(raw)
+    media = os.path.join(media_root, _media_key(raw))
+    turns = _parse_videochat2(raw) if record_type == "videochat2" else _parse_llava(raw)
     bound = None
     if "start" in raw or "end" in raw:
         start, end = raw.get("start"), raw.get("end")
         if not (_is_number(start) and _is_number(end) and start < end):
             raise RecordError(f"'start'/'end' must both be numbers (seconds) with start < end, got {start!r}, {end!r}")
         bound = (float(start), float(end))
-    return _Record(media, turns, bound)
+    return Record(media, turns, bound)
 
 
 def _corpus(name: str, spec: Mapping[str, Any]) -> Corpus:
@@ -329,7 +331,7 @@ class SFTDataset(torch.utils.data.Dataset):
         self._plan_epoch: int | None = None
         self._plan: np.ndarray | None = None
 
-    def _load(self, corpus: Corpus) -> list[_Record]:
+    def _load(self, corpus: Corpus) -> list[Record]:
         """Parse and validate every record up front, so bad annotations surface before training."""
         try:
             raw = json.loads(read_text(corpus.json))
@@ -342,7 +344,7 @@ class SFTDataset(torch.utils.data.Dataset):
         records, bad = [], []
         for index, item in enumerate(raw):
             try:
-                records.append(_parse(item, corpus))
+                records.append(parse_record(item, corpus.type, corpus.media_root))
             except RecordError as e:
                 if self.on_error == "raise":
                     raise RecordError(f"{corpus.json} record {index} (corpus {corpus.name!r}): {e}") from None
@@ -443,13 +445,13 @@ class SFTDataset(torch.utils.data.Dataset):
         visual = self.num_visual_tokens
         return self.max_txt_len + max(visual(n) if callable(visual) else visual for n in self.frame_counts)
 
-    def frames_of(self, corpus: Corpus, record: _Record) -> int:
+    def frames_of(self, corpus: Corpus, record: Record) -> int:
         """Frames a record's sample gets: ``image_frames`` for a still image, else its corpus's or the dataset's count."""
         if record.is_image and self.image_frames is not None:
             return self.image_frames
         return corpus.num_frames or self.num_frames
 
-    def _frames(self, corpus: Corpus, index: int, record: _Record, seed: int,
+    def _frames(self, corpus: Corpus, index: int, record: Record, seed: int,
                 count: int) -> tuple[np.ndarray, Clip | None]:
         """The record's frames: ``count`` of them by our sampling, or those a :class:`ClipEncoder` frame processor
         (Qwen-VL) chooses under its budget, with their :class:`Clip`."""

@@ -30,7 +30,12 @@ Outputs (real mp4 files, written with PyAV) under ``out``:
   evaluator asks it; answer ``Best option:(B) red``, so a model primed with ``Best option:(``
   at evaluation continues the way it was trained) and an open-ended turn (answer: the bare word);
 - ``mvbench/json/<task>.json``, ``mvbench/video/<task>/``, and ``mvbench/tasks.json``
-  mapping a task name to ``[json, prefix, "video", false, family]`` as MVBench's table does.
+  mapping a task name to ``[json, prefix, "video", false, family]`` as MVBench's table does;
+- ``rl.json``: RL prompts with verifiable answers on the training videos (``configs/prompts/synthetic_records.yaml``),
+  VideoChat2-IT records with an ``answer_type``: every video's multiple-choice question (``mcq``), and for
+  the ``count`` videos "How many shapes appear?" (``number``), for the ``order`` and ``count`` videos of two or more
+  shapes "During which seconds is the <colour> <shape> visible?" (``span``, the frames it is drawn in at ``fps``).
+  They are read off the scenes, with no random draw, so the other files do not change.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class SyntheticPaths:
 
     root: Path
     train_json: Path
+    rl_json: Path
     mvbench_dir: Path
     mvbench_tasks: Path
     mvbench_json: dict[str, Path]
@@ -331,7 +337,7 @@ def generate(
 
     order = [tasks[i % len(tasks)] for i in range(num_train)]
     order = [order[i] for i in train_rng.permutation(num_train)]
-    entries = []
+    entries, prompts = [], []
     for k, sample in enumerate(_unique_samples(order, train_rng, seen, num_frames, size, option_order)):
         video = f"videos/{k:05d}.mp4"
         write_mp4(root / video, render(sample.scene, size), fps)
@@ -341,8 +347,27 @@ def generate(
             "a": mcq.ANSWER_LEAD + mcq.ground_truth(sample.answer, sample.candidates),
         }
         entries.append({"video": video, "QA": [mc, {"i": "", "q": sample.question, "a": sample.answer}]})
+        prompts += [{"id": f"{k:05d}_{answer_type}", "video": video, "QA": [qa], "answer_type": answer_type}
+                    for answer_type, qa in verifiable_questions(sample, k, fps).items()]
     _dump(root / "train.json", entries)
-    return SyntheticPaths(root, root / "train.json", mvbench, mvbench / "tasks.json", task_json)
+    _dump(root / "rl.json", prompts)
+    return SyntheticPaths(root, root / "train.json", root / "rl.json", mvbench, mvbench / "tasks.json", task_json)
+
+
+def verifiable_questions(sample: Sample, k: int, fps: int) -> dict[str, dict[str, str]]:
+    """The RL questions of training sample ``k`` by answer type (module comment), as VideoChat2-IT QA items."""
+    questions = {"mcq": {"i": mcq.SYSTEM, "q": mcq.question_block(sample.question, sample.candidates),
+                         "a": mcq.ground_truth(sample.answer, sample.candidates)}}
+    if sample.task == "count":
+        questions["number"] = {"i": "", "q": "How many shapes appear in the video?",
+                               "a": str(NUMBERS.index(sample.answer) + 1)}
+    shown = list(dict.fromkeys(item[:2] for frame in sample.scene for item in frame))  # (shape, colour) in order
+    if sample.task in ("order", "count") and len(shown) > 1:
+        shape, color = shown[k % len(shown)]
+        frames = [t for t, frame in enumerate(sample.scene) if any(item[:2] == (shape, color) for item in frame)]
+        questions["span"] = {"i": "", "q": f"During which seconds is the {color} {shape} visible?",
+                             "a": f"{frames[0] / fps:g} - {(frames[-1] + 1) / fps:g} seconds"}
+    return questions
 
 
 def _dump(path: Path, obj: object) -> None:
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         args.out, args.num_train, args.num_eval_per_task, args.seed, args.num_frames, args.size, args.fps,
         tuple(args.tasks), args.option_order,
     )
-    print(f"train: {paths.train_json}\nmvbench: {paths.mvbench_tasks}")
+    print(f"train: {paths.train_json}\nmvbench: {paths.mvbench_tasks}\nrl prompts: {paths.rl_json}")
 
 
 if __name__ == "__main__":

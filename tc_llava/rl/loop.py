@@ -366,8 +366,8 @@ def records(run: Run, prompts: Sequence[Prompt], out: Mapping[str, Any]) -> list
     for j, prompt in enumerate(prompts):
         cut = slice(j * g, (j + 1) * g)
         row = {"step": run.state.step, "prompt": prompt.id, "solution": prompt.solution,
-               "seeds": out["seeds"][cut], "completions": texts[cut], "rewards": total[cut],
-               "accuracy": out["accuracy"][cut]}
+               "answer_type": prompt.answer_type, "seeds": out["seeds"][cut], "completions": texts[cut],
+               "rewards": total[cut], "accuracy": out["accuracy"][cut]}
         if "shuffled" in out:
             s, many = out["shuffled"], run.algo.num_shuffled
             own = slice(j * many, (j + 1) * many)

@@ -7,12 +7,24 @@ policy is trained on exactly the prompt (system text, option block, ``Best optio
 and the answer check it is scored with. Frames are the segment middles of ``num_frames`` segments, or
 a Qwen-VL policy's frame budget's, as the evaluator takes them.
 
+A prompt set of records (``source: records``, ``configs/prompts/records.yaml``) is a VideoChat2-IT
+(``{video, QA: [{i, q, a}], start?, end?}``) or LLaVA (``{id, video, conversations}``) JSON, read by the SFT
+loader's own record parser (:func:`tc_llava.data.datasets.parse_record`): the last turn of each record is the
+question (earlier turns are its history, rendered as training renders them) and its answer the solution, of the
+record's ``answer_type`` (mcq, number, span) or the set's. The answer type's instruction (``prompt.instructions``,
+Video-R1's wording) follows the question. Every record is checked before the model loads: a malformed record, an
+unreadable solution or a missing media file names the file, the record and the field, or with
+``on_error: skip`` is left out and counted.
+
 Which prompts a step takes is a function of the seed and the step alone (:func:`step_prompts`),
 so a resumed run draws the same prompts without carrying a sampler's state.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +33,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data.collate import GRID_KEYS, SFTCollator
+from tc_llava.data.datasets import CORPUS_TYPES, MALFORMED, MISSING, DataError, RecordError, parse_record
+from tc_llava.data.files import EncodingError, read_text
 from tc_llava.data.inputs import Clip, ClipEncoder, budget_frames, model_inputs
-from tc_llava.data.templates import image_token_of
+from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, build_chat_prompt, get_template, image_token_of
 from tc_llava.data.video import read_frames, sample_frames
 from tc_llava.eval.mcq import check_layout, load_layout_questions, load_task_table
-from tc_llava.rl.rewards import check_solution
+from tc_llava.rl.rewards import ANSWER_TYPES, answer_text, check_solution
+
+logger = logging.getLogger(__name__)
+
+SOURCES = ("layout", "records")
 
 
 @dataclass(frozen=True)
@@ -42,13 +60,84 @@ class Prompt:
 
 
 def check_prompts(cfg: DictConfig) -> None:
-    """The prompt set's files and settings, before the model loads (the evaluator's own layout check; a null
-    ``num_frames``, the export's count, is checked once the policy has loaded)."""
-    check_layout(OmegaConf.merge(cfg, {"num_frames": cfg.num_frames or 1}))
+    """The prompt set's files and settings, before the model loads: a layout by the evaluator's own check (a null
+    ``num_frames``, the export's count, is checked once the policy has loaded), records by reading every one."""
+    source = cfg.get("source", "layout")
+    if source not in SOURCES:
+        raise ValueError(f"prompts.source={source!r}: expected one of {SOURCES}")
+    if source == "records":
+        load_records(cfg, DEFAULT_IMAGE_TOKEN)
+    else:
+        check_layout(OmegaConf.merge(cfg, {"num_frames": cfg.num_frames or 1}))
+
+
+def load_records(cfg: DictConfig, image_token: str) -> list[Prompt]:
+    """The prompts of a records file (module comment), the (limited) first ``limit`` usable ones."""
+    if cfg.type not in CORPUS_TYPES:
+        raise ValueError(f"prompts.type={cfg.type!r}: expected one of {CORPUS_TYPES}")
+    if cfg.answer_type is not None and cfg.answer_type not in ANSWER_TYPES:
+        raise ValueError(f"prompts.answer_type={cfg.answer_type!r}: expected one of {ANSWER_TYPES} or null (each "
+                         "record's own answer_type)")
+    if cfg.on_error not in ("raise", "skip"):
+        raise ValueError(f"prompts.on_error={cfg.on_error!r}: expected raise or skip")
+    if not os.path.isdir(cfg.media_root):
+        raise FileNotFoundError(f"prompts.media_root={cfg.media_root} is not a directory")
+    try:
+        raw = json.loads(read_text(cfg.json))
+    except EncodingError as e:
+        raise DataError(f"prompts.json: {e}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"prompts.json={cfg.json}: cannot read: {e}") from None
+    if not isinstance(raw, list):
+        raise DataError(f"prompts.json={cfg.json}: expected a JSON list of {cfg.type} records")
+    template = get_template(cfg.template)
+    prompts, skipped = [], {MALFORMED: 0, MISSING: 0}
+    for index, item in enumerate(raw):
+        try:
+            prompts.append(_record_prompt(cfg, template, image_token, index, item))
+        except (RecordError, FileNotFoundError) as e:
+            if cfg.on_error == "raise":
+                raise type(e)(f"prompts.json={cfg.json} record {index}: {e}") from None
+            skipped[MISSING if isinstance(e, FileNotFoundError) else MALFORMED] += 1
+        if cfg.limit is not None and len(prompts) == cfg.limit:
+            break
+    if any(skipped.values()):
+        logger.warning("prompts.json=%s: skipped %s of %d records (prompts.on_error=skip)", cfg.json,
+                       {k: v for k, v in skipped.items() if v}, len(raw))
+    if not prompts:
+        raise ValueError(f"prompts.json={cfg.json}: no usable record (limit={cfg.limit})")
+    return prompts
+
+
+def _record_prompt(cfg: DictConfig, template: Any, image_token: str, index: int, item: Any) -> Prompt:
+    record = parse_record(item, cfg.type, cfg.media_root)
+    answer_type = item.get("answer_type", cfg.answer_type)
+    if answer_type not in ANSWER_TYPES:
+        raise RecordError(f"'answer_type' must be one of {ANSWER_TYPES}, got {answer_type!r} (or set "
+                          "prompts.answer_type for every record)")
+    if not os.path.exists(record.media):
+        raise FileNotFoundError(f"media {record.media} not found (prompts.media_root={cfg.media_root})")
+    *history, (question, answer, _) = record.turns
+    solution = answer_text(answer)  # Video-R1 writes its solutions as <answer>...</answer>
+    try:
+        check_solution(solution, answer_type)
+    except ValueError as e:
+        raise RecordError(f"the last answer: {e}") from None
+    system = template.system if cfg.prompt.system is None else cfg.prompt.system
+    instruction = record.turns[0][2]  # VideoChat2-IT's first instruction joins the system prompt, as in SFT
+    system = f"{system} {instruction}".strip() if instruction else system
+    user = cfg.prompt.question.format(question=question) + cfg.prompt.instructions[answer_type]
+    text = build_chat_prompt(template, system, [(q, a) for q, a, _ in history], user, cfg.prompt.answer_prefix,
+                             image_token)
+    data_type = "frame" if os.path.isdir(record.media) else "video"
+    return Prompt(str(item.get("id", index)), record.media, text, record.bound, solution, answer_type, data_type)
 
 
 def load_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
-    """Every (limited) question of the layout as a :class:`Prompt` whose solution is ``(X) answer`` (``mcq``)."""
+    """Every (limited) question of the set as a :class:`Prompt`: a layout's with ``(X) answer`` solutions
+    (``mcq``), a records file's with its answers."""
+    if cfg.get("source", "layout") == "records":
+        return load_records(cfg, image_token_of(tokenizer))
     questions = load_layout_questions(cfg, load_task_table(cfg), image_token_of(tokenizer))
     prompts = [Prompt(q.item.id, q.item.media, q.item.prompt, q.item.bound, q.gt, "mcq", q.item.data_type)
                for q in questions]
