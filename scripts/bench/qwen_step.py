@@ -113,8 +113,10 @@ def inputs(family: str, cfg, frames: int, device: str, seed: int = 0) -> dict[st
 
 
 def measure(family: str, variant: str, frames: int, layers: int | None, reps: int, device: str = "cuda",
-            smoke: bool = False) -> dict:
+            smoke: bool = False, memory_cap_gb: float | None = None) -> dict:
     """One variant at one frame count, in this process: median step time and peak memory."""
+    if memory_cap_gb:  # e.g. an 80 GB H100's share on a larger card
+        torch.cuda.set_per_process_memory_fraction(memory_cap_gb * 2**30 / torch.cuda.mem_get_info()[1])
     cfg = config(family, layers, smoke)
     cfg.text_config._attn_implementation = "sdpa" if variant.startswith("hf") else BLOCK_AUTO
     cfg.vision_config._attn_implementation = "sdpa"
@@ -163,12 +165,14 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="toy widths of the same structure (CPU check)")
+    parser.add_argument("--memory-cap-gb", type=float, help="allow each run at most this much GPU memory (GiB)")
     parser.add_argument("--out", help="default: scripts/bench/results/<family>_step.json")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: measure VARIANT:FRAMES, print JSON
     args = parser.parse_args()
     if args.one:
         variant, frames = args.one.split(":")
-        print(json.dumps(measure(args.family, variant, int(frames), args.layers, args.reps, args.device, args.smoke)))
+        print(json.dumps(measure(args.family, variant, int(frames), args.layers, args.reps, args.device, args.smoke,
+                                 args.memory_cap_gb)))
         return
     runs: dict[str, dict[str, dict]] = {}
     for frames in args.frames:
@@ -176,7 +180,8 @@ def main() -> None:
         for variant in args.variants:
             command = [sys.executable, __file__, "--family", args.family, "--one", f"{variant}:{frames}",
                        "--reps", str(args.reps), "--device", args.device] + (["--smoke"] if args.smoke else []) \
-                + (["--layers", str(args.layers)] if args.layers else [])
+                + (["--layers", str(args.layers)] if args.layers else []) \
+                + (["--memory-cap-gb", str(args.memory_cap_gb)] if args.memory_cap_gb else [])
             child = subprocess.run(command, capture_output=True, text=True)
             if child.returncode != 0:
                 rows[variant] = {"error": child.stderr.strip().splitlines()[-1] if child.stderr.strip() else "failed"}
@@ -192,7 +197,7 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"family": args.family, "device": name, "smoke": args.smoke, "torch": torch.__version__,
               "transformers": transformers.__version__, "layers": args.layers or "real", "statistic": "median",
-              "reps": args.reps, "frame_size": SIZE, "runs": runs}
+              "reps": args.reps, "frame_size": SIZE, "memory_cap_gb": args.memory_cap_gb, "runs": runs}
     out = Path(args.out or Path(__file__).parent / "results" / f"{args.family}_step.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
