@@ -118,7 +118,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="timed steps per run, at most")
     parser.add_argument("--budget-s", type=float, default=60.0, help="timed steps stop once they took this long")
     parser.add_argument("--cold-over-s", type=float, default=30.0,
-                        help="no warm-up step where the previous length's step took longer than this")
+                        help="no warm-up step where the previous length's step took longer than this (negative: "
+                             "none anywhere, for a long length run alone)")
     parser.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)  # a child's, set by the parent
     parser.add_argument("--loss-tokens", type=int, default=4096, help="model.tiling.loss_tokens")
     parser.add_argument("--vision-frames", type=int, default=64, help="model.tiling.vision_frames")
@@ -146,7 +147,7 @@ def main() -> None:
         previous_s = 0.0
         for frames in sorted(args.frames):
             rows = runs.setdefault(training, {}).setdefault(str(frames), {})
-            warmup = 0 if previous_s > args.cold_over_s else 1
+            warmup = 0 if previous_s > args.cold_over_s or args.cold_over_s < 0 else 1
             for rules in RULES:
                 child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--warmup", str(warmup),
                                         "--one", f"{training}:{rules}:{frames}"], capture_output=True, text=True)
