@@ -6,8 +6,11 @@ vision tower frozen, one prompt of 16 frames (3,137 visual tokens) and G complet
 ``tc_llava.rl`` runs a step: the rollout through our generation (KV cache, left-padded rows, the rules' mask and
 positions), the rollout policy's and the reference's log-probabilities by the training forward (the reference
 is the same model with the adapters disabled), then the clipped policy-gradient loss (``grpo``, beta 0.04),
-its backward and the AdamW step. Each rule set runs in a fresh process; printed and written per rule set: the
-median seconds of the rollout, the log-probabilities and the training, and the peak memory.
+its backward and the AdamW step, with activation checkpointing as the GPU trainer presets (``ddp``, ``zero2``,
+``zero3``) turn it on (``--no-checkpointing``: off; so, on an 80 GB H100 the training forward of 4 x 3.4k tokens ran
+out of memory: ``results/grpo_step_no_checkpointing.json``). Each rule set runs in a fresh process; printed and
+written per rule set: the median seconds of the rollout, the log-probabilities and the training, and the peak
+memory.
 
     python scripts/bench/grpo_step.py                                  # TC and vanilla rules, G=4, 16 frames
     python scripts/bench/grpo_step.py --device cpu --smoke --reps 1 --max-new-tokens 4 --out /tmp/grpo.json
@@ -31,6 +34,7 @@ from transformers import LlavaOnevisionForConditionalGeneration
 from long_video import LORA, config
 from shapes import ONEVISION_VIDEO_TOKEN_ID
 from timing import memory_gb, sync
+from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
 from tc_llava.model.rope import TADRoPE, VanillaRoPE
 from tc_llava.model.tc_llava import TCLlava
@@ -54,6 +58,8 @@ def measure(rules: str, args: argparse.Namespace) -> dict:
     # tokenizer does, after the checks of a real checkpoint's (ids outside its vocabulary decode to nothing).
     model.tokenizer = build_tokenizer()
     handle = apply_tuning(model, **OmegaConf.to_container(OmegaConf.load(LORA)))
+    if args.checkpointing:
+        enable_activation_checkpointing(model.hf)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     g = torch.Generator().manual_seed(0)
     text = lambda n: torch.randint(100, 150000, (n,), generator=g).tolist()  # noqa: E731
@@ -103,6 +109,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=4, help="G, completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--no-checkpointing", dest="checkpointing", action="store_false",
+                        help="no activation checkpointing (trainer.gradient_checkpointing=false)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="toy widths of the same structure (CPU check)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.json"))
@@ -122,7 +130,8 @@ def main() -> None:
     name = torch.cuda.get_device_name() if args.device == "cuda" else args.device
     result = {"device": name, "smoke": args.smoke, "torch": torch.__version__, "transformers": transformers.__version__,
               "frames": args.frames, "generations": args.generations, "max_new_tokens": args.max_new_tokens,
-              "tuning": "lora (configs/tuning/lora.yaml)", "statistic": "median", "reps": args.reps, "runs": runs}
+              "tuning": "lora (configs/tuning/lora.yaml)", "activation_checkpointing": args.checkpointing,
+              "statistic": "median", "reps": args.reps, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
 

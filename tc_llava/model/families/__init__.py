@@ -1,4 +1,4 @@
-"""The model families TC-LLaVA runs on, one module each, registered by HF's ``model_type``.
+r"""The model families TC-LLaVA runs on, one module each, registered by HF's ``model_type``.
 
 Every family is HF's own class, used as it is; its module states how it differs from the
 base (:mod:`tc_llava.model.families.base`, LLaVA-1.5's path):
