@@ -110,6 +110,7 @@ def load_records(cfg: DictConfig, image_token: str) -> list[Prompt]:
 
 
 def _record_prompt(cfg: DictConfig, template: Any, image_token: str, index: int, item: Any) -> Prompt:
+    """Record ``index`` of the file as a prompt (its ``id``, else its index)."""
     record = parse_record(item, cfg.type, cfg.media_root)
     answer_type = item.get("answer_type", cfg.answer_type)
     if answer_type not in ANSWER_TYPES:
