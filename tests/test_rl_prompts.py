@@ -102,8 +102,8 @@ def test_bad_settings_are_named(media, override, error, message):
 def test_a_file_that_is_not_a_list_of_records_is_named(media):
     cfg = records_cfg(media, [])
     (media / "rl.json").write_text('{"video": "a.mp4"}')
-    with pytest.raises(DataError, match=rf"^prompts.json={media / 'rl.json'}: expected a JSON list of videochat2"):
+    with pytest.raises(DataError, match=rf"^prompts.json: {media / 'rl.json'} must hold a JSON list of records"):
         check_prompts(cfg)
     (media / "rl.json").write_text('[{"video": "a.mp4", ')
-    with pytest.raises(DataError, match=rf"^prompts.json={media / 'rl.json'}: cannot read: Expecting"):
+    with pytest.raises(DataError, match=rf"^prompts.json: cannot read {media / 'rl.json'}: Expecting"):
         check_prompts(cfg)

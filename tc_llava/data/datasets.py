@@ -204,6 +204,19 @@ def parse_record(raw: Any, record_type: str, media_root: str) -> Record:
     return Record(media, turns, bound)
 
 
+def read_records(path: str, where: str) -> list[Any]:
+    """The JSON list of records in ``path``, or a :class:`DataError` that begins with ``where``."""
+    try:
+        raw = json.loads(read_text(path))
+    except EncodingError as e:
+        raise DataError(f"{where}: {e}") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"{where}: cannot read {path}: {e}") from None
+    if not isinstance(raw, list):
+        raise DataError(f"{where}: {path} must hold a JSON list of records")
+    return raw
+
+
 def _corpus(name: str, spec: Mapping[str, Any]) -> Corpus:
     missing = {"json", "media_root", "type"} - set(spec)
     if missing:
@@ -333,14 +346,7 @@ class SFTDataset(torch.utils.data.Dataset):
 
     def _load(self, corpus: Corpus) -> list[Record]:
         """Parse and validate every record up front, so bad annotations surface before training."""
-        try:
-            raw = json.loads(read_text(corpus.json))
-        except EncodingError as e:
-            raise DataError(f"corpus {corpus.name!r}: {e}") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise DataError(f"corpus {corpus.name!r}: cannot read {corpus.json}: {e}") from None
-        if not isinstance(raw, list):
-            raise DataError(f"corpus {corpus.name!r}: {corpus.json} must hold a JSON list of records")
+        raw = read_records(corpus.json, f"corpus {corpus.name!r}")
         records, bad = [], []
         for index, item in enumerate(raw):
             try:

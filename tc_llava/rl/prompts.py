@@ -22,7 +22,6 @@ so a resumed run draws the same prompts without carrying a sampler's state.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -33,8 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data.collate import GRID_KEYS, SFTCollator
-from tc_llava.data.datasets import CORPUS_TYPES, MALFORMED, MISSING, DataError, RecordError, parse_record
-from tc_llava.data.files import EncodingError, read_text
+from tc_llava.data.datasets import CORPUS_TYPES, MALFORMED, MISSING, RecordError, parse_record, read_records
 from tc_llava.data.inputs import Clip, ClipEncoder, budget_frames, model_inputs
 from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, build_chat_prompt, get_template, image_token_of
 from tc_llava.data.video import read_frames, sample_frames
@@ -82,14 +80,7 @@ def load_records(cfg: DictConfig, image_token: str) -> list[Prompt]:
         raise ValueError(f"prompts.on_error={cfg.on_error!r}: expected raise or skip")
     if not os.path.isdir(cfg.media_root):
         raise FileNotFoundError(f"prompts.media_root={cfg.media_root} is not a directory")
-    try:
-        raw = json.loads(read_text(cfg.json))
-    except EncodingError as e:
-        raise DataError(f"prompts.json: {e}") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"prompts.json={cfg.json}: cannot read: {e}") from None
-    if not isinstance(raw, list):
-        raise DataError(f"prompts.json={cfg.json}: expected a JSON list of {cfg.type} records")
+    raw = read_records(cfg.json, "prompts.json")
     template = get_template(cfg.template)
     prompts, skipped = [], {MALFORMED: 0, MISSING: 0}
     for index, item in enumerate(raw):
