@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from shapes import ONEVISION_VIDEO_TOKEN_ID, onevision_7b_config
-from timing import memory_gb, times_ms
+from timing import cap_memory, memory_gb, times_ms
 from tc_llava.model.attention import BLOCK_AUTO
 from tc_llava.model.hf_compat import enable_activation_checkpointing
 from tc_llava.model.masks import CausalMask, FrameBlockCausalMask
@@ -71,8 +71,7 @@ def config(smoke: bool):
 def measure(training: str, rules: str, frames: int, args: argparse.Namespace) -> dict:
     """One (training, rules, frames) step in this process: median step time and peak memory, or the OOM."""
     torch.manual_seed(0)
-    if args.memory_cap_gb:  # e.g. an 80 GB H100's share on a larger card
-        torch.cuda.set_per_process_memory_fraction(args.memory_cap_gb * 2**30 / torch.cuda.mem_get_info()[1])
+    cap_memory(args.memory_cap_gb)
     with torch.device(args.device):
         hf = LlavaOnevisionForConditionalGeneration._from_config(config(args.smoke), dtype=torch.bfloat16)
     rope, mask = (TADRoPE(1.0), FrameBlockCausalMask()) if rules == "tc" else (VanillaRoPE(), CausalMask())

@@ -37,7 +37,7 @@ import transformers
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
 from shapes import attention_path
-from timing import memory_gb, times_ms
+from timing import cap_memory, memory_gb, times_ms
 from tc_llava.model.attention import BLOCK_AUTO
 from tc_llava.model.families.qwen_vl import QwenVisual
 from tc_llava.model.hf_compat import enable_activation_checkpointing
@@ -115,8 +115,7 @@ def inputs(family: str, cfg, frames: int, device: str, seed: int = 0) -> dict[st
 def measure(family: str, variant: str, frames: int, layers: int | None, reps: int, device: str = "cuda",
             smoke: bool = False, memory_cap_gb: float | None = None) -> dict:
     """One variant at one frame count, in this process: median step time and peak memory."""
-    if memory_cap_gb:  # e.g. an 80 GB H100's share on a larger card
-        torch.cuda.set_per_process_memory_fraction(memory_cap_gb * 2**30 / torch.cuda.mem_get_info()[1])
+    cap_memory(memory_cap_gb)
     cfg = config(family, layers, smoke)
     cfg.text_config._attn_implementation = "sdpa" if variant.startswith("hf") else BLOCK_AUTO
     cfg.vision_config._attn_implementation = "sdpa"

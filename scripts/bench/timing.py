@@ -79,6 +79,12 @@ def once_s(fn: Callable[[], object], device: torch.device | str) -> tuple[float,
     return time.perf_counter() - tic, out
 
 
+def cap_memory(gb: float | None) -> None:
+    """Allow this process at most ``gb`` GiB of the GPU (e.g. an 80 GB H100's share on a larger card); None: all."""
+    if gb:
+        torch.cuda.set_per_process_memory_fraction(gb * 2**30 / torch.cuda.mem_get_info()[1])
+
+
 def memory_gb(device: torch.device | str) -> dict[str, float | None]:
     """Peak ``max_memory_allocated`` and ``max_memory_reserved`` since the last reset (None off the GPU)."""
     if torch.device(device).type != "cuda":

@@ -58,7 +58,7 @@ from transformers import PreTrainedTokenizerBase
 
 from tc_llava.data.files import EncodingError, read_text
 from tc_llava.data.inputs import Clip, ClipEncoder, model_inputs
-from tc_llava.data.templates import check_chat_template, get_template, image_token_of
+from tc_llava.data.templates import Template, check_chat_template, get_template, image_token_of
 from tc_llava.data.video import (DECODE_TIMEOUT, IMAGE_SUFFIXES, DecodeTimeoutError, NotRegularFileError,
                                  VideoReadError, read_frames, sample_frames)
 
@@ -202,6 +202,13 @@ def parse_record(raw: Any, record_type: str, media_root: str) -> Record:
             raise RecordError(f"'start'/'end' must both be numbers (seconds) with start < end, got {start!r}, {end!r}")
         bound = (float(start), float(end))
     return Record(media, turns, bound)
+
+
+def system_prompt(template: Template, system: str | None, instruction: str) -> str:
+    """A sample's system prompt: ``system`` (None: the template's) with the first turn's VideoChat2-IT
+    instruction ``i`` appended, as PLLaVA's ``process_qa`` does."""
+    system = template.system if system is None else system
+    return f"{system} {instruction}".strip() if instruction else system
 
 
 def read_records(path: str, where: str) -> list[Any]:
@@ -429,9 +436,7 @@ class SFTDataset(torch.utils.data.Dataset):
         turns = list(record.turns)
         if self.train and self.shuffle_qa and corpus.type == "videochat2":
             turns = [turns[i] for i in np.random.default_rng(seed).permutation(len(turns))]
-        instruction = turns[0][2]
-        system = self.template.system if self.system is None else self.system
-        system = f"{system} {instruction}".strip() if instruction else system
+        system = system_prompt(self.template, self.system, turns[0][2])
         question = turns[0][0]
         first = self.template.with_video(self.image_token, question) if question else \
             self.template.with_video(self.image_token, "").rstrip("\n")

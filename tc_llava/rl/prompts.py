@@ -32,9 +32,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from tc_llava.data.collate import GRID_KEYS, SFTCollator
-from tc_llava.data.datasets import CORPUS_TYPES, MALFORMED, MISSING, RecordError, parse_record, read_records
+from tc_llava.data.datasets import (CORPUS_TYPES, MALFORMED, MISSING, ON_ERROR, Record, RecordError, parse_record,
+                                   read_records, system_prompt)
 from tc_llava.data.inputs import Clip, ClipEncoder, budget_frames, model_inputs
-from tc_llava.data.templates import DEFAULT_IMAGE_TOKEN, build_chat_prompt, get_template, image_token_of
+from tc_llava.data.templates import build_chat_prompt, get_template, image_token_of
 from tc_llava.data.video import read_frames, sample_frames
 from tc_llava.eval.mcq import check_layout, load_layout_questions, load_task_table
 from tc_llava.rl.rewards import ANSWER_TYPES, answer_text, check_solution
@@ -64,44 +65,50 @@ def check_prompts(cfg: DictConfig) -> None:
     if source not in SOURCES:
         raise ValueError(f"prompts.source={source!r}: expected one of {SOURCES}")
     if source == "records":
-        load_records(cfg, DEFAULT_IMAGE_TOKEN)
+        _read_records(cfg)
     else:
         check_layout(OmegaConf.merge(cfg, {"num_frames": cfg.num_frames or 1}))
 
 
-def load_records(cfg: DictConfig, image_token: str) -> list[Prompt]:
-    """The prompts of a records file (module comment), the (limited) first ``limit`` usable ones."""
+@dataclass(frozen=True)
+class _Question:
+    """A record's question, before it is rendered with the policy's image token."""
+
+    id: str
+    record: Record
+    answer_type: str
+    solution: str
+
+
+def _read_records(cfg: DictConfig) -> tuple[list[_Question], dict[str, int], int]:
+    """The records file's (limited) first ``limit`` usable questions, the skips by reason and the record count."""
     if cfg.type not in CORPUS_TYPES:
         raise ValueError(f"prompts.type={cfg.type!r}: expected one of {CORPUS_TYPES}")
     if cfg.answer_type is not None and cfg.answer_type not in ANSWER_TYPES:
         raise ValueError(f"prompts.answer_type={cfg.answer_type!r}: expected one of {ANSWER_TYPES} or null (each "
                          "record's own answer_type)")
-    if cfg.on_error not in ("raise", "skip"):
-        raise ValueError(f"prompts.on_error={cfg.on_error!r}: expected raise or skip")
+    if cfg.on_error not in ON_ERROR:
+        raise ValueError(f"prompts.on_error={cfg.on_error!r}: expected one of {ON_ERROR}")
     if not os.path.isdir(cfg.media_root):
         raise FileNotFoundError(f"prompts.media_root={cfg.media_root} is not a directory")
     raw = read_records(cfg.json, "prompts.json")
-    template = get_template(cfg.template)
-    prompts, skipped = [], {MALFORMED: 0, MISSING: 0}
+    questions, skipped = [], {MALFORMED: 0, MISSING: 0}
     for index, item in enumerate(raw):
         try:
-            prompts.append(_record_prompt(cfg, template, image_token, index, item))
+            questions.append(_question(cfg, index, item))
         except (RecordError, FileNotFoundError) as e:
             if cfg.on_error == "raise":
                 raise type(e)(f"prompts.json={cfg.json} record {index}: {e}") from None
             skipped[MISSING if isinstance(e, FileNotFoundError) else MALFORMED] += 1
-        if cfg.limit is not None and len(prompts) == cfg.limit:
+        if cfg.limit is not None and len(questions) == cfg.limit:
             break
-    if any(skipped.values()):
-        logger.warning("prompts.json=%s: skipped %s of %d records (prompts.on_error=skip)", cfg.json,
-                       {k: v for k, v in skipped.items() if v}, len(raw))
-    if not prompts:
+    if not questions:
         raise ValueError(f"prompts.json={cfg.json}: no usable record (limit={cfg.limit})")
-    return prompts
+    return questions, {k: v for k, v in skipped.items() if v}, len(raw)
 
 
-def _record_prompt(cfg: DictConfig, template: Any, image_token: str, index: int, item: Any) -> Prompt:
-    """Record ``index`` of the file as a prompt (its ``id``, else its index)."""
+def _question(cfg: DictConfig, index: int, item: Any) -> _Question:
+    """Record ``index`` of the file checked: its media, answer type and a solution its reward can read."""
     record = parse_record(item, cfg.type, cfg.media_root)
     answer_type = item.get("answer_type", cfg.answer_type)
     if answer_type not in ANSWER_TYPES:
@@ -109,20 +116,31 @@ def _record_prompt(cfg: DictConfig, template: Any, image_token: str, index: int,
                           "prompts.answer_type for every record)")
     if not os.path.exists(record.media):
         raise FileNotFoundError(f"media {record.media} not found (prompts.media_root={cfg.media_root})")
-    *history, (question, answer, _) = record.turns
-    solution = answer_text(answer)  # Video-R1 writes its solutions as <answer>...</answer>
+    solution = answer_text(record.turns[-1][1])  # Video-R1 writes its solutions as <answer>...</answer>
     try:
         check_solution(solution, answer_type)
     except ValueError as e:
         raise RecordError(f"the last answer: {e}") from None
-    system = template.system if cfg.prompt.system is None else cfg.prompt.system
-    instruction = record.turns[0][2]  # VideoChat2-IT's first instruction joins the system prompt, as in SFT
-    system = f"{system} {instruction}".strip() if instruction else system
-    user = cfg.prompt.question.format(question=question) + cfg.prompt.instructions[answer_type]
-    text = build_chat_prompt(template, system, [(q, a) for q, a, _ in history], user, cfg.prompt.answer_prefix,
-                             image_token)
-    data_type = "frame" if os.path.isdir(record.media) else "video"
-    return Prompt(str(item.get("id", index)), record.media, text, record.bound, solution, answer_type, data_type)
+    return _Question(str(item.get("id", index)), record, answer_type, solution)
+
+
+def load_records(cfg: DictConfig, image_token: str) -> list[Prompt]:
+    """The prompts of a records file (module comment): each question after its history, as SFT renders turns;
+    skipped records are reported in one line."""
+    questions, skipped, total = _read_records(cfg)
+    if skipped:
+        logger.warning("prompts.json=%s: skipped %s of %d records (prompts.on_error=skip)", cfg.json, skipped, total)
+    template = get_template(cfg.template)
+    prompts = []
+    for q in questions:
+        *history, (question, _, _) = q.record.turns
+        system = system_prompt(template, cfg.prompt.system, q.record.turns[0][2])
+        user = cfg.prompt.question.format(question=question) + cfg.prompt.instructions[q.answer_type]
+        text = build_chat_prompt(template, system, [(h[0], h[1]) for h in history], user, cfg.prompt.answer_prefix,
+                                 image_token)
+        data_type = "frame" if os.path.isdir(q.record.media) else "video"
+        prompts.append(Prompt(q.id, q.record.media, text, q.record.bound, q.solution, q.answer_type, data_type))
+    return prompts
 
 
 def load_prompts(cfg: DictConfig, tokenizer: Any) -> list[Prompt]:
